@@ -1,0 +1,61 @@
+"""
+One proxied call, as it is logged, metered and billed.
+
+A L{Call} is filled in as the call goes (auth, routing, upstream answer,
+stream end) and handed to the log sinks and the spend ledger when it ends,
+whatever way it ends.
+"""
+
+import uuid
+from typing import Optional
+
+import attr
+
+
+def new_call_id() -> str:
+    """
+    :return: a fresh call id (also sent as C{x-dheera-call-id}).
+    """
+    return uuid.uuid4().hex
+
+
+@attr.s(slots=True, auto_attribs=True)
+class Call:
+    """
+    The record of one call through the proxy.  Times are reactor seconds.
+    """
+
+    call_id: str
+    method: str
+    path: str
+    started_at: float
+    model_name: Optional[str] = None
+    deployment: Optional[str] = None
+    api_base: Optional[str] = None
+    status: Optional[int] = None
+    stream: bool = False
+    key_hash_prefix: Optional[str] = None
+    key_alias: Optional[str] = None
+    user_id: Optional[str] = None
+    team_id: Optional[str] = None
+    end_user: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_estimated: bool = False
+    cost_nanos: int = 0
+    upstream_sent_at: Optional[float] = None
+    first_byte_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: Optional[str] = None
+
+    @property
+    def overhead_ms(self) -> float:
+        """
+        :return: milliseconds spent in the proxy before the upstream request
+            left.
+        """
+        if self.upstream_sent_at is None:
+            return 0.0
+        return max(0.0, (self.upstream_sent_at - self.started_at) * 1000.0)

@@ -1,0 +1,110 @@
+"""
+The control plane: health, and the mount point of the admin APIs.
+
+A Klein app for the proxy's own routes.  L{ControlRoot} is the Site's root
+resource for every path that is not C{/vllm}: it hands C{/key/...} and
+C{/end_user/...} to the key API and everything else to L{ControlPlane}.
+"""
+
+import json
+from typing import Awaitable, Callable, Dict, Optional
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from werkzeug.exceptions import HTTPException
+
+from dheera_tx.errors import ProxyError, error_body
+
+log = Logger()
+
+
+def json_answer(request, status: int, document) -> bytes:
+    """
+    Set C{status} and a JSON content type on C{request}.
+
+    :return: the encoded document, for a Klein handler to return.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(document).encode("utf-8")
+
+
+def error_answer(request, error: ProxyError) -> bytes:
+    """
+    Answer a L{ProxyError} from a Klein handler.
+    """
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), str(value).encode("ascii"))
+    return error.body()
+
+
+class ControlPlane:
+    """
+    The proxy's own routes.
+
+    :param readiness_probes: named async checks (e.g. C{"redis"}) that must
+        all pass for the proxy to be ready.
+    """
+
+    app = Klein()
+
+    def __init__(self, readiness_probes: Optional[Dict[str, Callable[[], Awaitable[bool]]]] = None):
+        self._probes = readiness_probes or {}
+
+    @app.route("/health/liveliness", methods=["GET"])
+    @app.route("/health/liveness", methods=["GET"])
+    def liveliness(self, request):
+        """
+        The process is alive and serving.
+        """
+        return json_answer(request, 200, {"status": "alive"})
+
+    @app.route("/health/readiness", methods=["GET"])
+    async def readiness(self, request):
+        """
+        The config is loaded and every dependency (Redis) answers.
+        """
+        checks = {}
+        for name, probe in self._probes.items():
+            try:
+                checks[name] = "connected" if await probe() else "unreachable"
+            except Exception:
+                checks[name] = "unreachable"
+        ready = all(value == "connected" for value in checks.values())
+        document = {"status": "ready" if ready else "not ready", "config": "loaded", **checks}
+        return json_answer(request, 200 if ready else 503, document)
+
+    @app.handle_errors(ProxyError)
+    def proxy_error(self, request, failure):
+        return error_answer(request, failure.value)
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request, failure):
+        e = failure.value
+        request.setResponseCode(e.code)
+        request.setHeader(b"content-type", b"application/json")
+        kind = "not_found_error" if e.code == 404 else "invalid_request_error"
+        return error_body(f"{e.name}: no such route or method.", kind, str(e.code))
+
+
+class ControlRoot(Resource):
+    """
+    The Site's root for every non-C{/vllm} path.
+
+    :param control: the L{ControlPlane}'s resource.
+    :param branches: first path segment -> resource (the key API, ...).
+    """
+
+    isLeaf = True
+
+    def __init__(self, control: Resource, branches: Optional[Dict[bytes, Resource]] = None):
+        super().__init__()
+        self._control = control
+        self._branches = branches or {}
+
+    def render(self, request):
+        first = request.postpath[0] if request.postpath else b""
+        return self._branches.get(first, self._control).render(request)

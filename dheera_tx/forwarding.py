@@ -1,0 +1,464 @@
+"""
+The data plane: C{ANY /vllm/{path}} relayed to a vLLM deployment.
+
+L{Passthrough.serve} runs one call: check the raw path, authenticate, find
+the model, route, forward the request (streaming its body), relay the
+answer chunk by chunk with backpressure, and finish the L{Call} record.
+The upstream request goes out through a plain C{Agent} on a shared pool:
+no cookie jar, no decompression, no redirects, so bytes pass unchanged.
+"""
+
+import time
+from typing import Dict, List, Optional
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.internet.protocol import Protocol
+from twisted.web._newclient import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from dheera_tx.auth import authorize_vllm_call
+from dheera_tx.call import Call, new_call_id
+from dheera_tx.config import Deployment, ProxyConfig
+from dheera_tx.errors import ProxyError, bad_request
+from dheera_tx.model_choice import (
+    MULTIPART_PEEK_BYTES,
+    body_model,
+    header_or_query_model,
+    is_json,
+    multipart_boundary,
+    multipart_model,
+    parse_json_body,
+    rewrite_model,
+)
+from dheera_tx.paths import path_problem, split_target
+from dheera_tx.request_body import BodyTooLarge, BytesBody
+from dheera_tx.routing import Route, Router
+
+log = Logger()
+
+# Headers that describe one hop, never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ]
+)
+# Request headers the proxy consumes or sets itself.
+_NOT_FORWARDED = HOP_BY_HOP | frozenset(
+    [b"host", b"authorization", b"x-api-key", b"cookie", b"content-length", b"expect"]
+)
+_NOT_RELAYED = HOP_BY_HOP | frozenset([b"content-length"])
+
+
+def _connection_tokens(headers: Headers) -> frozenset:
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+
+
+class UpstreamUnreachable(Exception):
+    """
+    The upstream could not be reached and nothing was sent to it.
+    """
+
+
+class Passthrough:
+    """
+    Serves the vLLM pass-through.
+
+    :param reactor: the reactor (for timers and connections).
+    :param config: the proxy configuration.
+    :param router: chooses deployments.
+    :param authenticator: turns credentials into a principal.
+    :param pool: the upstream connection pool (owned by the caller, closed
+        on shutdown).
+    :param on_call_end: called with each finished L{Call} (log sinks,
+        metrics); must not raise.
+    """
+
+    def __init__(self, reactor, config: ProxyConfig, router: Router, authenticator, pool, on_call_end=None):
+        self._reactor = reactor
+        self._config = config
+        self._router = router
+        self._auth = authenticator
+        self._pool = pool
+        self._agents: Dict[str, webclient.Agent] = {}
+        self._on_call_end = on_call_end
+        self.in_flight = 0
+
+    def _agent(self, deployment: Deployment) -> webclient.Agent:
+        agent = self._agents.get(deployment.id)
+        if agent is None:
+            agent = webclient.Agent(
+                self._reactor, connectTimeout=deployment.connect_timeout, pool=self._pool
+            )
+            self._agents[deployment.id] = agent
+        return agent
+
+    def serve(self, request) -> Deferred:
+        """
+        Serve one pass-through call on C{request} (a L{ProxyRequest} whose
+        headers have arrived; its body may still be arriving).
+
+        :return: a Deferred that fires when the call has ended; it never
+            fails.
+        """
+        call = Call(
+            call_id=new_call_id(),
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.split(b"?", 1)[0].decode("utf-8", "replace"),
+            started_at=request.received_at,
+        )
+        self.in_flight += 1
+        d = ensureDeferred(self._serve(request, call))
+        d.addErrback(self._unexpected, request, call)
+        d.addBoth(self._ended, call)
+        return d
+
+    def _unexpected(self, failure: Failure, request, call: Call) -> None:
+        log.failure("Unexpected error in call {call_id}", failure, call_id=call.call_id)
+        call.error = call.error or "internal_error"
+        _answer_error(request, ProxyError(500, "The proxy failed to handle this call.", type="internal_error", code="500"), call)
+
+    def _ended(self, _, call: Call) -> None:
+        self.in_flight -= 1
+        call.ended_at = self._reactor.seconds()
+        if self._on_call_end is not None:
+            try:
+                self._on_call_end(call)
+            except Exception:
+                log.failure("Call-end hook failed for call {call_id}", call_id=call.call_id)
+
+    async def _serve(self, request, call: Call) -> None:
+        path, query = split_target(request.uri)
+        try:
+            if request.rejection is not None:
+                raise request.rejection
+            problem = path_problem(path, query)
+            if problem is not None:
+                raise bad_request(f"Refused request path: {problem}.")
+            principal = await self._auth.authenticate(request.requestHeaders)
+            if principal.key is not None:
+                key = principal.key
+                call.key_hash_prefix = key.token[:12]
+                call.key_alias = key.key_alias
+                call.user_id = key.user_id
+                call.team_id = key.team_id
+            document, raw_json = await self._json_document(request)
+            model = body_model(document) if document is not None else None
+            if model is None:
+                model = header_or_query_model(request.requestHeaders, query)
+            if model is None and request.body is not None:
+                model = await self._multipart_model(request)
+            route = self._router.route(model)
+            call.model_name = route.model_name
+            if document is not None:
+                call.stream = document.get("stream") is True
+            authorize_vllm_call(
+                principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
+            )
+            await self._forward(request, call, route, path + query, document, raw_json)
+        except ProxyError as e:
+            call.error = call.error or e.type
+            _answer_error(request, e, call)
+        except BodyTooLarge:
+            call.error = "request_too_large"
+            _answer_error(request, _too_large(self._config), call)
+
+    async def _json_document(self, request):
+        body = request.body
+        if body is None or not is_json(request.getHeader(b"content-type")):
+            return None, None
+        raw = await body.collect()
+        if not raw.strip():
+            return None, raw
+        return parse_json_body(raw), raw
+
+    async def _multipart_model(self, request) -> Optional[str]:
+        boundary = multipart_boundary(request.getHeader(b"content-type"))
+        if boundary is None:
+            return None
+        prefix = await request.body.peek(
+            lambda p: multipart_model(p, boundary)[0], MULTIPART_PEEK_BYTES
+        )
+        return multipart_model(prefix, boundary)[1]
+
+    # Forwarding.
+
+    async def _forward(self, request, call: Call, route: Route, target: bytes, document, raw_json) -> None:
+        tried: List[Deployment] = []
+        while True:
+            deployment = self._router.pick(route, tried)
+            if deployment is None:
+                raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+            tried.append(deployment)
+            producer = self._body_for(request, deployment, route, document, raw_json)
+            call.deployment = deployment.id
+            call.api_base = deployment.api_base
+            self._router.started(deployment)
+            try:
+                response = await self._send(request, call, deployment, target, producer)
+            except UpstreamUnreachable:
+                self._router.finished(deployment)
+                self._router.failed(deployment)
+                if request.body is not None and request.body.started:
+                    raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+                continue
+            except BaseException:
+                self._router.finished(deployment)
+                raise
+            try:
+                self._router.succeeded(deployment)
+                await self._relay(request, call, deployment, response)
+            finally:
+                self._router.finished(deployment)
+            return
+
+    def _body_for(self, request, deployment: Deployment, route: Route, document, raw_json):
+        if raw_json is not None:
+            if (
+                document is not None
+                and route.model_name is not None
+                and deployment.served_model
+                and document.get("model") != deployment.served_model
+            ):
+                return BytesBody(rewrite_model(dict(document), deployment.served_model))
+            return BytesBody(raw_json) if raw_json else None
+        return request.body
+
+    def _upstream_headers(self, request, deployment: Deployment) -> Headers:
+        incoming = request.requestHeaders
+        drop = _NOT_FORWARDED | _connection_tokens(incoming)
+        headers = Headers()
+        for name, values in incoming.getAllRawHeaders():
+            lower = name.lower()
+            if lower in drop or lower.startswith(b"proxy-"):
+                continue
+            headers.setRawHeaders(name, values)
+        peer = request.getClientAddress()
+        client_ip = getattr(peer, "host", None)
+        if client_ip:
+            forwarded = incoming.getRawHeaders(b"x-forwarded-for")
+            value = client_ip.encode("ascii")
+            if forwarded:
+                value = b", ".join(forwarded) + b", " + value
+            headers.setRawHeaders(b"x-forwarded-for", [value])
+        if deployment.api_key:
+            headers.setRawHeaders(b"authorization", [b"Bearer " + deployment.api_key.encode("utf-8")])
+        return headers
+
+    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, producer):
+        url = deployment.api_base.encode("utf-8") + target
+        headers = self._upstream_headers(request, deployment)
+        call.upstream_sent_at = self._reactor.seconds()
+        d = self._agent(deployment).request(request.method, url, headers, producer)
+        timed_out = []
+
+        def give_up():
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(deployment.timeout, give_up)
+        gone = request.on_client_gone(d.cancel)
+        try:
+            return await d
+        except ierror.ConnectError as e:
+            call.error = "upstream_unreachable"
+            log.info(
+                "Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.__class__.__name__
+            )
+            raise UpstreamUnreachable()
+        except RequestNotSent:
+            call.error = "upstream_unreachable"
+            raise UpstreamUnreachable()
+        except (ResponseNeverReceived, CancelledError, ierror.ConnectingCancelledError, RequestTransmissionFailed) as e:
+            if request.client_gone:
+                call.error = "client_disconnected"
+                raise _ClientGone()
+            if timed_out:
+                call.error = "upstream_timeout"
+                raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
+            if isinstance(e, RequestTransmissionFailed) and request.body is not None and request.body.failure is not None:
+                request.body.failure.raiseException()
+            call.error = "upstream_failed"
+            raise ProxyError(502, "The upstream vLLM server closed the connection without answering.", type="upstream_error", code="502")
+        finally:
+            request.forget_client_gone(gone)
+            if timer.active():
+                timer.cancel()
+
+    async def _relay(self, request, call: Call, deployment: Deployment, response) -> None:
+        call.status = response.code
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        sse = content_type.lower().startswith(b"text/event-stream")
+        if sse:
+            call.stream = True
+        if request.client_gone:
+            response.deliverBody(_Discard())
+            return
+        _write_response_head(request, response, call)
+        relay = ResponseRelay(self._reactor, request, call, deployment, sse)
+        response.deliverBody(relay)
+        gone = request.on_client_gone(relay.abort)
+        try:
+            await relay.done
+        finally:
+            request.forget_client_gone(gone)
+
+
+class _ClientGone(ProxyError):
+    def __init__(self):
+        super().__init__(499, "client disconnected", type="client_disconnected")
+
+
+def _too_large(config: ProxyConfig) -> ProxyError:
+    return ProxyError(
+        413,
+        f"The request body is larger than {config.general.max_request_body_bytes} bytes.",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def _write_response_head(request, response, call: Call) -> None:
+    request.setResponseCode(response.code, response.phrase)
+    drop = _NOT_RELAYED | _connection_tokens(response.headers)
+    out = request.responseHeaders
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in drop:
+            out.setRawHeaders(name, values)
+    if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+    elif request.method == b"HEAD":
+        length = response.headers.getRawHeaders(b"content-length")
+        if length:
+            out.setRawHeaders(b"content-length", length)
+    out.setRawHeaders(b"x-dheera-call-id", [call.call_id.encode("ascii")])
+    out.setRawHeaders(b"x-dheera-overhead-duration-ms", [b"%.3f" % (call.overhead_ms,)])
+
+
+def _answer_error(request, error: ProxyError, call: Call) -> None:
+    """
+    Answer C{error} in the OpenAI shape, unless the client is gone or the
+    answer already started.
+    """
+    if call.status is None:
+        call.status = error.status
+    if request.client_gone or request.finished:
+        return
+    if request.startedWriting:
+        request.abort_response()
+        return
+    body = error.body()
+    request.setResponseCode(error.status)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    headers.setRawHeaders(b"x-dheera-call-id", [call.call_id.encode("ascii")])
+    for name, value in error.headers.items():
+        headers.setRawHeaders(name.encode("ascii"), [str(value).encode("ascii")])
+    request.write(body)
+    call.bytes_out += len(body)
+    request.finish()
+
+
+class _Discard(Protocol):
+    """
+    Swallows a response nobody is waiting for.
+    """
+
+    def connectionMade(self):
+        self.transport.stopProducing()
+
+
+class ResponseRelay(Protocol):
+    """
+    Writes an upstream response body to the client as each chunk arrives.
+
+    The upstream transport is registered as the client request's producer,
+    so a slow client pauses the upstream read instead of growing memory.
+    Silence longer than the deployment's C{stream_timeout}, or a call longer
+    than its C{timeout}, aborts the upstream.
+
+    :ivar done: fires when the relay has ended (never fails).
+    """
+
+    def __init__(self, reactor, request, call: Call, deployment: Deployment, sse: bool):
+        self._reactor = reactor
+        self._request = request
+        self._call = call
+        self._sse = sse
+        self._stream_timeout = deployment.stream_timeout
+        remaining = deployment.timeout - (reactor.seconds() - call.started_at)
+        self._deadline = reactor.callLater(max(remaining, 0.001), self._timed_out, "upstream_timeout")
+        self._silence = reactor.callLater(self._stream_timeout, self._timed_out, "stream_timeout")
+        self._failure_kind: Optional[str] = None
+        self._aborted = False
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        call = self._call
+        if call.first_byte_at is None:
+            call.first_byte_at = self._reactor.seconds()
+        call.bytes_out += len(data)
+        self._silence.reset(self._stream_timeout)
+        self._request.write(data)
+
+    def _timed_out(self, kind: str) -> None:
+        self._failure_kind = kind
+        self.transport.stopProducing()
+
+    def abort(self) -> None:
+        """
+        The client went away: close the upstream connection now.
+        """
+        self._aborted = True
+        self._failure_kind = "client_disconnected"
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        for timer in (self._deadline, self._silence):
+            if timer.active():
+                timer.cancel()
+        request = self._request
+        clean = reason.check(ResponseDone, PotentialDataLoss) and self._failure_kind is None
+        if not clean:
+            self._call.error = self._failure_kind or "upstream_reset"
+        if not request.client_gone and not request.finished:
+            request.unregisterProducer()
+            if clean:
+                request.finish()
+            elif self._sse and not request.responseHeaders.hasHeader(b"content-length"):
+                # An SSE client sees why its stream ended, and no [DONE].
+                request.write(
+                    b"event: error\ndata: "
+                    + ProxyError(502, "The upstream stream ended early: " + self._call.error + ".", type="upstream_error", code="502").body()
+                    + b"\n\n"
+                )
+                request.finish()
+            else:
+                request.abort_response()
+        self.done.callback(None)

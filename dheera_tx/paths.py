@@ -1,0 +1,79 @@
+"""
+The raw-path check of the pass-through: which request targets may reach vLLM.
+
+The upstream URL is C{api_base} + the raw bytes after C{/vllm}, so anything
+that could climb out of C{api_base}, smuggle a second host, or be decoded
+differently by vLLM than by the proxy is refused before the request goes
+anywhere.  The check runs on the raw bytes of the request target, never on
+a decoded path.
+"""
+
+import re
+from typing import Optional, Tuple
+
+PREFIX = b"/vllm"
+
+# A percent-escape that decodes to "/", "\", or to a control byte.
+_FORBIDDEN_ESCAPE = re.compile(rb"%(2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
+_ESCAPE = re.compile(rb"%([0-9a-fA-F]{2})")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9a-fA-F]{2})")
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def is_passthrough(target: bytes) -> bool:
+    """
+    :param target: the raw request target from the request line.
+    :return: whether it addresses the vLLM pass-through (C{/vllm} or below).
+    """
+    return target.startswith(PREFIX) and target[len(PREFIX):len(PREFIX) + 1] in (b"", b"/", b"?")
+
+
+def split_target(target: bytes) -> Tuple[bytes, bytes]:
+    """
+    Split a pass-through target into the upstream path and query.
+
+    :param target: a target for which L{is_passthrough} holds.
+    :return: C{(path, query)}: C{path} starts with C{/} (C{/} for a bare
+        C{/vllm}), C{query} includes its leading C{?} or is empty.
+    """
+    rest = target[len(PREFIX):]
+    path, sep, query = rest.partition(b"?")
+    return (path or b"/"), sep + query
+
+
+def path_problem(path: bytes, query: bytes = b"") -> Optional[str]:
+    """
+    Check the upstream path (and query) of a pass-through call.
+
+    :param path: the raw path after C{/vllm}, starting with C{/}.
+    :param query: the raw query string with its C{?}, or empty.
+    :return: why the target is refused, or L{None} when it may be forwarded.
+    """
+    if _CONTROL.search(path) or _CONTROL.search(query):
+        return "control characters or spaces in the request target"
+    if b"\\" in path:
+        return "backslash in the path"
+    if b"#" in path or b"#" in query:
+        return "fragment in the request target"
+    if _BAD_ESCAPE.search(path) or _BAD_ESCAPE.search(query):
+        return "malformed percent-escape"
+    if _FORBIDDEN_ESCAPE.search(path):
+        return "encoded slash, backslash or control byte in the path"
+    if re.search(rb"%(00|[01][0-9a-f]|7f)", query, re.IGNORECASE):
+        return "encoded control byte in the query"
+    decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), path)
+    try:
+        decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the path is not valid UTF-8 once decoded"
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        if segment == b"":
+            if i == len(segments) - 1:
+                continue
+            return "empty path segment"
+        plain = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), segment)
+        # "..;x" is a dot segment to servers that strip path parameters.
+        if plain.split(b";", 1)[0] in (b".", b".."):
+            return "dot segment in the path"
+    return None
