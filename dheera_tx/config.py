@@ -1,0 +1,585 @@
+"""
+The proxy's configuration: a YAML file in LiteLLM's shape, checked whole at
+start-up.
+
+L{load_config} reads the file, replaces every C{os.environ/NAME} string with
+that environment variable and returns a L{ProxyConfig} of frozen values, or
+raises L{ConfigError}, whose text is one line naming the file, the entry and
+the field (start-up prints it and stops; never a traceback).  Errors name
+fields, variables and models but never quote a configured value, so a key or
+a password in the file cannot leak through one.
+"""
+
+import math
+import os
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+import attr
+import yaml
+
+from dheera_tx.auth import DEFAULT_OPERATOR_ROUTES
+
+ENV_PREFIX = "os.environ/"
+SECTIONS = ("model_list", "general_settings", "dheera_ai_settings", "router_settings", "environment_variables")
+SINKS = ("json_log", "redis_stream", "webhook")
+_ENTRY_KEYS = ("model_name", "dheera_ai_params", "litellm_params", "model_info")
+_HOSTED_VLLM = "hosted_vllm/"
+# LiteLLM provider prefixes that name something other than a vLLM server.
+# Only these are refused: served names often contain "/" ("Qwen/Qwen2.5-7B").
+_OTHER_PROVIDERS = frozenset(
+    """openai text-completion-openai custom_openai openai_like azure azure_ai
+    azure_text anthropic bedrock sagemaker sagemaker_chat vertex_ai
+    vertex_ai_beta gemini palm cohere cohere_chat huggingface ollama
+    ollama_chat together_ai groq mistral codestral deepseek openrouter
+    fireworks_ai replicate perplexity anyscale deepinfra cerebras sambanova
+    databricks watsonx nvidia_nim lm_studio llamafile xai vllm litellm_proxy
+    ai21 nlp_cloud aleph_alpha baseten cloudflare friendliai triton predibase
+    clarifai volcengine dashscope hyperbolic novita featherless_ai""".split()
+)
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.  C{str()} is one line,
+    C{config error: <file>: <where>: <what>}, and never holds a secret.
+
+    :param message: what is wrong.
+    :param path: the config file, if known.
+    :param where: the entry and field, e.g.
+        C{model_list[1] (my-model): dheera_ai_params.api_base}.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None, where: Optional[str] = None):
+        text = " ".join(": ".join(part for part in (path, where, message) if part).split())
+        if not text.startswith("config error:"):
+            text = "config error: " + text
+        super().__init__(text)
+        self.path = path
+        self.where = where
+        self.what = message
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Deployment:
+    """
+    One vLLM server that serves a C{model_name}.
+
+    :ivar model_name: the name clients send, or C{""} for the environment's
+        default upstream.
+    :ivar served_model: the name vLLM serves (C{hosted_vllm/} stripped), or
+        L{None} for the default upstream.
+    :ivar api_base: the server root, C{http(s)://host[:port][/prefix]}, no
+        trailing slash.
+    :ivar index: position in C{model_list}; -1 for the default upstream.
+    """
+
+    model_name: str
+    served_model: Optional[str]
+    api_base: str
+    api_key: Optional[str] = attr.ib(default=None, repr=False)
+    input_cost_per_token: float = 0.0
+    output_cost_per_token: float = 0.0
+    timeout: float = 600.0
+    stream_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    index: int = -1
+
+    @property
+    def id(self) -> str:
+        """
+        :return: C{"<model_name>#<index>"}, or C{"default"} for the default
+            upstream.
+        """
+        return "default" if self.index == -1 else f"{self.model_name}#{self.index}"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class GeneralSettings:
+    """The C{general_settings} section (see the shipped C{conf/proxy.yaml})."""
+
+    master_key: Optional[str] = attr.ib(default=None, repr=False)
+    database_url: Optional[str] = attr.ib(default=None, repr=False)
+    redis_key_prefix: str = "dheera:"
+    max_request_body_bytes: int = 104857600
+    metrics_require_auth: bool = False
+    operator_routes: Tuple[str, ...] = DEFAULT_OPERATOR_ROUTES
+    data_dir: str = "dheera_data"
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    graceful_shutdown_timeout: float = 30.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RouterSettings:
+    """
+    The C{router_settings} section: a replica that fails C{allowed_fails}
+    times in a row is cooled down for C{cooldown_time} seconds.
+    """
+
+    allowed_fails: int = 3
+    cooldown_time: float = 30.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ProxyConfig:
+    """
+    A checked configuration.
+
+    :ivar deployments: every C{model_list} entry, in file order.
+    :ivar default_deployment: where calls naming no configured model go, or
+        L{None}.
+    :ivar callbacks: the log sinks to run.
+    :ivar dheera_ai_settings: the whole section (env references resolved),
+        for the sinks' own settings.
+    """
+
+    path: str
+    deployments: Tuple[Deployment, ...] = ()
+    default_deployment: Optional[Deployment] = None
+    general: GeneralSettings = attr.Factory(GeneralSettings)
+    router: RouterSettings = attr.Factory(RouterSettings)
+    callbacks: Tuple[str, ...] = ()
+    dheera_ai_settings: Dict[str, Any] = attr.ib(factory=dict, repr=False, hash=False)
+    _by_name: Dict[str, Tuple[Deployment, ...]] = attr.ib(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        by_name: Dict[str, list] = {}
+        for deployment in self.deployments:
+            by_name.setdefault(deployment.model_name, []).append(deployment)
+        object.__setattr__(self, "_by_name", {name: tuple(group) for name, group in by_name.items()})
+
+    def replicas(self, model_name: str) -> Tuple[Deployment, ...]:
+        """
+        :return: the deployments serving C{model_name}, in file order; empty
+            when it is not a configured model.
+        """
+        return self._by_name.get(model_name, ())
+
+    @property
+    def model_names(self) -> Tuple[str, ...]:
+        """
+        :return: the configured model names, each once, in file order.
+        """
+        return tuple(self._by_name)
+
+
+class _Invalid(Exception):
+    """A value is wrong; the caller knows where it is."""
+
+
+_KINDS = ((type(None), "nothing"), (bool, "true/false"), ((int, float), "a number"), (str, "a string"),
+          (list, "a list"), (dict, "a mapping"))
+
+
+def _kind(value: Any) -> str:
+    """Say what a value is, without quoting it (it may be a secret)."""
+    return next((name for cls, name in _KINDS if isinstance(value, cls)), type(value).__name__)
+
+
+def _show(name: Any) -> str:
+    """Quote a key the user wrote: short, and never one that looks like an API key."""
+    if isinstance(name, str) and name.startswith("sk-"):
+        return "'sk-...'"
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_./-]{1,40}", name):
+        return name
+    text = repr(name)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(minimum: float, inclusive: bool) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _Invalid(f"expected a number, got {_kind(value)}")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (ValueError, OverflowError):
+            raise _Invalid("expected a number, got a string that is not one")
+        if not math.isfinite(number):
+            raise _Invalid("expected a finite number")
+        if number < minimum or (number == minimum and not inclusive):
+            raise _Invalid(f"must be {'>=' if inclusive else '>'} {minimum:g}")
+        return number
+
+    return check
+
+
+def _whole(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected a whole number, got {_kind(value)}")
+        if value < minimum:
+            raise _Invalid(f"must be >= {minimum}")
+        return value
+
+    return check
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _token(value: Any) -> Optional[str]:
+    """A credential sent in a header: printable ASCII, no spaces.  Never quoted."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string (quote it in YAML), got {_kind(value)}")
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise _Invalid("must be printable ASCII without spaces or control characters")
+    return value
+
+
+def _master_key(value: Any) -> Optional[str]:
+    key = _token(value)
+    if key is None or not key.startswith("sk-") or key == "sk-":
+        raise _Invalid("must start with 'sk-' followed by the key")
+    return key
+
+
+def _routes(value: Any) -> Tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of route names, got {_kind(value)}")
+    routes = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip("/ "):
+            raise _Invalid("expected a list of route names like sleep or v1/load_lora_adapter")
+        route = item.strip().strip("/")
+        # A proxy path was meant; left as is it would leave the route open.
+        routes.append(route[len("vllm/"):] if route.startswith("vllm/") else route)
+    return tuple(routes)
+
+
+def _served_model(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected the name vLLM serves, e.g. hosted_vllm/qwen2.5-7b-instruct, got {_kind(value)}")
+    if value.startswith(_HOSTED_VLLM):
+        if not value[len(_HOSTED_VLLM):].strip():
+            raise _Invalid("names no model after hosted_vllm/")
+        return value[len(_HOSTED_VLLM):]
+    provider, slash, _ = value.partition("/")
+    if slash and provider in _OTHER_PROVIDERS:
+        raise _Invalid(f"provider prefix {provider}/ is not supported, this gateway only talks to vLLM: write hosted_vllm/"
+                       f"<served name> (if vLLM serves the name {value} itself, write hosted_vllm/{value})")
+    return value
+
+
+_BASE_HINT = "must be an http:// or https:// URL of the vLLM server root, e.g. http://127.0.0.1:8000"
+
+
+def _api_base(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a URL, got {_kind(value)}")
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise _Invalid(_BASE_HINT + " (no spaces or control characters)")
+    if "@" in value.partition("://")[2].partition("/")[0]:
+        raise _Invalid("must not hold a user or password: put the key in api_key")
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError:
+        raise _Invalid(_BASE_HINT + " (it does not parse as one)")
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not value[len(scheme):].startswith("://"):
+        raise _Invalid(_BASE_HINT)
+    if not parts.hostname:
+        raise _Invalid(_BASE_HINT + " (it names no host)")
+    if "?" in value or "#" in value:
+        raise _Invalid("must not have a query string or fragment: request paths are appended to it")
+    return scheme + value[len(scheme):].rstrip("/")
+
+
+_positive = _number(0, inclusive=False)
+_GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
+    "master_key": _master_key,
+    "database_url": _text,
+    "redis_key_prefix": _text,
+    "max_request_body_bytes": _whole(1),
+    "metrics_require_auth": _flag,
+    "operator_routes": _routes,
+    "data_dir": _text,
+    "header_timeout": _positive,
+    "body_timeout": _positive,
+    "max_header_bytes": _whole(1),
+    "max_headers": _whole(1),
+    "graceful_shutdown_timeout": _positive,
+}
+_ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
+    "allowed_fails": _whole(1),
+    "cooldown_time": _number(0, inclusive=True),
+}
+_PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
+    "model": _served_model,
+    "api_base": _api_base,
+    "api_key": _token,
+    "input_cost_per_token": _number(0, inclusive=True),
+    "output_cost_per_token": _number(0, inclusive=True),
+    "timeout": _positive,
+    "stream_timeout": _positive,
+    "connect_timeout": _positive,
+}
+PARAMS = tuple(_PARAM_CHECKS)
+# Env-alone settings, used when the file leaves the setting out.
+_GENERAL_FROM_ENV = (("master_key", "DHEERA_AI_MASTER_KEY"), ("database_url", "DATABASE_URL"))
+
+
+class _Reader:
+    """
+    Checks one configuration, knowing the file (for messages) and the
+    environment that C{os.environ/NAME} reads.
+    """
+
+    def __init__(self, path: str, environ: Mapping[str, str]):
+        self.path = path
+        self.base_environ = environ
+        self.environ: Mapping[str, str] = environ
+        self.exported: Tuple[str, ...] = ()
+
+    def error(self, where: Optional[str], what: str) -> ConfigError:
+        return ConfigError(what, path=self.path, where=where)
+
+    def resolve(self, value: Any, where: str, environ: Optional[Mapping[str, str]] = None, _active=frozenset()) -> Any:
+        """
+        :return: a copy of C{value} with every C{os.environ/NAME} string
+            replaced by the variable.
+        :raise ConfigError: a variable is not set.
+        """
+        environ = self.environ if environ is None else environ
+        if isinstance(value, str):
+            if not value.startswith(ENV_PREFIX):
+                return value
+            name = value[len(ENV_PREFIX):].strip()
+            if not name:
+                raise self.error(where, "os.environ/ names no environment variable")
+            if name not in environ:
+                raise self.error(where, f"environment variable {name} is not set (used as os.environ/{name})")
+            return environ[name]
+        if isinstance(value, (dict, list)):
+            if id(value) in _active:
+                raise self.error(where, "a YAML alias contains itself")
+            active = _active | {id(value)}
+            if isinstance(value, list):
+                return [self.resolve(v, f"{where}[{i}]", environ, active) for i, v in enumerate(value)]
+            return {k: self.resolve(v, f"{where}.{_show(k)}", environ, active) for k, v in value.items()}
+        return value
+
+    def value(self, where: str, check: Callable[[Any], Any], raw: Any) -> Any:
+        try:
+            return check(self.resolve(raw, where))
+        except _Invalid as e:
+            raise self.error(where, str(e))
+
+    def section(self, data: dict, name: str) -> dict:
+        value = data.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a mapping, got {_kind(value)}")
+        return value
+
+    def known(self, mapping: dict, allowed, where: Callable[[Any], str], what: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                raise self.error(where(key), f"unknown {what}; expected one of {', '.join(allowed)}")
+
+    def env_where(self, name: str) -> str:
+        if name in self.exported:
+            return f"environment_variables.{name}"
+        return f"environment variable {name}"
+
+    def read(self, data: Any) -> ProxyConfig:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.error("top level", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {_kind(data)}")
+        for key in data:
+            if key not in SECTIONS:
+                hint = "; did you mean dheera_ai_settings?" if key == "litellm_settings" else ""
+                raise self.error(_show(key), f"unknown top-level section; expected one of {', '.join(SECTIONS)}{hint}")
+        self.export(self.section(data, "environment_variables"))
+        deployments = self.model_list(data.get("model_list"))
+        settings = self.resolve(self.section(data, "dheera_ai_settings"), "dheera_ai_settings")
+        return ProxyConfig(
+            path=self.path,
+            deployments=deployments,
+            default_deployment=self.default_deployment(deployments),
+            general=self.settings(data, "general_settings", GeneralSettings, _GENERAL_CHECKS, _GENERAL_FROM_ENV),
+            router=self.settings(data, "router_settings", RouterSettings, _ROUTER_CHECKS, ()),
+            callbacks=self.callbacks(settings.get("callbacks")),
+            dheera_ai_settings=settings,
+        )
+
+    def export(self, variables: dict) -> None:
+        merged = dict(self.base_environ)
+        for name, raw in variables.items():
+            where = f"environment_variables.{_show(name)}"
+            if not isinstance(name, str) or not re.fullmatch(r"[^=\x00]+", name):
+                raise self.error(where, "expected an environment variable name")
+            value = self.resolve(raw, where, self.base_environ)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, (int, float)):
+                value = str(value)
+            elif not isinstance(value, str):
+                raise self.error(where, f"expected a string or a number, got {_kind(value)}")
+            merged[name] = value
+        self.environ = merged
+        self.exported = tuple(variables)
+
+    def model_list(self, entries: Any) -> Tuple[Deployment, ...]:
+        if entries is None:
+            return ()
+        if not isinstance(entries, list):
+            raise self.error("model_list", f"expected a list of model entries, got {_kind(entries)}")
+        return tuple(self.deployment(index, entry) for index, entry in enumerate(entries))
+
+    def deployment(self, index: int, entry: Any) -> Deployment:
+        label = f"model_list[{index}]"
+        if not isinstance(entry, dict):
+            raise self.error(label, f"expected a mapping with model_name and dheera_ai_params, got {_kind(entry)}")
+        self.known(entry, _ENTRY_KEYS, lambda key: f"{label}: {_show(key)}", "field")
+        if entry.get("model_name") is None:
+            raise self.error(f"{label}: model_name", "missing; the name clients send as model")
+        name = self.value(f"{label}: model_name", _text, entry["model_name"])
+        label = f"{label} ({name})"
+        if "dheera_ai_params" in entry and "litellm_params" in entry:
+            raise self.error(label, "has both dheera_ai_params and litellm_params; keep one")
+        if not isinstance(entry.get("model_info") or {}, dict):
+            raise self.error(f"{label}: model_info", f"expected a mapping, got {_kind(entry['model_info'])}")
+        field = "litellm_params" if "litellm_params" in entry else "dheera_ai_params"
+        params = entry.get(field)
+        if params is None:
+            raise self.error(f"{label}: dheera_ai_params", "missing; it holds model and api_base")
+        if not isinstance(params, dict):
+            raise self.error(f"{label}: {field}", f"expected a mapping of parameters, got {_kind(params)}")
+        where = lambda key: f"{label}: {field}.{key}"  # noqa: E731
+        self.known(params, PARAMS, lambda key: where(_show(key)), "parameter")
+        hints = {"model": "the name vLLM serves, e.g. hosted_vllm/qwen2.5-7b-instruct",
+                 "api_base": "the vLLM server root, e.g. http://127.0.0.1:8000"}
+        for required, hint in hints.items():
+            if params.get(required) is None:
+                raise self.error(where(required), f"missing; {hint}")
+        values = {key: self.value(where(key), _PARAM_CHECKS[key], raw) for key, raw in params.items() if raw is not None}
+        values["served_model"] = values.pop("model")
+        return Deployment(model_name=name, index=index, **values)
+
+    def settings(self, data: dict, name: str, cls: type, checks: dict, from_env: tuple) -> Any:
+        section = self.section(data, name)
+        self.known(section, checks, lambda key: f"{name}.{_show(key)}", "setting")
+        values = {key: self.value(f"{name}.{key}", checks[key], raw) for key, raw in section.items() if raw is not None}
+        for key, variable in from_env:
+            if key not in values and self.environ.get(variable):
+                values[key] = self.value(self.env_where(variable), checks[key], self.environ[variable])
+        return cls(**values)
+
+    def callbacks(self, names: Any) -> Tuple[str, ...]:
+        if names is None:
+            return ()
+        if not isinstance(names, list):
+            raise self.error("dheera_ai_settings.callbacks", f"expected a list of log sinks, got {_kind(names)}")
+        for i, name in enumerate(names):
+            where = f"dheera_ai_settings.callbacks[{i}]"
+            if name not in SINKS:
+                raise self.error(where, f"unknown log sink {_show(name)}; expected one of {', '.join(SINKS)}")
+            if name in names[:i]:
+                raise self.error(where, f"log sink {name} is listed twice")
+        return tuple(names)
+
+    def default_deployment(self, deployments: Tuple[Deployment, ...]) -> Optional[Deployment]:
+        for variable in ("HOSTED_VLLM_API_BASE", "VLLM_API_BASE"):
+            if self.environ.get(variable):
+                api_base = self.value(self.env_where(variable), _api_base, self.environ[variable])
+                key = self.value(self.env_where("HOSTED_VLLM_API_KEY"), _token, self.environ.get("HOSTED_VLLM_API_KEY"))
+                return Deployment(model_name="", served_model=None, api_base=api_base, api_key=key, index=-1)
+        return deployments[0] if len(deployments) == 1 else None
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key {_show(key)} appears twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, path: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = ", ".join(part for part in (e.context, e.problem) if part) or "syntax error"
+        if mark is None:
+            raise ConfigError(problem, path=path, where="invalid YAML")
+        raise ConfigError(problem, path=path, where=f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}")
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        what = f"{e.reason} (character U+{e.character:04X})" if isinstance(e.character, int) else e.reason
+        raise ConfigError(what, path=path, where=f"invalid YAML at line {line}, column {column}")
+    except yaml.YAMLError as e:
+        raise ConfigError(str(e), path=path, where="invalid YAML")
+    except RecursionError:
+        raise ConfigError("nested too deeply", path=path, where="invalid YAML")
+
+
+def config_from_dict(data: Any, path: str = "<memory>", environ: Optional[Mapping[str, str]] = None) -> ProxyConfig:
+    """
+    Check an already parsed configuration.
+
+    :param data: the YAML document (L{None} for an empty file).
+    :param path: the file name used in error messages.
+    :param environ: the environment C{os.environ/NAME} and the env-alone
+        settings read; C{environment_variables} are laid over a copy of it,
+        never written back.  Empty when not given.
+    :raise ConfigError: the configuration cannot be used.
+    """
+    return _Reader(path, {} if environ is None else environ).read(data)
+
+
+def load_config(path: str, environ: Mapping[str, str] = os.environ) -> ProxyConfig:
+    """
+    Read and check the YAML config file at C{path}.
+
+    :param environ: the environment C{os.environ/NAME} references and the
+        env-alone settings (C{DHEERA_AI_MASTER_KEY}, C{DATABASE_URL},
+        C{HOSTED_VLLM_API_BASE}, ...) are read from.
+    :raise ConfigError: the file cannot be read, is not YAML, or describes
+        an unusable configuration.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the file: {e.strerror or e}", path=path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"not UTF-8 text (line {line})", path=path)
+    return config_from_dict(_parse_yaml(text, path), path=path, environ=environ)
