@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.internet.protocol import Protocol
 from twisted.web._newclient import (
+    RequestGenerationFailed,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
@@ -290,14 +291,27 @@ class Passthrough:
         except RequestNotSent:
             call.error = "upstream_unreachable"
             raise UpstreamUnreachable()
-        except (ResponseNeverReceived, CancelledError, ierror.ConnectingCancelledError, RequestTransmissionFailed) as e:
+        except (
+            ResponseNeverReceived,
+            CancelledError,
+            ierror.ConnectingCancelledError,
+            RequestTransmissionFailed,
+            # Agent reports a body producer that failed (the client's body
+            # grew too large, stalled, or the client left) as a generation
+            # failure, and aborts the upstream connection.
+            RequestGenerationFailed,
+        ) as e:
             if request.client_gone:
                 call.error = "client_disconnected"
                 raise _ClientGone()
             if timed_out:
                 call.error = "upstream_timeout"
                 raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
-            if isinstance(e, RequestTransmissionFailed) and request.body is not None and request.body.failure is not None:
+            if (
+                isinstance(e, (RequestTransmissionFailed, RequestGenerationFailed))
+                and request.body is not None
+                and request.body.failure is not None
+            ):
                 request.body.failure.raiseException()
             call.error = "upstream_failed"
             raise ProxyError(502, "The upstream vLLM server closed the connection without answering.", type="upstream_error", code="502")

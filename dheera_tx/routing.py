@@ -131,6 +131,17 @@ class Router:
         state.failures = []
         state.cooldown_until = 0.0
 
+    def set_health(self, deployment: Deployment, healthy: bool) -> None:
+        """
+        Record the verdict of a background health check: an unhealthy
+        replica is cooled down like one whose connections fail.
+        """
+        state = self._state[deployment.id]
+        if healthy:
+            state.cooldown_until = 0.0
+        else:
+            state.cooldown_until = self._now() + self._config.router.cooldown_time
+
     def cooling_down(self, deployment: Deployment) -> bool:
         """
         :return: whether C{deployment} is cooling down now.

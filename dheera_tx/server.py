@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 from twisted.logger import Logger
 from twisted.web import http, server
 
-from dheera_tx.errors import ProxyError
+from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.paths import is_passthrough
 from dheera_tx.request_body import BodyAborted, StreamingBody
 
@@ -81,6 +81,24 @@ class ProxyChannel(http.HTTPChannel):
         if not self.requests:
             return
         super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # HTTPChannel answers a malformed request (request line with NUL,
+        # control bytes or spaces in the target, bad headers, Content-Length
+        # with Transfer-Encoding, two Content-Lengths, bad chunking) with a
+        # bare "400 Bad Request" and no body; errors the proxy makes use the
+        # OpenAI shape.  Once a response has started, a second status line
+        # would corrupt it: only close the connection then.
+        if self.transport is None:
+            return
+        if not any(getattr(r, "startedWriting", False) for r in self.requests):
+            body = bad_request("The request is malformed (request line, headers or body framing).").body()
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        self.persistent = False
+        self.loseConnection()
 
     def _send100Continue(self) -> None:
         if self.requests and self.requests[-1].rejection is not None:
