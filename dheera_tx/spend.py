@@ -1,0 +1,258 @@
+"""
+The spend ledger: each finished call's cost and tokens, added atomically in
+Redis to its key, user, team, end user and model, and to per-day counters
+for reports.
+
+L{SpendLedger.settle} runs one Lua script per call (which also releases the
+call's parallel slot and counts its tokens against tpm).  When Redis cannot
+be reached the settlement waits in a bounded in-memory backlog and is
+retried every second; what is in that backlog is lost if the process dies
+(see the README's guarantees).
+
+Redis keys (under the configured prefix): the C{spend_nanos} and
+C{budget_spend_nanos} fields of C{key:<sha256>} and C{end_user:<id>};
+hashes C{spend:user:<id>}, C{spend:team:<id>}, C{spend:model:<name>} with
+C{spend_nanos}, C{prompt_tokens}, C{completion_tokens}, C{requests}; and
+C{spend:daily:<YYYY-MM-DD>} hashes whose fields are
+C{<group>:<id>:<counter>} (group: key, user, team, end_user, model).
+"""
+
+import datetime
+from collections import deque
+from typing import Deque, Dict, List, Optional
+
+import attr
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dheera_tx.limits import WINDOW_MS, Admission, CallLimiter
+
+log = Logger()
+
+GROUPS = ("key", "user", "team", "end_user", "model")
+COUNTERS = ("spend_nanos", "prompt_tokens", "completion_tokens", "requests")
+
+# KEYS: 1 key hash, 2 user spend, 3 team spend, 4 end-user hash,
+#       5 model spend, 6 tpm counter, 7 parallel set, 8 daily hash
+#       (a key of "" is skipped)
+# ARGV: 1 cost nanos, 2 prompt, 3 completion, 4 call id, 5 window ms,
+#       6..10 ids of key, user, team, end user, model (for daily fields),
+#       11 daily TTL seconds
+SETTLE_SCRIPT = r"""
+local cost, prompt, completion = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local function add(hash)
+  redis.call('HINCRBY', hash, 'spend_nanos', cost)
+  redis.call('HINCRBY', hash, 'prompt_tokens', prompt)
+  redis.call('HINCRBY', hash, 'completion_tokens', completion)
+  redis.call('HINCRBY', hash, 'requests', 1)
+end
+if KEYS[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'spend_nanos', cost)
+  redis.call('HINCRBY', KEYS[1], 'budget_spend_nanos', cost)
+end
+if KEYS[4] ~= '' then
+  redis.call('HINCRBY', KEYS[4], 'spend_nanos', cost)
+  redis.call('HINCRBY', KEYS[4], 'budget_spend_nanos', cost)
+end
+for _, i in ipairs({2, 3, 5}) do
+  if KEYS[i] ~= '' then add(KEYS[i]) end
+end
+if KEYS[6] ~= '' then
+  local tokens = prompt + completion
+  if tokens > 0 then
+    local total = redis.call('INCRBY', KEYS[6], tokens)
+    if total == tokens or redis.call('PTTL', KEYS[6]) < 0 then
+      redis.call('PEXPIRE', KEYS[6], ARGV[5])
+    end
+  end
+end
+if KEYS[7] ~= '' then redis.call('ZREM', KEYS[7], ARGV[4]) end
+local groups = {'key', 'user', 'team', 'end_user', 'model'}
+for g = 1, 5 do
+  local id = ARGV[5 + g]
+  if id ~= '' then
+    local base = groups[g] .. ':' .. id .. ':'
+    redis.call('HINCRBY', KEYS[8], base .. 'spend_nanos', cost)
+    redis.call('HINCRBY', KEYS[8], base .. 'prompt_tokens', prompt)
+    redis.call('HINCRBY', KEYS[8], base .. 'completion_tokens', completion)
+    redis.call('HINCRBY', KEYS[8], base .. 'requests', 1)
+  end
+end
+redis.call('EXPIRE', KEYS[8], ARGV[11])
+return 1
+"""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Settlement:
+    """
+    What one call adds to the ledger.
+    """
+
+    admission: Admission
+    cost_nanos: int
+    prompt_tokens: int
+    completion_tokens: int
+    user_id: Optional[str]
+    team_id: Optional[str]
+    model_name: Optional[str]
+    at: float
+
+
+class SpendLedger:
+    """
+    Adds each call's spend to Redis, atomically, one script per call.
+
+    :param redis: a L{dheera_tx.redis_client.RedisClient}.
+    :param prefix: the Redis key prefix.
+    :param limiter: the L{CallLimiter} whose key names are shared.
+    :param clock: an C{IReactorTime} for the backlog's retry loop.
+    :param daily_ttl_days: how long per-day counters are kept.
+    :param max_backlog: settlements kept while Redis is away.
+    """
+
+    def __init__(self, redis, prefix: str, limiter: CallLimiter, clock, daily_ttl_days: int = 400, max_backlog: int = 100_000):
+        self._redis = redis
+        self._prefix = prefix
+        self._limiter = limiter
+        self._daily_ttl = daily_ttl_days * 86400
+        self._backlog: Deque[Settlement] = deque()
+        self._max_backlog = max_backlog
+        self.dropped = 0
+        self._retry = LoopingCall(self._drain)
+        self._retry.clock = clock
+        self._draining = False
+
+    def settle(self, settlement: Settlement):
+        """
+        Record a finished call (never raises; failures go to the backlog).
+
+        :return: a Deferred that fires once it is recorded or queued.
+        """
+        return ensureDeferred(self._settle(settlement))
+
+    async def _settle(self, settlement: Settlement) -> None:
+        if self._backlog:
+            self._queue(settlement)
+            return
+        try:
+            await self._write(settlement)
+        except Exception:
+            log.warn("Spend not recorded yet (Redis unavailable); queued for retry")
+            self._queue(settlement)
+
+    def _queue(self, settlement: Settlement) -> None:
+        if len(self._backlog) >= self._max_backlog:
+            self.dropped += 1
+            return
+        self._backlog.append(settlement)
+        if not self._retry.running:
+            self._retry.start(1.0, now=False).addErrback(lambda f: log.failure("spend retry loop", f))
+
+    async def _drain_async(self) -> None:
+        while self._backlog:
+            try:
+                await self._write(self._backlog[0])
+            except Exception:
+                return
+            self._backlog.popleft()
+        if self._retry.running:
+            self._retry.stop()
+
+    def _drain(self):
+        if self._draining:
+            return None
+        self._draining = True
+        d = ensureDeferred(self._drain_async())
+
+        def done(result):
+            self._draining = False
+            return result
+
+        return d.addBoth(done)
+
+    @property
+    def pending(self) -> int:
+        """
+        :return: settlements waiting for Redis.
+        """
+        return len(self._backlog)
+
+    def flush(self):
+        """
+        Try once to write the backlog (on shutdown).
+        """
+        return ensureDeferred(self._drain_async())
+
+    async def _write(self, s: Settlement) -> None:
+        a = s.admission
+        p = self._prefix
+        key, end_user, _rpm, tpm, par = self._limiter.key_names(a.token, a.end_user)
+        day = datetime.datetime.fromtimestamp(s.at, datetime.timezone.utc).strftime("%Y-%m-%d")
+        model = s.model_name or ""
+        await self._redis.eval(
+            SETTLE_SCRIPT,
+            [
+                key,
+                f"{p}spend:user:{s.user_id}" if s.user_id else "",
+                f"{p}spend:team:{s.team_id}" if s.team_id else "",
+                end_user,
+                f"{p}spend:model:{model}" if model else "",
+                tpm if a.counts_tokens else "",
+                par if a.holds_parallel_slot else "",
+                f"{p}spend:daily:{day}",
+            ],
+            [
+                s.cost_nanos,
+                s.prompt_tokens,
+                s.completion_tokens,
+                a.call_id,
+                WINDOW_MS,
+                a.token or "",
+                s.user_id or "",
+                s.team_id or "",
+                a.end_user or "",
+                model,
+                self._daily_ttl,
+            ],
+        )
+
+    async def report(self, group: str, start: datetime.date, end: datetime.date) -> List[Dict]:
+        """
+        Sum the per-day counters of C{group} from C{start} to C{end}
+        (inclusive).
+
+        :return: one row per id, highest spend first.
+        """
+        if group not in GROUPS:
+            raise ValueError(group)
+        totals: Dict[str, Dict[str, int]] = {}
+        day = start
+        while day <= end:
+            fields = await self._redis.execute("HGETALL", f"{self._prefix}spend:daily:{day.isoformat()}")
+            for name, value in _pairs(fields):
+                g, _, rest = name.partition(":")
+                if g != group:
+                    continue
+                ident, _, counter = rest.rpartition(":")
+                row = totals.setdefault(ident, dict.fromkeys(COUNTERS, 0))
+                if counter in row:
+                    row[counter] += int(value)
+            day += datetime.timedelta(days=1)
+        rows = [{"group_by": group, "id": ident, **row, "spend": row["spend_nanos"] / 1e9} for ident, row in totals.items()]
+        rows.sort(key=lambda r: -r["spend_nanos"])
+        return rows
+
+
+def _pairs(fields):
+    if isinstance(fields, dict):
+        items = fields.items()
+    else:
+        items = zip(fields[::2], fields[1::2])
+    for name, value in items:
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        if isinstance(value, bytes):
+            value = value.decode()
+        yield name, value

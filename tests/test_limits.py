@@ -1,0 +1,269 @@
+"""
+Tests for L{dheera_tx.limits} and L{dheera_tx.spend} against a real Redis:
+admission scripts, spend settlement, reports.
+"""
+
+import datetime
+
+import attr
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from dheera_tx.auth import MASTER, Principal
+from dheera_tx.errors import ProxyError
+from dheera_tx.keys import KeyRecord
+from dheera_tx.limits import CallLimiter
+from dheera_tx.redis_client import connect
+from dheera_tx.spend import Settlement, SpendLedger
+from tests.redis_server import RedisServer
+
+PREFIX = "dheera:"
+
+
+def _record(token="t" * 64, **fields):
+    base = dict(
+        token=token,
+        key_alias=None,
+        models=(),
+        allowed_routes=(),
+        max_budget=None,
+        budget_duration=None,
+        budget_reset_at=None,
+        rpm_limit=None,
+        tpm_limit=None,
+        max_parallel_requests=None,
+        user_id="alice",
+        team_id="red",
+        metadata={},
+        blocked=False,
+        expires=None,
+        created_at=0.0,
+        spend_nanos=0,
+    )
+    base.update(fields)
+    return KeyRecord(**base)
+
+
+class LimitsTests(TestCase):
+    """
+    Admission and settlement scripts on a real redis-server.
+    """
+
+    def setUp(self):
+        self.server = RedisServer().start()
+        self.addCleanup(self.server.cleanup)
+        self.redis = connect(reactor, self.server.url)
+        self.addCleanup(self.redis.disconnect)
+        self.now = [1_800_000_000.0]
+        self.limiter = CallLimiter(self.redis, PREFIX, lambda: self.now[0], stale_after=660)
+        self.ledger = SpendLedger(self.redis, PREFIX, self.limiter, reactor)
+
+    def _store(self, record):
+        fields = record.to_redis_hash()
+        args = [x for kv in fields.items() for x in kv]
+        self.server.command("HSET", f"{PREFIX}key:{record.token}", *args)
+        return record
+
+    async def _admit_many(self, principal, n, end_user=None):
+        outcomes = []
+        for i in range(n):
+            try:
+                outcomes.append(await self.limiter.admit(principal, end_user, f"call-{i}"))
+            except ProxyError as e:
+                outcomes.append(e)
+        return outcomes
+
+    def _settle(self, admission, cost=0, prompt=0, completion=0, model="m"):
+        record_user = "alice" if admission.token else None
+        return self.ledger.settle(
+            Settlement(admission, cost, prompt, completion, record_user, "red" if record_user else None, model, self.now[0])
+        )
+
+    def test_rpm_limit(self):
+        """
+        With rpm_limit 3, exactly 3 calls are admitted in the window; the
+        next is 429 with Retry-After; the window reopens after 60 s.
+        """
+        record = self._store(_record(rpm_limit=3))
+        principal = Principal(False, record)
+
+        async def go():
+            outcomes = await self._admit_many(principal, 5)
+            rejected = [o for o in outcomes if isinstance(o, ProxyError)]
+            self.assertEqual(len(rejected), 2)
+            self.assertEqual(rejected[0].status, 429)
+            self.assertEqual(rejected[0].type, "rate_limit_error")
+            self.assertTrue(1 <= int(rejected[0].headers["Retry-After"]) <= 60)
+            self.server.command("PEXPIRE", f"{PREFIX}rl:rpm:{record.token}", 1)
+            await _sleep(0.05)
+            again = await self._admit_many(principal, 1)
+            self.assertNotIsInstance(again[0], ProxyError)
+
+        return ensureDeferred(go())
+
+    def test_parallel_slot_released_by_settle(self):
+        """
+        max_parallel_requests 2: a third concurrent call is refused; once a
+        call settles, its slot is free again.
+        """
+        record = self._store(_record(max_parallel_requests=2))
+        principal = Principal(False, record)
+
+        async def go():
+            first, second, third = await self._admit_many(principal, 3)
+            self.assertIsInstance(third, ProxyError)
+            self.assertEqual(third.status, 429)
+            await self._settle(first)
+            (fourth,) = await self._admit_many(principal, 1)
+            self.assertNotIsInstance(fourth, ProxyError)
+            self.assertEqual(self.server.command("ZCARD", f"{PREFIX}rl:par:{record.token}"), 2)
+
+        return ensureDeferred(go())
+
+    def test_budget_exhaustion(self):
+        """
+        A key whose spend reached max_budget gets 429 budget_exceeded; the
+        settled spend is visible to the very next check.
+        """
+        record = self._store(_record(max_budget=0.001))
+        principal = Principal(False, record)
+
+        async def go():
+            (a,) = await self._admit_many(principal, 1)
+            await self._settle(a, cost=1_000_000, prompt=10, completion=5)
+            (b,) = await self._admit_many(principal, 1)
+            self.assertIsInstance(b, ProxyError)
+            self.assertEqual((b.status, b.type), (429, "budget_exceeded"))
+
+        return ensureDeferred(go())
+
+    def test_budget_window_resets(self):
+        """
+        With budget_duration 1h the budgeted spend resets when the window
+        ends, while lifetime spend_nanos keeps counting.
+        """
+        record = self._store(_record(max_budget=0.001, budget_duration="1h"))
+        principal = Principal(False, record)
+
+        async def go():
+            (a,) = await self._admit_many(principal, 1)
+            await self._settle(a, cost=2_000_000)
+            (b,) = await self._admit_many(principal, 1)
+            self.assertIsInstance(b, ProxyError)
+            self.now[0] += 3601
+            (c,) = await self._admit_many(principal, 1)
+            self.assertNotIsInstance(c, ProxyError)
+            spend = self.server.command("HGET", f"{PREFIX}key:{record.token}", "spend_nanos")
+            self.assertEqual(int(spend), 2_000_000)
+
+        return ensureDeferred(go())
+
+    def test_tpm_limit(self):
+        """
+        Tokens settled count against tpm_limit: once 100 tokens were used in
+        the window, the next call is 429.
+        """
+        record = self._store(_record(tpm_limit=100))
+        principal = Principal(False, record)
+
+        async def go():
+            (a,) = await self._admit_many(principal, 1)
+            await self._settle(a, prompt=60, completion=40)
+            (b,) = await self._admit_many(principal, 1)
+            self.assertIsInstance(b, ProxyError)
+            self.assertEqual(b.status, 429)
+            self.assertIn("tokens per minute", b.message)
+
+        return ensureDeferred(go())
+
+    def test_end_user_blocked_and_budget(self):
+        """
+        A blocked end user gets 403, one over budget 429, even with the
+        master key.
+        """
+        self.server.command("HSET", f"{PREFIX}end_user:bob", "blocked", "1")
+        self.server.command("HSET", f"{PREFIX}end_user:carol", "blocked", "0", "max_budget", "0.000001", "spend_nanos", "5000")
+
+        async def go():
+            (bob,) = await self._admit_many(MASTER, 1, end_user="bob")
+            self.assertEqual(bob.status, 403)
+            (carol,) = await self._admit_many(MASTER, 1, end_user="carol")
+            self.assertEqual((carol.status, carol.type), (429, "budget_exceeded"))
+            (dave,) = await self._admit_many(MASTER, 1, end_user="dave")
+            self.assertNotIsInstance(dave, ProxyError)
+
+        return ensureDeferred(go())
+
+    def test_spend_everywhere_and_report(self):
+        """
+        Settlement adds spend atomically to the key, user, team, end user
+        and model, and the per-day report sums it by group.
+        """
+        record = self._store(_record())
+        principal = Principal(False, record)
+
+        async def go():
+            admissions = await self._admit_many(principal, 50, end_user="erin")
+            await gatherResults([self._settle(a, cost=123, prompt=2, completion=3) for a in admissions])
+            c = self.server.command
+            self.assertEqual(int(c("HGET", f"{PREFIX}key:{record.token}", "spend_nanos")), 50 * 123)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:user:alice", "spend_nanos")), 50 * 123)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:team:red", "requests")), 50)
+            self.assertEqual(int(c("HGET", f"{PREFIX}end_user:erin", "spend_nanos")), 50 * 123)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:model:m", "completion_tokens")), 150)
+            day = datetime.datetime.fromtimestamp(self.now[0], datetime.timezone.utc).date()
+            rows = await self.ledger.report("model", day, day)
+            self.assertEqual(rows[0]["id"], "m")
+            self.assertEqual(rows[0]["spend_nanos"], 50 * 123)
+            self.assertEqual(rows[0]["requests"], 50)
+
+        return ensureDeferred(go())
+
+    def test_deleted_key_refused(self):
+        """
+        A key deleted after it was cached is refused by the admission
+        script (401), not counted.
+        """
+        record = _record(rpm_limit=5)
+
+        async def go():
+            (a,) = await self._admit_many(Principal(False, record), 1)
+            self.assertEqual(a.status, 401)
+
+        return ensureDeferred(go())
+
+    def test_redis_down_fails_closed_for_virtual_keys(self):
+        """
+        With Redis stopped, a limited virtual key gets 503 quickly; the
+        master key is admitted anyway; settlements wait in the backlog and
+        are written when Redis is back.
+        """
+        record = self._store(_record(rpm_limit=5))
+
+        async def go():
+            (a,) = await self._admit_many(Principal(False, record), 1)
+            self.server.stop()
+            start = reactor.seconds()
+            (b,) = await self._admit_many(Principal(False, record), 1)
+            self.assertEqual(b.status, 503)
+            self.assertLess(reactor.seconds() - start, 2.0)
+            (m,) = await self._admit_many(MASTER, 1, end_user="frank")
+            self.assertNotIsInstance(m, ProxyError)
+            await self._settle(m, cost=7)
+            self.assertEqual(self.ledger.pending, 1)
+            self.server.start()
+            for _ in range(50):
+                if self.ledger.pending == 0:
+                    break
+                await _sleep(0.1)
+            self.assertEqual(self.ledger.pending, 0)
+            self.assertEqual(int(self.server.command("HGET", f"{PREFIX}spend:model:m", "spend_nanos")), 7)
+
+        return ensureDeferred(go())
+
+
+def _sleep(seconds):
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
