@@ -28,10 +28,12 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from dheera_tx.accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
 from dheera_tx.auth import authorize_vllm_call
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
+from dheera_tx.metering import JSONUsageMeter, cost_nanos
 from dheera_tx.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -40,7 +42,7 @@ from dheera_tx.model_choice import (
     multipart_boundary,
     multipart_model,
     parse_json_body,
-    rewrite_model,
+    encode_document,
 )
 from dheera_tx.paths import path_problem, split_target
 from dheera_tx.request_body import BodyTooLarge, BytesBody
@@ -92,17 +94,21 @@ class Passthrough:
     :param authenticator: turns credentials into a principal.
     :param pool: the upstream connection pool (owned by the caller, closed
         on shutdown).
+    :param accounting: admits, meters and settles calls (L{CallAccounting}).
     :param on_call_end: called with each finished L{Call} (log sinks,
         metrics); must not raise.
     """
 
-    def __init__(self, reactor, config: ProxyConfig, router: Router, authenticator, pool, on_call_end=None):
+    def __init__(
+        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None
+    ):
         self._reactor = reactor
         self._config = config
         self._router = router
         self._auth = authenticator
         self._pool = pool
         self._agents: Dict[str, webclient.Agent] = {}
+        self._accounting = accounting or CallAccounting()
         self._on_call_end = on_call_end
         self.in_flight = 0
 
@@ -130,9 +136,10 @@ class Passthrough:
             started_at=request.received_at,
         )
         self.in_flight += 1
-        d = ensureDeferred(self._serve(request, call))
+        progress = _Progress()
+        d = ensureDeferred(self._serve(request, call, progress))
         d.addErrback(self._unexpected, request, call)
-        d.addBoth(self._ended, call)
+        d.addBoth(self._ended, call, progress)
         return d
 
     def _unexpected(self, failure: Failure, request, call: Call) -> None:
@@ -140,17 +147,20 @@ class Passthrough:
         call.error = call.error or "internal_error"
         _answer_error(request, ProxyError(500, "The proxy failed to handle this call.", type="internal_error", code="500"), call)
 
-    def _ended(self, _, call: Call) -> None:
+    def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
+        call.bytes_in = request_bytes(progress)
+        self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
             except Exception:
                 log.failure("Call-end hook failed for call {call_id}", call_id=call.call_id)
 
-    async def _serve(self, request, call: Call) -> None:
+    async def _serve(self, request, call: Call, progress: "_Progress") -> None:
         path, query = split_target(request.uri)
+        progress.request = request
         try:
             if request.rejection is not None:
                 raise request.rejection
@@ -165,6 +175,7 @@ class Passthrough:
                 call.user_id = key.user_id
                 call.team_id = key.team_id
             document, raw_json = await self._json_document(request)
+            progress.document = document
             model = body_model(document) if document is not None else None
             if model is None:
                 model = header_or_query_model(request.requestHeaders, query)
@@ -177,7 +188,10 @@ class Passthrough:
             authorize_vllm_call(
                 principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
             )
-            await self._forward(request, call, route, path + query, document, raw_json)
+            call.end_user = end_user_of(request.requestHeaders, document)
+            progress.admission = await self._accounting.admit(principal, call.end_user, call)
+            progress.strip_usage = needs_usage_injection(path, document)
+            await self._forward(request, call, route, path + query, raw_json, progress)
         except ProxyError as e:
             call.error = call.error or e.type
             _answer_error(request, e, call)
@@ -205,14 +219,15 @@ class Passthrough:
 
     # Forwarding.
 
-    async def _forward(self, request, call: Call, route: Route, target: bytes, document, raw_json) -> None:
+    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress") -> None:
         tried: List[Deployment] = []
         while True:
             deployment = self._router.pick(route, tried)
             if deployment is None:
                 raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
             tried.append(deployment)
-            producer = self._body_for(request, deployment, route, document, raw_json)
+            producer = self._body_for(request, deployment, route, raw_json, progress)
+            progress.deployment = deployment
             call.deployment = deployment.id
             call.api_base = deployment.api_base
             self._router.started(deployment)
@@ -229,22 +244,33 @@ class Passthrough:
                 raise
             try:
                 self._router.succeeded(deployment)
-                await self._relay(request, call, deployment, response)
+                await self._relay(request, call, deployment, response, progress)
             finally:
                 self._router.finished(deployment)
             return
 
-    def _body_for(self, request, deployment: Deployment, route: Route, document, raw_json):
-        if raw_json is not None:
-            if (
-                document is not None
-                and route.model_name is not None
-                and deployment.served_model
-                and document.get("model") != deployment.served_model
-            ):
-                return BytesBody(rewrite_model(dict(document), deployment.served_model))
+    def _body_for(self, request, deployment: Deployment, route: Route, raw_json, progress: "_Progress"):
+        """
+        :return: the body to send to C{deployment}: the client's bytes
+            unchanged unless the served model name or the usage request
+            must be written into the JSON.
+        """
+        if raw_json is None:
+            return request.body
+        document = progress.document
+        if document is None:
             return BytesBody(raw_json) if raw_json else None
-        return request.body
+        rename = (
+            route.model_name is not None
+            and deployment.served_model
+            and document.get("model") != deployment.served_model
+        )
+        if not rename and not progress.strip_usage:
+            return BytesBody(raw_json)
+        changed = with_usage_requested(document) if progress.strip_usage else dict(document)
+        if rename:
+            changed["model"] = deployment.served_model
+        return BytesBody(encode_document(changed))
 
     def _upstream_headers(self, request, deployment: Deployment) -> Headers:
         incoming = request.requestHeaders
@@ -320,7 +346,7 @@ class Passthrough:
             if timer.active():
                 timer.cancel()
 
-    async def _relay(self, request, call: Call, deployment: Deployment, response) -> None:
+    async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress") -> None:
         call.status = response.code
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
         sse = content_type.lower().startswith(b"text/event-stream")
@@ -329,8 +355,15 @@ class Passthrough:
         if request.client_gone:
             response.deliverBody(_Discard())
             return
-        _write_response_head(request, response, call)
-        relay = ResponseRelay(self._reactor, request, call, deployment, sse)
+        meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
+        progress.meter = meter
+        hold = isinstance(meter, JSONUsageMeter) and (
+            response.length is UNKNOWN_LENGTH or response.length <= ResponseRelay.HOLD_LIMIT
+        )
+        head = lambda extra=(): _write_response_head(request, response, call, extra, rewritten=sse and progress.strip_usage)
+        if not hold:
+            head()
+        relay = ResponseRelay(self._reactor, request, call, deployment, sse, meter, None if not hold else head)
         response.deliverBody(relay)
         gone = request.on_client_gone(relay.abort)
         try:
@@ -353,14 +386,24 @@ def _too_large(config: ProxyConfig) -> ProxyError:
     )
 
 
-def _write_response_head(request, response, call: Call) -> None:
+def _write_response_head(request, response, call: Call, extra=(), rewritten: bool = False) -> None:
+    """
+    Copy the upstream's status and headers to the client, minus hop-by-hop
+    headers, plus the proxy's own.
+
+    :param extra: more C{(name, value)} headers, e.g. the response cost.
+    :param rewritten: the body is altered on the way (usage chunk
+        stripped), so the upstream's Content-Length no longer holds.
+    """
     request.setResponseCode(response.code, response.phrase)
     drop = _NOT_RELAYED | _connection_tokens(response.headers)
     out = request.responseHeaders
     for name, values in response.headers.getAllRawHeaders():
         if name.lower() not in drop:
             out.setRawHeaders(name, values)
-    if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+    if rewritten:
+        pass
+    elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
         out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
     elif request.method == b"HEAD":
         length = response.headers.getRawHeaders(b"content-length")
@@ -368,6 +411,8 @@ def _write_response_head(request, response, call: Call) -> None:
             out.setRawHeaders(b"content-length", length)
     out.setRawHeaders(b"x-dheera-call-id", [call.call_id.encode("ascii")])
     out.setRawHeaders(b"x-dheera-overhead-duration-ms", [b"%.3f" % (call.overhead_ms,)])
+    for name, value in extra:
+        out.setRawHeaders(name, [value])
 
 
 def _answer_error(request, error: ProxyError, call: Call) -> None:
@@ -411,22 +456,33 @@ class ResponseRelay(Protocol):
     The upstream transport is registered as the client request's producer,
     so a slow client pauses the upstream read instead of growing memory.
     Silence longer than the deployment's C{stream_timeout}, or a call longer
-    than its C{timeout}, aborts the upstream.
+    than its C{timeout}, aborts the upstream.  Every chunk passes through
+    the call's usage meter, which may hold back or drop the usage chunk the
+    proxy asked for.  A non-streaming JSON answer up to L{HOLD_LIMIT} bytes
+    is held until complete, so that its head can carry the response cost.
 
+    :param write_head: for a held answer, writes the response head with
+        extra headers; L{None} when the head was already written.
     :ivar done: fires when the relay has ended (never fails).
     """
 
-    def __init__(self, reactor, request, call: Call, deployment: Deployment, sse: bool):
+    HOLD_LIMIT = 8 * 1024 * 1024
+
+    def __init__(self, reactor, request, call: Call, deployment: Deployment, sse: bool, meter=None, write_head=None):
         self._reactor = reactor
         self._request = request
         self._call = call
+        self._deployment = deployment
         self._sse = sse
+        self._meter = meter
+        self._write_head = write_head
+        self._held: Optional[List[bytes]] = [] if write_head is not None else None
+        self._held_bytes = 0
         self._stream_timeout = deployment.stream_timeout
         remaining = deployment.timeout - (reactor.seconds() - call.started_at)
         self._deadline = reactor.callLater(max(remaining, 0.001), self._timed_out, "upstream_timeout")
         self._silence = reactor.callLater(self._stream_timeout, self._timed_out, "stream_timeout")
         self._failure_kind: Optional[str] = None
-        self._aborted = False
         self.done: Deferred = Deferred()
 
     def connectionMade(self) -> None:
@@ -436,9 +492,36 @@ class ResponseRelay(Protocol):
         call = self._call
         if call.first_byte_at is None:
             call.first_byte_at = self._reactor.seconds()
-        call.bytes_out += len(data)
         self._silence.reset(self._stream_timeout)
-        self._request.write(data)
+        if self._request.client_gone:
+            return
+        if self._meter is not None:
+            data = self._meter.feed(data)
+        if self._held is not None:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > self.HOLD_LIMIT:
+                self._release_held()
+            return
+        if data:
+            call.bytes_out += len(data)
+            self._request.write(data)
+
+    def _release_held(self, extra=()) -> None:
+        held, self._held = self._held, None
+        self._write_head(extra)
+        for chunk in held:
+            self._call.bytes_out += len(chunk)
+            self._request.write(chunk)
+
+    def _cost_header(self):
+        usage = self._meter.usage() if self._meter is not None else None
+        if usage is None or self._call.status >= 400:
+            return ()
+        d = self._deployment
+        nanos = cost_nanos(usage, d.input_cost_per_token, d.output_cost_per_token)
+        usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
+        return ((b"x-dheera-response-cost", usd),)
 
     def _timed_out(self, kind: str) -> None:
         self._failure_kind = kind
@@ -448,7 +531,6 @@ class ResponseRelay(Protocol):
         """
         The client went away: close the upstream connection now.
         """
-        self._aborted = True
         self._failure_kind = "client_disconnected"
         if self.transport is not None:
             self.transport.stopProducing()
@@ -464,15 +546,52 @@ class ResponseRelay(Protocol):
         if not request.client_gone and not request.finished:
             request.unregisterProducer()
             if clean:
+                if self._held is not None:
+                    self._release_held(self._cost_header())
+                elif self._meter is not None:
+                    tail = self._meter.flush() if hasattr(self._meter, "flush") else b""
+                    if tail:
+                        self._call.bytes_out += len(tail)
+                        request.write(tail)
                 request.finish()
+            elif self._held is not None:
+                # Nothing was written yet: the client gets a proper error.
+                self._call.status = 502
+                _answer_error(request, _early_end(self._call.error), self._call)
             elif self._sse and not request.responseHeaders.hasHeader(b"content-length"):
                 # An SSE client sees why its stream ended, and no [DONE].
-                request.write(
-                    b"event: error\ndata: "
-                    + ProxyError(502, "The upstream stream ended early: " + self._call.error + ".", type="upstream_error", code="502").body()
-                    + b"\n\n"
-                )
+                request.write(b"event: error\ndata: " + _early_end(self._call.error).body() + b"\n\n")
                 request.finish()
             else:
                 request.abort_response()
         self.done.callback(None)
+
+
+def _early_end(kind: str) -> ProxyError:
+    return ProxyError(502, f"The upstream answer ended early ({kind}).", type="upstream_error", code="502")
+
+
+class _Progress:
+    """
+    What a call has got to, for settling it however it ends.
+    """
+
+    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage")
+
+    def __init__(self):
+        self.request = None
+        self.document = None
+        self.admission = None
+        self.deployment = None
+        self.meter = None
+        self.strip_usage = False
+
+
+def request_bytes(progress: _Progress) -> int:
+    """
+    :return: the request body bytes the client sent.
+    """
+    request = progress.request
+    if request is None or request.body is None:
+        return 0
+    return request.body.received

@@ -150,9 +150,8 @@ def multipart_model(prefix: bytes, boundary: bytes) -> Tuple[bool, Optional[str]
     return False, None
 
 
-def rewrite_model(document: dict, served_model: str) -> bytes:
+def encode_document(document: dict) -> bytes:
     """
-    :return: the JSON body with C{model} set to the served name.
+    :return: a JSON body the proxy had to change, encoded compactly.
     """
-    document["model"] = served_model
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -239,14 +239,17 @@ class UpstreamFailureTests(ProxyTestCase):
 
     async def test_reset_of_plain_answer(self):
         """
-        A non-streamed answer the upstream cuts short reaches the client as
-        a broken response (connection dropped before the declared length),
-        never as a complete-looking short body.
+        A non-streamed JSON answer the upstream cuts short is held by the
+        proxy until complete (for its cost header), so the client gets a
+        clean 502 in the OpenAI shape, never a complete-looking short body.
         """
         upstream = await self.fake(served_model="alpha")
         self.proxy([deployment("alpha", "alpha", upstream)])
-        with self.assertRaises(ResponseFailed):
-            await self.chat(headers={"x-fake-fault": "reset_mid_stream=20"})
+        response, body = await self.chat(headers={"x-fake-fault": "reset_mid_stream=20"})
+        self.assertEqual(response.code, 502)
+        error = json.loads(body)["error"]
+        self.assertEqual(error["type"], "upstream_error")
+        self.assertIn("upstream_reset", error["message"])
 
     async def test_stream_timeout(self):
         """
