@@ -1,5 +1,5 @@
 """
-The control plane: health, and the mount point of the admin APIs.
+The control plane: health, metrics, and the mount point of the admin APIs.
 
 A Klein app for the proxy's own routes.  L{ControlRoot} is the Site's root
 resource for every path that is not C{/vllm}: it hands C{/key/...} and
@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from dheera_tx.errors import ProxyError, error_body
+from dheera_tx.auth import require_master
+from dheera_tx.errors import ProxyError, error_body, unauthorized
 
 log = Logger()
 
@@ -47,12 +48,65 @@ class ControlPlane:
 
     :param readiness_probes: named async checks (e.g. C{"redis"}) that must
         all pass for the proxy to be ready.
+    :param metrics: the L{dheera_tx.metrics.ProxyMetrics} served on
+        C{GET /metrics}, or L{None} (then that route is a 404).
+    :param prober: the L{dheera_tx.health.DeploymentProber} behind
+        C{GET /health}, or L{None} (then that route is a 404).
+    :param authenticator: the L{dheera_tx.auth.Authenticator} that checks the
+        master key on C{/health} (and C{/metrics} when it needs auth).
+    :param metrics_require_auth: C{general_settings.metrics_require_auth}:
+        C{/metrics} needs the master key.
     """
 
     app = Klein()
 
-    def __init__(self, readiness_probes: Optional[Dict[str, Callable[[], Awaitable[bool]]]] = None):
+    def __init__(
+        self,
+        readiness_probes: Optional[Dict[str, Callable[[], Awaitable[bool]]]] = None,
+        metrics=None,
+        prober=None,
+        authenticator=None,
+        metrics_require_auth: bool = False,
+    ):
         self._probes = readiness_probes or {}
+        self._metrics = metrics
+        self._prober = prober
+        self._authenticator = authenticator
+        self._metrics_require_auth = metrics_require_auth
+
+    async def _require_master(self, request) -> None:
+        if self._authenticator is None:
+            raise unauthorized()
+        require_master(await self._authenticator.authenticate(request.requestHeaders))
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request):
+        """
+        The proxy's own metrics, in Prometheus text (the master key is needed
+        only with C{metrics_require_auth}).
+        """
+        if self._metrics_require_auth:
+            await self._require_master(request)
+        if self._metrics is None:
+            raise ProxyError(404, "Metrics are not enabled on this proxy.", type="not_found_error", code="404")
+        body, content_type = self._metrics.render()
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request):
+        """
+        Probe every deployment (master key only) and answer which are
+        healthy; never shows a key.
+        """
+        await self._require_master(request)
+        if self._prober is None:
+            raise ProxyError(404, "Deployment health checks are not enabled on this proxy.", type="not_found_error", code="404")
+        document = await self._prober.probe_all()
+        request.setHeader(b"cache-control", b"no-store")
+        return json_answer(request, 200, document)
 
     @app.route("/health/liveliness", methods=["GET"])
     @app.route("/health/liveness", methods=["GET"])
