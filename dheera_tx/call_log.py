@@ -649,14 +649,6 @@ class CallLog:
         except Exception:
             log.failure("Could not build the log record of call {call_id}", call_id=call.call_id)
             return
-        log.debug(
-            "call {call_id} {method} {path} -> {status} model={model_name} deployment={deployment} "
-            "tokens={prompt_tokens}+{completion_tokens} error={error}",
-            **{k: record[k] for k in (
-                "call_id", "method", "path", "status", "model_name", "deployment",
-                "prompt_tokens", "completion_tokens", "error",
-            )},
-        )
         for sink in self.sinks:
             try:
                 sink.emit(record)

@@ -111,6 +111,9 @@ class GeneralSettings:
     max_header_bytes: int = 65536
     max_headers: int = 100
     graceful_shutdown_timeout: float = 30.0
+    background_health_checks: bool = False
+    health_check_interval: float = 30.0
+    max_connections: int = 10000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -318,6 +321,9 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "max_header_bytes": _whole(1),
     "max_headers": _whole(1),
     "graceful_shutdown_timeout": _positive,
+    "background_health_checks": _flag,
+    "health_check_interval": _positive,
+    "max_connections": _whole(1),
 }
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "allowed_fails": _whole(1),

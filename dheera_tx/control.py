@@ -6,6 +6,7 @@ resource for every path that is not C{/vllm}: it hands C{/key/...} and
 C{/end_user/...} to the key API and everything else to L{ControlPlane}.
 """
 
+import datetime
 import json
 from typing import Awaitable, Callable, Dict, Optional
 
@@ -15,7 +16,8 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from dheera_tx.auth import require_master
-from dheera_tx.errors import ProxyError, error_body, unauthorized
+from dheera_tx.errors import ProxyError, bad_request, error_body, unauthorized
+from dheera_tx.spend import GROUPS
 
 log = Logger()
 
@@ -67,7 +69,11 @@ class ControlPlane:
         prober=None,
         authenticator=None,
         metrics_require_auth: bool = False,
+        ledger=None,
+        today: Callable[[], datetime.date] = lambda: datetime.datetime.now(datetime.timezone.utc).date(),
     ):
+        self._ledger = ledger
+        self._today = today
         self._probes = readiness_probes or {}
         self._metrics = metrics
         self._prober = prober
@@ -108,6 +114,31 @@ class ControlPlane:
         request.setHeader(b"cache-control", b"no-store")
         return json_answer(request, 200, document)
 
+    @app.route("/spend/report", methods=["GET"])
+    async def spend_report(self, request):
+        """
+        Spend grouped by key, user, team, end user or model over a range of
+        UTC days (master key only), from the per-day counters:
+        C{?group_by=model&start_date=2026-11-01&end_date=2026-11-30}
+        (default: the last 30 days, grouped by key).
+        """
+        await self._require_master(request)
+        if self._ledger is None:
+            raise ProxyError(404, "Spend tracking needs Redis.", type="not_found_error", code="404")
+        group = _arg(request, b"group_by") or "key"
+        if group not in GROUPS:
+            raise bad_request(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
+        end = _date(request, b"end_date") or self._today()
+        start = _date(request, b"start_date") or end - datetime.timedelta(days=29)
+        if start > end or (end - start).days > 366:
+            raise bad_request("start_date must not be after end_date, and the range at most 366 days.", param="start_date")
+        rows = await self._ledger.report(group, start, end)
+        return json_answer(
+            request,
+            200,
+            {"group_by": group, "start_date": start.isoformat(), "end_date": end.isoformat(), "spend": rows},
+        )
+
     @app.route("/health/liveliness", methods=["GET"])
     @app.route("/health/liveness", methods=["GET"])
     def liveliness(self, request):
@@ -142,6 +173,21 @@ class ControlPlane:
         request.setHeader(b"content-type", b"application/json")
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
         return error_body(f"{e.name}: no such route or method.", kind, str(e.code))
+
+
+def _arg(request, name: bytes) -> Optional[str]:
+    values = request.args.get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _date(request, name: bytes) -> Optional[datetime.date]:
+    value = _arg(request, name)
+    if value is None:
+        return None
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise bad_request(f"{name.decode()} must be a date like 2026-11-25.", param=name.decode())
 
 
 class ControlRoot(Resource):

@@ -111,6 +111,7 @@ class Passthrough:
         self._accounting = accounting or CallAccounting()
         self._on_call_end = on_call_end
         self.in_flight = 0
+        self.streams_in_flight = 0
 
     def _agent(self, deployment: Deployment) -> webclient.Agent:
         agent = self._agents.get(deployment.id)
@@ -366,9 +367,11 @@ class Passthrough:
         relay = ResponseRelay(self._reactor, request, call, deployment, sse, meter, None if not hold else head)
         response.deliverBody(relay)
         gone = request.on_client_gone(relay.abort)
+        self.streams_in_flight += sse
         try:
             await relay.done
         finally:
+            self.streams_in_flight -= sse
             request.forget_client_gone(gone)
 
 

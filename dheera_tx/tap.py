@@ -1,20 +1,43 @@
 """
 The twistd plugin's options and service: everything is assembled here, and
 only here is the global reactor touched.
+
+Start-up order: the embedded Redis (when no database is configured), the
+Redis client, the log sinks and health checks, the upstream pool, then the
+listening ports.  Shutdown runs the same list backwards, one step at a time:
+stop accepting, let calls in flight finish (up to the grace period), close
+the upstream pool, flush spend and logs, disconnect from Redis, stop the
+embedded Redis last.
 """
 
+import os
 import sys
+import time
+from typing import List, Optional
 
+import attr
 from twisted.application import service, strports
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
+from dheera_tx.accounting import CallAccounting
 from dheera_tx.auth import Authenticator
+from dheera_tx.call_log import CallLog, build_sinks
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
 from dheera_tx.control import ControlPlane, ControlRoot
 from dheera_tx.forwarding import Passthrough
+from dheera_tx.health import DeploymentProber
+from dheera_tx.key_api import KeyAPI
+from dheera_tx.key_store import CachedKeyStore, RedisKeyStore
+from dheera_tx.limits import CallLimiter
+from dheera_tx.metrics import ProxyMetrics
 from dheera_tx.routing import Router
 from dheera_tx.server import ListenerLimits, ProxySite
+from dheera_tx.spend import SpendLedger
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -43,6 +66,16 @@ class Options(usage.Options):
             raise usage.UsageError("--config PATH is required")
         if not self["listen"]:
             self["listen"] = ["tcp:4000"]
+        workers = self["workers"]
+        if workers in ("0", "auto"):
+            self["workers"] = os.cpu_count() or 1
+        else:
+            try:
+                self["workers"] = int(workers)
+            except ValueError:
+                raise usage.UsageError("--workers takes a number, 0 or auto")
+            if self["workers"] < 1:
+                raise usage.UsageError("--workers takes a number, 0 or auto")
         try:
             self["proxy_config"] = load_config(self["config"])
         except ConfigError as e:
@@ -50,49 +83,217 @@ class Options(usage.Options):
             sys.exit(str(e))
 
 
-class _PoolService(service.Service):
+@attr.s(auto_attribs=True)
+class Gateway:
     """
-    Closes the upstream connection pool on shutdown.
+    The assembled proxy: the Site both planes share and what must be
+    started and stopped with it.
     """
 
-    def __init__(self, pool: HTTPConnectionPool):
-        self._pool = pool
+    site: ProxySite
+    pool: HTTPConnectionPool
+    passthrough: Passthrough
+    router: Router
+    metrics: ProxyMetrics
+    call_log: CallLog
+    prober: DeploymentProber
+    key_store: Optional[CachedKeyStore] = None
+    ledger: Optional[SpendLedger] = None
 
-    def stopService(self):
-        service.Service.stopService(self)
-        return self._pool.closeCachedConnections()
 
-
-def build_site(reactor, config: ProxyConfig, key_store=None, readiness_probes=None, branches=None):
+def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdout=None) -> Gateway:
     """
-    Assemble the Site serving both planes.
+    Assemble the proxy.
 
-    :return: C{(site, pool)}; the caller owns the upstream pool.
+    :param redis: a L{dheera_tx.redis_client.RedisClient}, or L{None} for a
+        proxy with the master key only and no spend tracking.
+    :raise ConfigError: for bad log-sink settings.
     """
+    prefix = config.general.redis_key_prefix
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 128
     pool.retryAutomatically = False
     router = Router(config, now=reactor.seconds)
-    authenticator = Authenticator(config.general.master_key, key_store)
-    passthrough = Passthrough(reactor, config, router, authenticator, pool)
-    control = ControlPlane(readiness_probes)
+    key_store = ledger = limiter = None
+    probes = {}
+    branches = {}
+    if redis is not None:
+        # Auth reads through the cache; the admin API reads and writes Redis
+        # itself (spend changes with every call) and publishes invalidations.
+        stored_keys = RedisKeyStore(redis, prefix, now=now)
+        key_store = CachedKeyStore(stored_keys, redis, reactor)
+        stale_after = max([d.timeout for d in config.deployments] + [600.0]) + 60
+        limiter = CallLimiter(redis, prefix, now, stale_after=stale_after)
+        ledger = SpendLedger(redis, prefix, limiter, reactor)
+
+        async def redis_answers() -> bool:
+            return (await redis.execute("PING")) in ("PONG", b"PONG")
+
+        probes["redis"] = redis_answers
+    authenticator = Authenticator(config.general.master_key, key_store, now=now)
+    if key_store is not None:
+        key_api = KeyAPI(authenticator, stored_keys, now=now).app.resource()
+        branches = {b"key": key_api, b"end_user": key_api}
+    metrics = ProxyMetrics(router, config)
+    call_log = CallLog(build_sinks(config, reactor, redis, stdout=stdout), metrics=metrics)
+    passthrough = Passthrough(
+        reactor,
+        config,
+        router,
+        authenticator,
+        pool,
+        accounting=CallAccounting(limiter, ledger, now=now),
+        on_call_end=call_log.emit,
+    )
+    metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
+    prober = DeploymentProber(reactor, config, router)
+    control = ControlPlane(
+        probes,
+        metrics=metrics,
+        prober=prober,
+        authenticator=authenticator,
+        metrics_require_auth=config.general.metrics_require_auth,
+        ledger=ledger,
+    )
     root = ControlRoot(control.app.resource(), branches)
     site = ProxySite(root, passthrough, ListenerLimits(config.general), reactor)
-    site.router = router
-    site.authenticator = authenticator
-    return site, pool
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, key_store, ledger)
+
+
+def build_site(reactor, config: ProxyConfig):
+    """
+    The Site of a proxy without Redis (master key only), for tests.
+
+    :return: C{(site, pool)}; the caller owns the upstream pool.
+    """
+    gateway = build_gateway(reactor, config)
+    return gateway.site, gateway.pool
+
+
+class OrderedServices(service.MultiService):
+    """
+    A MultiService whose children stop one after another, last started
+    first, each waiting for the one before (MultiService stops them all at
+    once).
+    """
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await _maybe(child.stopService())
+            except Exception:
+                log.failure("Stopping {service} failed", service=child)
+
+
+async def _maybe(result):
+    if isinstance(result, Deferred):
+        return await result
+    return result
+
+
+class _Step(service.Service):
+    """
+    A shutdown (and start-up) step given as functions.
+    """
+
+    def __init__(self, name: str, start=None, stop=None):
+        self.name = name
+        self._start = start
+        self._stop = stop
+
+    def startService(self):
+        service.Service.startService(self)
+        if self._start is not None:
+            self._start()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._stop is not None:
+            return self._stop()
+        return None
+
+
+def _drain(reactor, gateway: Gateway, grace: float) -> Deferred:
+    """
+    :return: a Deferred that fires when no call is in flight, or after
+        C{grace} seconds.
+    """
+    d = Deferred()
+    deadline = reactor.seconds() + grace
+
+    def check():
+        in_flight = gateway.passthrough.in_flight
+        if in_flight == 0 or reactor.seconds() >= deadline:
+            if in_flight:
+                log.warn("Grace period over with {n} calls in flight", n=in_flight)
+            d.callback(None)
+        else:
+            reactor.callLater(0.05, check)
+
+    check()
+    return d
+
+
+def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=None) -> service.MultiService:
+    """
+    :return: the proxy's whole service tree.
+    """
+    from dheera_tx.embedded_redis import EmbeddedRedis
+    from dheera_tx.redis_client import connect
+
+    top = OrderedServices()
+    if config.general.database_url:
+        url = config.general.database_url
+    else:
+        embedded = EmbeddedRedis(reactor, os.path.abspath(config.general.data_dir))
+        embedded.setServiceParent(top)
+        url = embedded.url
+    try:
+        redis = connect(reactor, url)
+    except ValueError as e:
+        sys.exit(f"config error: {config.path}: general_settings.database_url: {e}")
+    try:
+        gateway = build_gateway(reactor, config, redis, stdout=stdout)
+    except ConfigError as e:
+        sys.exit(str(e))
+
+    async def close_redis():
+        if gateway.key_store is not None:
+            await _maybe(gateway.key_store.close())
+        await _maybe(redis.disconnect())
+
+    _Step("redis", stop=lambda: ensureDeferred(close_redis())).setServiceParent(top)
+
+    async def flush():
+        if gateway.ledger is not None:
+            await gateway.ledger.flush()
+        await gatherResults([_as_deferred(gateway.call_log.stop()), _as_deferred(gateway.prober.stop())])
+
+    general = config.general
+    health_start = (lambda: gateway.prober.start_background(general.health_check_interval)) if general.background_health_checks else None
+    _Step("accounting", start=health_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
+    _Step("upstream pool", stop=gateway.pool.closeCachedConnections).setServiceParent(top)
+    _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
+    listeners = service.MultiService()
+    listeners.setServiceParent(top)
+    for endpoint in listen:
+        strports.service(endpoint, gateway.site, reactor=reactor).setServiceParent(listeners)
+    top.gateway = gateway
+    return top
+
+
+def _as_deferred(result) -> Deferred:
+    return ensureDeferred(_maybe(result))
 
 
 def makeService(options, reactor=None):
     """
-    :return: the proxy's MultiService.
+    :return: the proxy's service (called by twistd).
     """
     if reactor is None:
         from twisted.internet import reactor
-    config = options["proxy_config"]
-    top = service.MultiService()
-    site, pool = build_site(reactor, config)
-    _PoolService(pool).setServiceParent(top)
-    for endpoint in options["listen"]:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
-    return top
+    return make_proxy_service(options["proxy_config"], options["listen"], reactor)

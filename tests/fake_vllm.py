@@ -1100,13 +1100,13 @@ class FakeVLLM:
         self._request_waiters: list = []
         self._close_waiters: list = []
 
-    def start(self) -> Deferred:
+    def start(self, port: int = 0) -> Deferred:
         """
-        Listen on ``tcp:0:interface=127.0.0.1``.
+        Listen on ``127.0.0.1``, on ``port`` (default: a free one).
 
         :return: a Deferred firing with ``self`` once listening.
         """
-        endpoint = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        endpoint = TCP4ServerEndpoint(self.reactor, port, interface="127.0.0.1")
 
         def listening(port: Any) -> "FakeVLLM":
             self._listening = port
@@ -1213,3 +1213,25 @@ def embedding_base64(seed: int) -> str:
     """
     vector = embedding(seed)
     return base64.b64encode(struct.pack("<%df" % (len(vector),), *vector)).decode("ascii")
+
+
+def main(argv=None) -> None:
+    """
+    Serve the fake on a fixed port, to try the proxy without a GPU:
+    ``python -m tests.fake_vllm --port 8000 --model qwen2.5-7b-instruct``.
+    """
+    import argparse
+
+    from twisted.internet import reactor
+
+    parser = argparse.ArgumentParser(description="A fake vLLM server (OpenAI-compatible, deterministic).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default="qwen2.5-7b-instruct")
+    args = parser.parse_args(argv)
+    fake = FakeVLLM(reactor, served_model=args.model)
+    fake.start(args.port).addCallback(lambda f: print(f"fake vLLM serving {args.model!r} on {f.url}", flush=True))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -523,6 +523,9 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
                 "max_header_bytes": 1000,
                 "max_headers": 10,
                 "graceful_shutdown_timeout": 3,
+                "background_health_checks": True,
+                "health_check_interval": 15,
+                "max_connections": 50,
             }
         }
         self.assertEqual(set(data["general_settings"]), {a.name for a in attr.fields(GeneralSettings)})
