@@ -160,16 +160,6 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     return Gateway(site, pool, passthrough, router, metrics, call_log, prober, key_store, ledger)
 
 
-def build_site(reactor, config: ProxyConfig):
-    """
-    The Site of a proxy without Redis (master key only), for tests.
-
-    :return: C{(site, pool)}; the caller owns the upstream pool.
-    """
-    gateway = build_gateway(reactor, config)
-    return gateway.site, gateway.pool
-
-
 class OrderedServices(service.MultiService):
     """
     A MultiService whose children stop one after another, last started

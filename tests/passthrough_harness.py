@@ -1,6 +1,6 @@
 """
 The harness of the pass-through integration tests: a proxy Site from
-L{dheera_tx.tap.build_site} listening on 127.0.0.1 port 0,
+L{dheera_tx.tap.build_gateway} listening on 127.0.0.1 port 0,
 L{tests.fake_vllm.FakeVLLM} upstreams, Agent and raw-socket clients, and
 cleanup of every port, connection and pool they open.
 """
@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from dheera_tx.config import config_from_dict
 from dheera_tx.request_body import BytesBody
 from dheera_tx.server import ProxyChannel
-from dheera_tx.tap import build_site
+from dheera_tx.tap import build_gateway
 from tests.fake_vllm import FakeVLLM
 
 MASTER_KEY = "sk-test-master-key-0123456789"
@@ -191,8 +191,10 @@ class ProxyHarness:
         if router:
             data["router_settings"] = router
         config = config_from_dict(data, environ=environ or {})
-        site, pool = build_site(reactor, config)
+        gateway = build_gateway(reactor, config)
+        site, pool = gateway.site, gateway.pool
         self.config = config
+        self.gateway = gateway
         self.site = site
         self.upstream_pool = pool
         open_channels = set()

@@ -55,8 +55,8 @@ class ReplicaTests(ProxyTestCase):
         self.assertEqual(len(good.received), 20)
         bad, healthy = self.config.replicas("alpha")
         self.assertEqual(bad.api_base, bad_url)
-        self.assertTrue(self.site.router.cooling_down(bad))
-        self.assertFalse(self.site.router.cooling_down(healthy))
+        self.assertTrue(self.gateway.router.cooling_down(bad))
+        self.assertFalse(self.gateway.router.cooling_down(healthy))
 
     async def test_streamed_body_retried_on_refusal(self):
         """
@@ -87,7 +87,7 @@ class ReplicaTests(ProxyTestCase):
         # The refusing replica was tried (and so cooled down) on some call:
         # each call picks either replica at random until then (odds 2 ** -16).
         bad = self.config.replicas("alpha")[0]
-        self.assertTrue(self.site.router.cooling_down(bad))
+        self.assertTrue(self.gateway.router.cooling_down(bad))
 
     async def test_load_spread(self):
         """
