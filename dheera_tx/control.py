@@ -8,6 +8,7 @@ C{/end_user/...} to the key API and everything else to L{ControlPlane}.
 
 import datetime
 import json
+import os
 from typing import Awaitable, Callable, Dict, Optional
 
 from klein import Klein
@@ -145,7 +146,7 @@ class ControlPlane:
         """
         The process is alive and serving.
         """
-        return json_answer(request, 200, {"status": "alive"})
+        return json_answer(request, 200, {"status": "alive", "pid": os.getpid()})
 
     @app.route("/health/readiness", methods=["GET"])
     async def readiness(self, request):

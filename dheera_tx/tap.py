@@ -49,11 +49,21 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path of the proxy's YAML config (required)."],
         ["workers", "w", "1", "Worker processes sharing the listening port (0 or auto: one per core)."],
+        ["database-url", None, None, "Redis URL, overriding the config's database_url (workers get the parent's)."],
+        ["worker-index", None, None, "Set by the parent in worker processes."],
     ]
 
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["inherited-fd"] = []
+
+    def opt_inherited_fd(self, spec: str) -> None:
+        """
+        Serve on a listening socket inherited as FD:FAMILY (set by the
+        parent in worker processes).
+        """
+        self["inherited-fd"].append(spec)
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -77,10 +87,13 @@ class Options(usage.Options):
             if self["workers"] < 1:
                 raise usage.UsageError("--workers takes a number, 0 or auto")
         try:
-            self["proxy_config"] = load_config(self["config"])
+            config = load_config(self["config"])
         except ConfigError as e:
             # One clear line, never a traceback.
             sys.exit(str(e))
+        if self["database-url"]:
+            config = attr.evolve(config, general=attr.evolve(config.general, database_url=self["database-url"]))
+        self["proxy_config"] = config
 
 
 @attr.s(auto_attribs=True)
@@ -228,20 +241,80 @@ def _drain(reactor, gateway: Gateway, grace: float) -> Deferred:
     return d
 
 
-def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=None) -> service.MultiService:
+def _embedded_redis(reactor, config: ProxyConfig, parent):
     """
+    Start the embedded Redis under C{parent}; a proxy whose Redis cannot
+    start stops with one clear line.
+
+    :return: its URL.
+    """
+    from dheera_tx.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+
+    try:
+        embedded = EmbeddedRedis(reactor, os.path.abspath(config.general.data_dir))
+    except EmbeddedRedisError as e:
+        sys.exit(f"config error: {config.path}: general_settings.data_dir: {e}")
+    embedded.setServiceParent(parent)
+
+    def failed(failure):
+        log.critical("Stopping: the embedded Redis did not start: {why}", why=failure.getErrorMessage())
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: embedded.whenReady().addErrback(failed))
+    return embedded.url
+
+
+def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[str], workers: int, reactor):
+    """
+    :return: the service of the parent of C{workers} worker processes.
+    """
+    from dheera_tx.workers import WorkerPool
+
+    top = OrderedServices()
+    url = config.general.database_url or _embedded_redis(reactor, config, top)
+    pool = WorkerPool(reactor, config_path, listen, workers, lambda: url, config.general.graceful_shutdown_timeout)
+    try:
+        pool.open_sockets()
+    except (OSError, ValueError) as e:
+        sys.exit(f"cannot listen: {e}")
+    pool.setServiceParent(top)
+    top.workers = pool
+    return top
+
+
+class _AdoptedPorts(service.Service):
+    """
+    Serves on listening sockets inherited from the worker parent.
+    """
+
+    def __init__(self, reactor, specs: List[str], factory):
+        self._reactor = reactor
+        self._specs = specs
+        self._factory = factory
+        self._ports = []
+
+    def startService(self):
+        from dheera_tx.workers import adopt_sockets
+
+        service.Service.startService(self)
+        self._ports = adopt_sockets(self._reactor, self._specs, self._factory)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return gatherResults([_as_deferred(p.stopListening()) for p in self._ports])
+
+
+def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=None, inherited=()) -> service.MultiService:
+    """
+    :param inherited: in a worker, the listening sockets passed by the
+        parent (C{FD:FAMILY}); they replace C{listen}.
     :return: the proxy's whole service tree.
     """
-    from dheera_tx.embedded_redis import EmbeddedRedis
     from dheera_tx.redis_client import connect
 
     top = OrderedServices()
-    if config.general.database_url:
-        url = config.general.database_url
-    else:
-        embedded = EmbeddedRedis(reactor, os.path.abspath(config.general.data_dir))
-        embedded.setServiceParent(top)
-        url = embedded.url
+    url = config.general.database_url or _embedded_redis(reactor, config, top)
     try:
         redis = connect(reactor, url)
     except ValueError as e:
@@ -270,7 +343,9 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
     listeners = service.MultiService()
     listeners.setServiceParent(top)
-    for endpoint in listen:
+    if inherited:
+        _AdoptedPorts(reactor, list(inherited), gateway.site).setServiceParent(listeners)
+    for endpoint in () if inherited else listen:
         strports.service(endpoint, gateway.site, reactor=reactor).setServiceParent(listeners)
     top.gateway = gateway
     return top
@@ -286,4 +361,7 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    return make_proxy_service(options["proxy_config"], options["listen"], reactor)
+    config = options["proxy_config"]
+    if options["workers"] > 1 and not options["inherited-fd"]:
+        return make_worker_parent(config, options["config"], options["listen"], options["workers"], reactor)
+    return make_proxy_service(config, options["listen"], reactor, inherited=options["inherited-fd"])

@@ -79,7 +79,7 @@ class PluginRunTests(TestCase):
         await proxy.start()
         response = await treq.get(proxy.url + "/health/liveliness", persistent=False)
         self.assertEqual(response.code, 200)
-        self.assertEqual(await response.json(), {"status": "alive"})
+        self.assertEqual((await response.json())["status"], "alive")
         response = await treq.get(proxy.url + "/health/readiness", persistent=False)
         self.assertEqual((await response.json())["redis"], "connected")
         socket_path = os.path.join(proxy.directory, "dheera_data", "redis.sock")

@@ -1,0 +1,240 @@
+"""
+Several worker processes serving one listening address (C{--workers N}).
+
+The parent never serves a request.  It opens one listening socket per worker
+on the same address with C{SO_REUSEPORT} (so the kernel spreads new
+connections over the workers), starts the embedded Redis if no database is
+configured, and runs each worker as C{twistd dheera} child process that
+adopts its socket (C{--inherited-fd}) and uses the parent's Redis
+(C{--database-url}).  A worker that dies is started again on the same
+socket, so connections waiting in its backlog are served by its
+replacement.  On SIGTERM the parent passes the signal on, waits for the
+workers to drain and exit, and stops the embedded Redis last.
+"""
+
+import os
+import socket
+import sys
+from typing import Dict, List
+
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class WorkerSocket:
+    """
+    One listening socket the parent opens for a worker.
+    """
+
+    def __init__(self, family, sock: socket.socket, description: str):
+        self.family = family
+        self.socket = sock
+        self.description = description
+
+    @property
+    def fd(self) -> int:
+        """
+        :return: the socket's file descriptor.
+        """
+        return self.socket.fileno()
+
+
+def open_listening_socket(endpoint: str, reuse_port: bool) -> WorkerSocket:
+    """
+    Open a listening socket for a C{tcp:PORT[:interface=ADDR]} or
+    C{unix:PATH} endpoint description.
+
+    :raise ValueError: for an endpoint form workers cannot share.
+    """
+    kind, _, rest = endpoint.partition(":")
+    parts = rest.split(":")
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    if kind == "tcp":
+        port = int(parts[0])
+        interface = options.get("interface", "")
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+        sock.listen(int(options.get("backlog", 1024)))
+        sock.setblocking(False)
+        return WorkerSocket(family, sock, endpoint)
+    if kind == "unix":
+        path = parts[0]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(int(options.get("backlog", 1024)))
+        sock.setblocking(False)
+        return WorkerSocket(socket.AF_UNIX, sock, endpoint)
+    raise ValueError(f"--workers supports tcp: and unix: endpoints, not {endpoint!r}")
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerPool", index: int):
+        self.pool = pool
+        self.index = index
+        self.ended = Deferred()
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+        self.pool._worker_ended(self)
+
+
+class WorkerPool(service.Service):
+    """
+    Runs and restarts the worker processes.
+
+    :param reactor: the reactor (spawns processes, times restarts).
+    :param config_path: the config file the workers load.
+    :param endpoints: the endpoint descriptions to serve.
+    :param workers: how many worker processes.
+    :param database_url: a callable giving the Redis URL the workers use
+        (the embedded Redis's is known only once it is configured).
+    :param grace: seconds the workers may take to drain on shutdown.
+    """
+
+    RESTART_DELAY = 1.0
+
+    def __init__(self, reactor, config_path: str, endpoints: List[str], workers: int, database_url, grace: float):
+        self._reactor = reactor
+        self._config_path = os.path.abspath(config_path)
+        self._endpoints = endpoints
+        self._count = workers
+        self._database_url = database_url
+        self._grace = grace
+        self._sockets: List[List[WorkerSocket]] = []
+        self._running: Dict[int, _WorkerProcess] = {}
+        self._stopping = False
+        self.restarts = 0
+
+    def open_sockets(self) -> None:
+        """
+        Open every worker's listening sockets (before privileges drop and
+        before workers start, so a busy port fails start-up at once).
+        """
+        for _ in range(self._count):
+            self._sockets.append([open_listening_socket(e, reuse_port=True) for e in self._endpoints])
+
+    def startService(self):
+        service.Service.startService(self)
+        if not self._sockets:
+            self.open_sockets()
+        for index in range(self._count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        sockets = self._sockets[index]
+        args = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "dheera",
+            "--config",
+            self._config_path,
+            "--database-url",
+            self._database_url(),
+            "--worker-index",
+            str(index),
+        ]
+        child_fds = {0: "w", 1: 1, 2: 2}
+        for n, ws in enumerate(sockets):
+            child_fd = 3 + n
+            child_fds[child_fd] = ws.fd
+            family = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}[ws.family]
+            args += ["--inherited-fd", f"{child_fd}:{family}"]
+        worker = _WorkerProcess(self, index)
+        self._reactor.spawnProcess(worker, sys.executable, args, env=dict(os.environ), childFDs=child_fds)
+        self._running[index] = worker
+        log.info("Started worker {index} (pid {pid})", index=index, pid=worker.transport.pid)
+
+    def _worker_ended(self, worker: _WorkerProcess) -> None:
+        if self._running.get(worker.index) is worker:
+            del self._running[worker.index]
+        if self._stopping or not self.running:
+            return
+        log.warn("Worker {index} exited; starting it again", index=worker.index)
+        self.restarts += 1
+        self._reactor.callLater(self.RESTART_DELAY, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping and self.running and index not in self._running:
+            self._spawn(index)
+
+    @property
+    def pids(self) -> List[int]:
+        """
+        :return: the pids of the running workers.
+        """
+        return [w.transport.pid for w in self._running.values() if w.transport.pid]
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self._stopping = True
+        waiting = []
+        for worker in list(self._running.values()):
+            waiting.append(worker.ended)
+            try:
+                worker.transport.signalProcess("TERM")
+            except Exception:
+                pass
+        d = _all_or_timeout(self._reactor, waiting, self._grace + 10, self._kill_remaining)
+        d.addBoth(self._close_sockets)
+        return d
+
+    def _kill_remaining(self) -> None:
+        for worker in list(self._running.values()):
+            log.warn("Worker {index} did not exit in time; killing it", index=worker.index)
+            try:
+                worker.transport.signalProcess("KILL")
+            except Exception:
+                pass
+
+    def _close_sockets(self, result):
+        for sockets in self._sockets:
+            for ws in sockets:
+                ws.socket.close()
+        return None
+
+
+def _all_or_timeout(reactor, deferreds: List[Deferred], timeout: float, on_timeout) -> Deferred:
+    """
+    :return: a Deferred firing once all of C{deferreds} fired, calling
+        C{on_timeout} (and still waiting) if that takes over C{timeout}.
+    """
+    from twisted.internet.defer import DeferredList
+
+    done = DeferredList(deferreds, consumeErrors=True)
+    timer = reactor.callLater(timeout, on_timeout)
+
+    def finished(result):
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return done.addBoth(finished)
+
+
+def adopt_sockets(reactor, inherited: List[str], factory) -> List:
+    """
+    In a worker: serve C{factory} on the listening sockets the parent
+    passed as C{FD:FAMILY}.
+
+    :return: the adopted ports.
+    """
+    ports = []
+    for spec in inherited:
+        fd, _, family = spec.partition(":")
+        family = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}[family or "INET"]
+        ports.append(reactor.adoptStreamPort(int(fd), family, factory))
+        os.close(int(fd))
+    return ports
