@@ -26,23 +26,21 @@ Exported (counters carry the C{_total} suffix)::
     dheera_deployment_in_flight{model,deployment}
     dheera_log_records_dropped_total{sink}              read from the log sinks at scrape time
 
-Multiprocess mode (C{--workers N}): each worker has its own L{ProxyMetrics},
-and a scrape reaches one of them.  To aggregate, set
-C{PROMETHEUS_MULTIPROC_DIR} in every worker before prometheus_client is
-imported (values then live in mmap files), give the gauges a
-C{multiprocess_mode} (C{livesum} for the in-flight ones), and in L{render}
-collect into a fresh registry with
-C{prometheus_client.multiprocess.MultiProcessCollector(registry)} plus this
-process's L{_LiveCollector} (router health and sink drops are per process:
-add a C{pid} label or read them from Redis); call
-C{multiprocess.mark_process_dead(pid)} when a worker exits.  The in-flight
-gauges are already plain C{Gauge}s updated by L{ProxyMetrics.call_started}
-and friends rather than scrape-time callbacks, so they carry over.
+Multiprocess mode (C{--workers N}): the worker parent sets
+C{PROMETHEUS_MULTIPROC_DIR} for every worker, so prometheus_client keeps
+counters and histograms in shared mmap files; L{render} then aggregates
+every worker's files (C{MultiProcessCollector}), whichever worker a scrape
+reaches.  The in-flight gauges are C{livesum} gauges that each worker
+refreshes every second (L{ProxyMetrics.refresh}); the parent marks a dead
+worker's gauges gone.  Deployment health and sink drops are read from the
+worker that answers the scrape.
 """
+
+import os
 
 from typing import Callable, Iterable, List, Optional, Tuple
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dheera_tx.call import Call
@@ -166,8 +164,13 @@ class ProxyMetrics:
         self.upstream_errors = Counter(
             "dheera_upstream_errors", "Calls whose upstream failed, by kind.", ["kind"], registry=registry
         )
-        self.in_flight_requests = Gauge("dheera_in_flight_requests", "Calls in flight.", registry=registry)
-        self.in_flight_streams = Gauge("dheera_in_flight_streams", "Streamed answers being relayed.", registry=registry)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.in_flight_requests = Gauge(
+            "dheera_in_flight_requests", "Calls in flight.", registry=registry, multiprocess_mode="livesum"
+        )
+        self.in_flight_streams = Gauge(
+            "dheera_in_flight_streams", "Streamed answers being relayed.", registry=registry, multiprocess_mode="livesum"
+        )
         registry.register(_LiveCollector(self))
 
     # -- what the data plane reports -----------------------------------------
@@ -253,12 +256,26 @@ class ProxyMetrics:
         """
         Read the in-flight gauges from counters the data plane keeps (e.g.
         C{lambda: passthrough.in_flight}) at scrape time, instead of
-        L{call_started} and friends.  (Not available in multiprocess mode.)
+        L{call_started} and friends.  In multiprocess mode they are copied by
+        L{refresh} instead, which the worker calls every second.
         """
+        self._in_flight_source = (requests, streams)
+        if self.multiprocess_dir:
+            return
         if requests is not None:
             self.in_flight_requests.set_function(lambda: max(0, requests()))
         if streams is not None:
             self.in_flight_streams.set_function(lambda: max(0, streams()))
+
+    def refresh(self) -> None:
+        """
+        Copy the in-flight counts into the shared gauges (multiprocess mode).
+        """
+        requests, streams = self._in_flight_source
+        if requests is not None:
+            self.in_flight_requests.set(max(0, requests()))
+        if streams is not None:
+            self.in_flight_streams.set(max(0, streams()))
 
     def add_sinks(self, sinks: Iterable) -> None:
         """
@@ -287,7 +304,12 @@ class ProxyMetrics:
         """
         :return: C{(body, content_type)} of the Prometheus text exposition.
         """
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        registry.register(_LiveCollector(self))
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class _LiveCollector:

@@ -337,6 +337,12 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
         await gatherResults([_as_deferred(gateway.call_log.stop()), _as_deferred(gateway.prober.stop())])
 
     general = config.general
+    if gateway.metrics.multiprocess_dir:
+        from twisted.internet.task import LoopingCall
+
+        refresh = LoopingCall(gateway.metrics.refresh)
+        refresh.clock = reactor
+        _Step("metrics refresh", start=lambda: refresh.start(1.0), stop=lambda: refresh.running and refresh.stop()).setServiceParent(top)
     health_start = (lambda: gateway.prober.start_background(general.health_check_interval)) if general.background_health_checks else None
     _Step("accounting", start=health_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.closeCachedConnections).setServiceParent(top)

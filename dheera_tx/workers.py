@@ -13,8 +13,10 @@ workers to drain and exit, and stops the embedded Redis last.
 """
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from typing import Dict, List
 
 from twisted.application import service
@@ -82,6 +84,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.pool = pool
         self.index = index
         self.ended = Deferred()
+        self.pid = None
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
 
     def processEnded(self, reason):
         self.ended.callback(reason.value.exitCode)
@@ -114,6 +120,9 @@ class WorkerPool(service.Service):
         self._running: Dict[int, _WorkerProcess] = {}
         self._stopping = False
         self.restarts = 0
+        # Every worker's Prometheus values, aggregated by whichever worker a
+        # scrape reaches.
+        self.metrics_dir = tempfile.mkdtemp(prefix="dheera-metrics-")
 
     def open_sockets(self) -> None:
         """
@@ -153,11 +162,16 @@ class WorkerPool(service.Service):
             family = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}[ws.family]
             args += ["--inherited-fd", f"{child_fd}:{family}"]
         worker = _WorkerProcess(self, index)
-        self._reactor.spawnProcess(worker, sys.executable, args, env=dict(os.environ), childFDs=child_fds)
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        self._reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
         self._running[index] = worker
         log.info("Started worker {index} (pid {pid})", index=index, pid=worker.transport.pid)
 
     def _worker_ended(self, worker: _WorkerProcess) -> None:
+        if worker.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
         if self._running.get(worker.index) is worker:
             del self._running[worker.index]
         if self._stopping or not self.running:
@@ -203,6 +217,7 @@ class WorkerPool(service.Service):
         for sockets in self._sockets:
             for ws in sockets:
                 ws.socket.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return None
 
 

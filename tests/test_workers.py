@@ -8,6 +8,7 @@ import os
 import signal
 
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
@@ -65,7 +66,8 @@ class WorkerTests(TestCase):
         """
         New connections reach both workers (two distinct pids, neither the
         parent's), and a key with rpm_limit 10 lets exactly 10 calls through
-        across both.
+        across both; /metrics, whichever worker answers, counts all 16
+        calls of both workers.
         """
         pids = await self._pids()
         self.assertEqual(len(pids), 2)
@@ -84,6 +86,17 @@ class WorkerTests(TestCase):
         codes = await gatherResults([ensureDeferred(call()) for _ in range(16)])
         self.assertEqual(sorted(codes), [200] * 10 + [429] * 6)
         self.assertEqual(len(self.fake.received), 10)
+        for _ in range(6):
+            response = await treq.get(self.proxy.url + "/metrics", persistent=False)
+            text = (await response.content()).decode()
+            counts = {}
+            for family in text_string_to_metric_families(text):
+                if family.name == "dheera_requests":
+                    for sample in family.samples:
+                        if sample.name == "dheera_requests_total":
+                            status = sample.labels["status"]
+                            counts[status] = counts.get(status, 0) + sample.value
+            self.assertEqual(counts, {"200": 10, "429": 6})
 
     async def test_dead_worker_restarted(self):
         """
