@@ -30,11 +30,11 @@ import treq
 import treq.client
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import Attribute, Interface, implementer
 
 from dheera_tx.call import Call
 from dheera_tx.config import ConfigError, ProxyConfig
+from dheera_tx.outbound import outbound_client
 
 log = Logger()
 
@@ -428,10 +428,7 @@ class WebhookSink(_BatchingSink):
         self._timeout = self._stop_timeout = timeout
         self._pool = None
         if http_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = 1
-            self._pool.retryAutomatically = False
-            http_client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=self._pool))
+            http_client, self._pool = outbound_client(reactor, timeout, per_host=1)
         self._client = http_client
         self._pause = None
         self.posts = 0

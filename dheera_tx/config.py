@@ -162,6 +162,16 @@ class ProxyConfig:
         """
         return self._by_name.get(model_name, ())
 
+    def all_deployments(self) -> Tuple[Deployment, ...]:
+        """
+        :return: every deployment, the default upstream included, each
+            once, in file order.
+        """
+        default = self.default_deployment
+        if default is None or default in self.deployments:
+            return self.deployments
+        return self.deployments + (default,)
+
     @property
     def model_names(self) -> Tuple[str, ...]:
         """

@@ -20,9 +20,10 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 
 from dheera_tx.config import Deployment, ProxyConfig
+from dheera_tx.outbound import outbound_client
 
 log = Logger()
 
@@ -48,10 +49,7 @@ class DeploymentProber:
         self._timeout = timeout
         self._pool = None
         if http_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = 2
-            self._pool.retryAutomatically = False
-            http_client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=self._pool))
+            http_client, self._pool = outbound_client(reactor, timeout, per_host=2)
         self._client = http_client
         self._loop: Optional[LoopingCall] = None
         self._loop_done: Optional[Deferred] = None
@@ -63,12 +61,7 @@ class DeploymentProber:
         :return: every deployment to probe, the default upstream included,
             each once, in config order.
         """
-        seen, out = set(), []
-        for deployment in (*self._config.deployments, self._config.default_deployment):
-            if deployment is not None and deployment.id not in seen:
-                seen.add(deployment.id)
-                out.append(deployment)
-        return out
+        return list(self._config.all_deployments())
 
     async def probe_all(self) -> dict:
         """

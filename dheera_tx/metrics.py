@@ -293,12 +293,7 @@ class ProxyMetrics:
         """
         if self._config is None:
             return []
-        seen, out = set(), []
-        for deployment in (*self._config.deployments, self._config.default_deployment):
-            if deployment is not None and deployment.id not in seen:
-                seen.add(deployment.id)
-                out.append(deployment)
-        return out
+        return list(self._config.all_deployments())
 
     def render(self) -> Tuple[bytes, str]:
         """

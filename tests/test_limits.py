@@ -5,7 +5,6 @@ admission scripts, spend settlement, reports.
 
 import datetime
 
-import attr
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase

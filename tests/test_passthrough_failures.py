@@ -10,7 +10,6 @@ import json
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.protocol import Factory
-from twisted.web.client import ResponseFailed
 
 from tests.fake_vllm import FakeVLLM, error_answer
 from tests.passthrough_harness import (
