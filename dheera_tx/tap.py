@@ -51,6 +51,7 @@ class Options(usage.Options):
         ["workers", "w", "1", "Worker processes sharing the listening port (0 or auto: one per core)."],
         ["database-url", None, None, "Redis URL, overriding the config's database_url (workers get the parent's)."],
         ["worker-index", None, None, "Set by the parent in worker processes."],
+        ["worker-parent", None, None, "Set by the parent in worker processes: its pid."],
     ]
 
     def __init__(self):
@@ -368,6 +369,10 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     config = options["proxy_config"]
+    if options["worker-parent"]:
+        from dheera_tx.workers import die_with_parent
+
+        die_with_parent(int(options["worker-parent"]))
     if options["workers"] > 1 and not options["inherited-fd"]:
         return make_worker_parent(config, options["config"], options["listen"], options["workers"], reactor)
     return make_proxy_service(config, options["listen"], reactor, inherited=options["inherited-fd"])

@@ -154,6 +154,8 @@ class WorkerPool(service.Service):
             self._database_url(),
             "--worker-index",
             str(index),
+            "--worker-parent",
+            str(os.getpid()),
         ]
         child_fds = {0: "w", 1: 1, 2: 2}
         for n, ws in enumerate(sockets):
@@ -237,6 +239,25 @@ def _all_or_timeout(reactor, deferreds: List[Deferred], timeout: float, on_timeo
         return result
 
     return done.addBoth(finished)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """
+    In a worker: have the kernel send SIGTERM when the parent dies (Linux
+    C{PR_SET_PDEATHSIG}), so a crashed parent leaves no orphan serving on
+    its port.  Exits at once if the parent is already gone.
+    """
+    try:
+        import ctypes
+        import signal as signals
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signals.SIGTERM)
+    except (OSError, AttributeError):
+        log.warn("Cannot ask to be stopped with the worker parent on this platform")
+    if os.getppid() != parent_pid:
+        sys.exit("the worker parent is gone")
 
 
 def adopt_sockets(reactor, inherited: List[str], factory) -> List:

@@ -83,7 +83,10 @@ class ProxyProcess:
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own: cleanup kills the whole group (workers too).
+        self.process = subprocess.Popen(
+            args, cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -164,11 +167,24 @@ class ProxyProcess:
             self.process.kill()
             self.process.wait(10)
 
+    def kill_group(self) -> None:
+        """
+        SIGKILL every process of the proxy's session (parent and workers).
+        """
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            if self.process.poll() is None:
+                self.process.wait(10)
+
     def cleanup(self) -> None:
         """
-        Make sure nothing outlives the test, embedded Redis included.
+        Make sure nothing outlives the test, workers and embedded Redis
+        included.
         """
-        self.kill()
+        self.kill_group()
         pidfile = os.path.join(self.directory, self.config.get("general_settings", {}).get("data_dir", "dheera_data"), "redis.pid")
         try:
             with open(pidfile) as f:
