@@ -65,6 +65,11 @@ def with_usage_requested(document: dict) -> dict:
     options = changed.get("stream_options")
     options = dict(options) if isinstance(options, dict) else {}
     options["include_usage"] = True
+    # Without include_usage, vLLM ignores continuous_usage_stats; with the
+    # usage the proxy injects it would put usage in every chunk, and only
+    # the usage-only chunk is stripped: the client would see usage it did
+    # not get from vLLM.
+    options.pop("continuous_usage_stats", None)
     changed["stream_options"] = options
     return changed
 

@@ -44,7 +44,10 @@ local function over_budget(hash)
   local f = redis.call('HMGET', hash, 'max_budget', 'budget_duration',
                        'budget_reset_at', 'budget_spend_nanos', 'spend_nanos')
   if not f[1] then return false end
-  local limit = tonumber(f[1]) * 1e9
+  -- Rounded to whole nano-USD: a float budget times 1e9 can land a hair
+  -- above the exact amount (1.54e-05 * 1e9 = 15400.000000000002), and a
+  -- spend that reached the budget exactly would still be let through.
+  local limit = math.floor(tonumber(f[1]) * 1e9 + 0.5)
   local duration = seconds(f[2])
   local spent
   if duration then

@@ -27,8 +27,11 @@ import attr
 NANOS_PER_USD = 10**9
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-# A non-empty piece of generated text in a streamed event.
-_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"[^"]')
+# A non-empty piece of generated text in a streamed event.  /v1/responses
+# streams their text as string-valued "delta" fields (chat's "delta" is an
+# object, so it is not counted twice); without them a cut-short responses
+# stream was estimated at 0 completion tokens and billed nothing.
+_CONTENT = re.compile(rb'"(?:content|text|delta)"\s*:\s*"[^"]')
 _decoder = json.JSONDecoder()
 
 
