@@ -8,7 +8,6 @@ The upstream request goes out through a plain C{Agent} on a shared pool:
 no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
-import time
 from typing import Dict, List, Optional
 
 from twisted.internet import error as ierror
@@ -45,7 +44,7 @@ from dheera_tx.model_choice import (
     encode_document,
 )
 from dheera_tx.paths import path_problem, split_target
-from dheera_tx.request_body import BodyTooLarge, BytesBody
+from dheera_tx.request_body import BodyAborted, BodyTooLarge, BytesBody
 from dheera_tx.routing import Route, Router
 
 log = Logger()
@@ -199,6 +198,9 @@ class Passthrough:
         except BodyTooLarge:
             call.error = "request_too_large"
             _answer_error(request, _too_large(self._config), call)
+        except BodyAborted:
+            # The client left while its body was being read: nobody to answer.
+            call.error = "client_disconnected"
 
     async def _json_document(self, request):
         body = request.body
