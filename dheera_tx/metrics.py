@@ -139,6 +139,7 @@ class ProxyMetrics:
         self._model_names = frozenset(config.model_names) if config is not None else None
         self._sinks: List = []
         self._in_flight_source: Tuple[Optional[Callable[[], int]], Optional[Callable[[], int]]] = (None, None)
+        self._children = {}
         self.registry = registry = CollectorRegistry()
         route_model = ["route", "model"]
         self.requests = Counter(
@@ -191,19 +192,34 @@ class ProxyMetrics:
         """
         route = route_label(call.path or "")
         model = self.model_label(call.model_name)
-        self.requests.labels(route, model, _status_label(call.status)).inc()
+        status = _status_label(call.status)
+        children = self._children.get((route, model, status))
+        if children is None:
+            # labels() costs more than the observation; the label sets are
+            # bounded, so their children are kept.
+            children = self._children[(route, model, status)] = (
+                self.requests.labels(route, model, status),
+                self.duration.labels(route, model),
+                self.ttfb.labels(route, model),
+                self.overhead.labels(route, model),
+                self.prompt_tokens.labels(model),
+                self.completion_tokens.labels(model),
+                self.spend.labels(model),
+            )
+        requests, duration, ttfb, overhead, prompt_tokens, completion_tokens, spend = children
+        requests.inc()
         if call.ended_at is not None:
-            self.duration.labels(route, model).observe(max(0.0, call.ended_at - call.started_at))
+            duration.observe(max(0.0, call.ended_at - call.started_at))
         if call.first_byte_at is not None:
-            self.ttfb.labels(route, model).observe(max(0.0, call.first_byte_at - call.started_at))
+            ttfb.observe(max(0.0, call.first_byte_at - call.started_at))
         if call.upstream_sent_at is not None:
-            self.overhead.labels(route, model).observe(call.overhead_ms / 1000.0)
+            overhead.observe(call.overhead_ms / 1000.0)
         if call.prompt_tokens:
-            self.prompt_tokens.labels(model).inc(max(0, call.prompt_tokens))
+            prompt_tokens.inc(max(0, call.prompt_tokens))
         if call.completion_tokens:
-            self.completion_tokens.labels(model).inc(max(0, call.completion_tokens))
+            completion_tokens.inc(max(0, call.completion_tokens))
         if call.cost_nanos > 0:
-            self.spend.labels(model).inc(call.cost_nanos / 1e9)
+            spend.inc(call.cost_nanos / 1e9)
         kind = self.upstream_error_kind(call)
         if kind is not None:
             self.upstream_errors.labels(kind).inc()
