@@ -181,13 +181,15 @@ class Passthrough:
                 model = header_or_query_model(request.requestHeaders, query)
             if model is None and request.body is not None:
                 model = await self._multipart_model(request)
+            # Authorize before routing: a tenant learns nothing about which
+            # models are configured from a call it may not make.
+            authorize_vllm_call(
+                principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
+            )
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
-            authorize_vllm_call(
-                principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
-            )
             call.end_user = end_user_of(request.requestHeaders, document)
             progress.admission = await self._accounting.admit(principal, call.end_user, call)
             progress.strip_usage = needs_usage_injection(path, document)

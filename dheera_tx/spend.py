@@ -3,8 +3,9 @@ The spend ledger: each finished call's cost and tokens, added atomically in
 Redis to its key, user, team, end user and model, and to per-day counters
 for reports.
 
-L{SpendLedger.settle} runs one Lua script per call (which also releases the
-call's parallel slot and counts its tokens against tpm).  When Redis cannot
+L{SpendLedger.settle} runs one Lua script per batch of calls that ended
+within a few milliseconds (which also releases each call's parallel slot and
+counts its tokens against tpm).  When Redis cannot
 be reached the settlement waits in a bounded in-memory backlog and is
 retried every second; what is in that backlog is lost if the process dies
 (see the README's guarantees).
@@ -22,7 +23,7 @@ from collections import deque
 from typing import Deque, Dict, List, Optional
 
 import attr
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -40,47 +41,50 @@ COUNTERS = ("spend_nanos", "prompt_tokens", "completion_tokens", "requests")
 #       6..10 ids of key, user, team, end user, model (for daily fields),
 #       11 daily TTL seconds
 SETTLE_SCRIPT = r"""
-local cost, prompt, completion = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local function add(hash)
-  redis.call('HINCRBY', hash, 'spend_nanos', cost)
-  redis.call('HINCRBY', hash, 'prompt_tokens', prompt)
-  redis.call('HINCRBY', hash, 'completion_tokens', completion)
-  redis.call('HINCRBY', hash, 'requests', 1)
-end
-if KEYS[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'spend_nanos', cost)
-  redis.call('HINCRBY', KEYS[1], 'budget_spend_nanos', cost)
-end
-if KEYS[4] ~= '' then
-  redis.call('HINCRBY', KEYS[4], 'spend_nanos', cost)
-  redis.call('HINCRBY', KEYS[4], 'budget_spend_nanos', cost)
-end
-for _, i in ipairs({2, 3, 5}) do
-  if KEYS[i] ~= '' then add(KEYS[i]) end
-end
-if KEYS[6] ~= '' then
-  local tokens = prompt + completion
-  if tokens > 0 then
-    local total = redis.call('INCRBY', KEYS[6], tokens)
-    if total == tokens or redis.call('PTTL', KEYS[6]) < 0 then
-      redis.call('PEXPIRE', KEYS[6], ARGV[5])
+local groups = {'key', 'user', 'team', 'end_user', 'model'}
+for n = 0, #KEYS / 8 - 1 do
+  local K, A = n * 8, n * 11
+  local cost, prompt, completion = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
+  local function add(hash)
+    redis.call('HINCRBY', hash, 'spend_nanos', cost)
+    redis.call('HINCRBY', hash, 'prompt_tokens', prompt)
+    redis.call('HINCRBY', hash, 'completion_tokens', completion)
+    redis.call('HINCRBY', hash, 'requests', 1)
+  end
+  if KEYS[K + 1] ~= '' and redis.call('EXISTS', KEYS[K + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[K + 1], 'spend_nanos', cost)
+    redis.call('HINCRBY', KEYS[K + 1], 'budget_spend_nanos', cost)
+  end
+  if KEYS[K + 4] ~= '' then
+    redis.call('HINCRBY', KEYS[K + 4], 'spend_nanos', cost)
+    redis.call('HINCRBY', KEYS[K + 4], 'budget_spend_nanos', cost)
+  end
+  for _, i in ipairs({2, 3, 5}) do
+    if KEYS[K + i] ~= '' then add(KEYS[K + i]) end
+  end
+  if KEYS[K + 6] ~= '' then
+    local tokens = prompt + completion
+    if tokens > 0 then
+      local total = redis.call('INCRBY', KEYS[K + 6], tokens)
+      if total == tokens or redis.call('PTTL', KEYS[K + 6]) < 0 then
+        redis.call('PEXPIRE', KEYS[K + 6], ARGV[A + 5])
+      end
     end
   end
-end
-if KEYS[7] ~= '' then redis.call('ZREM', KEYS[7], ARGV[4]) end
-local groups = {'key', 'user', 'team', 'end_user', 'model'}
-for g = 1, 5 do
-  local id = ARGV[5 + g]
-  if id ~= '' then
-    local base = groups[g] .. ':' .. id .. ':'
-    redis.call('HINCRBY', KEYS[8], base .. 'spend_nanos', cost)
-    redis.call('HINCRBY', KEYS[8], base .. 'prompt_tokens', prompt)
-    redis.call('HINCRBY', KEYS[8], base .. 'completion_tokens', completion)
-    redis.call('HINCRBY', KEYS[8], base .. 'requests', 1)
+  if KEYS[K + 7] ~= '' then redis.call('ZREM', KEYS[K + 7], ARGV[A + 4]) end
+  for g = 1, 5 do
+    local id = ARGV[A + 5 + g]
+    if id ~= '' then
+      local base = groups[g] .. ':' .. id .. ':'
+      redis.call('HINCRBY', KEYS[K + 8], base .. 'spend_nanos', cost)
+      redis.call('HINCRBY', KEYS[K + 8], base .. 'prompt_tokens', prompt)
+      redis.call('HINCRBY', KEYS[K + 8], base .. 'completion_tokens', completion)
+      redis.call('HINCRBY', KEYS[K + 8], base .. 'requests', 1)
+    end
   end
+  redis.call('EXPIRE', KEYS[K + 8], ARGV[A + 11])
 end
-redis.call('EXPIRE', KEYS[8], ARGV[11])
-return 1
+return #KEYS / 8
 """
 
 
@@ -102,7 +106,8 @@ class Settlement:
 
 class SpendLedger:
     """
-    Adds each call's spend to Redis, atomically, one script per call.
+    Adds each call's spend to Redis atomically: the calls that end within a
+    few milliseconds of each other are settled by one script run.
 
     :param redis: a L{dheera_tx.redis_client.RedisClient}.
     :param prefix: the Redis key prefix.
@@ -112,11 +117,18 @@ class SpendLedger:
     :param max_backlog: settlements kept while Redis is away.
     """
 
+    BATCH_DELAY = 0.002
+    BATCH_SIZE = 200
+
     def __init__(self, redis, prefix: str, limiter: CallLimiter, clock, daily_ttl_days: int = 400, max_backlog: int = 100_000):
         self._redis = redis
         self._prefix = prefix
         self._limiter = limiter
         self._daily_ttl = daily_ttl_days * 86400
+        self._clock = clock
+        self._batch: List = []
+        self._flush_call = None
+        self._writing: set = set()
         self._backlog: Deque[Settlement] = deque()
         self._max_backlog = max_backlog
         self.dropped = 0
@@ -124,39 +136,61 @@ class SpendLedger:
         self._retry.clock = clock
         self._draining = False
 
-    def settle(self, settlement: Settlement):
+    def settle(self, settlement: Settlement) -> Deferred:
         """
-        Record a finished call (never raises; failures go to the backlog).
+        Record a finished call.  Settlements made within L{BATCH_DELAY} go
+        to Redis together, as one script run; failures go to the backlog.
+        Never fails.
 
         :return: a Deferred that fires once it is recorded or queued.
         """
-        return ensureDeferred(self._settle(settlement))
+        d = Deferred()
+        self._batch.append((settlement, d))
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(self.BATCH_DELAY, self._flush_batch)
+        elif len(self._batch) >= self.BATCH_SIZE:
+            self._flush_call.cancel()
+            self._flush_batch()
+        return d
 
-    async def _settle(self, settlement: Settlement) -> None:
+    def _flush_batch(self) -> None:
+        self._flush_call = None
+        batch, self._batch = self._batch, []
+        d = ensureDeferred(self._settle_batch(batch))
+        self._writing.add(d)
+        d.addBoth(lambda result: self._writing.discard(d))
+
+    async def _settle_batch(self, batch) -> None:
+        settlements = [s for s, _ in batch]
         if self._backlog:
-            self._queue(settlement)
-            return
-        try:
-            await self._write(settlement)
-        except Exception:
-            log.warn("Spend not recorded yet (Redis unavailable); queued for retry")
-            self._queue(settlement)
+            self._queue(settlements)
+        else:
+            try:
+                await self._write(settlements)
+            except Exception:
+                log.warn("Spend not recorded yet (Redis unavailable); queued for retry")
+                self._queue(settlements)
+        for _, d in batch:
+            d.callback(None)
 
-    def _queue(self, settlement: Settlement) -> None:
-        if len(self._backlog) >= self._max_backlog:
-            self.dropped += 1
-            return
-        self._backlog.append(settlement)
-        if not self._retry.running:
+    def _queue(self, settlements: List[Settlement]) -> None:
+        for settlement in settlements:
+            if len(self._backlog) >= self._max_backlog:
+                self.dropped += 1
+                continue
+            self._backlog.append(settlement)
+        if self._backlog and not self._retry.running:
             self._retry.start(1.0, now=False).addErrback(lambda f: log.failure("spend retry loop", f))
 
     async def _drain_async(self) -> None:
         while self._backlog:
+            chunk = [self._backlog[i] for i in range(min(self.BATCH_SIZE, len(self._backlog)))]
             try:
-                await self._write(self._backlog[0])
+                await self._write(chunk)
             except Exception:
                 return
-            self._backlog.popleft()
+            for _ in chunk:
+                self._backlog.popleft()
         if self._retry.running:
             self._retry.stop()
 
@@ -177,46 +211,76 @@ class SpendLedger:
         """
         :return: settlements waiting for Redis.
         """
-        return len(self._backlog)
+        return len(self._backlog) + len(self._batch)
 
-    def flush(self):
+    def flush(self) -> Deferred:
         """
-        Try once to write the backlog (on shutdown).
+        Write the current batch and try once to write the backlog (on
+        shutdown).
         """
-        return ensureDeferred(self._drain_async())
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
+        batch, self._batch = self._batch, []
 
-    async def _write(self, s: Settlement) -> None:
+        async def flush_all():
+            await self._settle_batch(batch)
+            # Writes already under way land (or join the backlog) first.
+            for d in list(self._writing):
+                await d
+            await self._drain_async()
+            self.stop()
+
+        return ensureDeferred(flush_all())
+
+    def stop(self) -> None:
+        """
+        Stop retrying the backlog (what is left in it is lost).
+        """
+        if self._retry.running:
+            self._retry.stop()
+        if self._backlog:
+            log.warn("{n} settlements could not be written to Redis and are lost", n=len(self._backlog))
+
+    async def _write(self, settlements: List[Settlement]) -> None:
+        keys: List[str] = []
+        args: List = []
+        for s in settlements:
+            k, a = self._script_arguments(s)
+            keys.extend(k)
+            args.extend(a)
+        await self._redis.eval(SETTLE_SCRIPT, keys, args)
+
+    def _script_arguments(self, s: Settlement):
         a = s.admission
         p = self._prefix
         key, end_user, _rpm, tpm, par = self._limiter.key_names(a.token, a.end_user)
         day = datetime.datetime.fromtimestamp(s.at, datetime.timezone.utc).strftime("%Y-%m-%d")
         model = s.model_name or ""
-        await self._redis.eval(
-            SETTLE_SCRIPT,
-            [
-                key,
-                f"{p}spend:user:{s.user_id}" if s.user_id else "",
-                f"{p}spend:team:{s.team_id}" if s.team_id else "",
-                end_user,
-                f"{p}spend:model:{model}" if model else "",
-                tpm if a.counts_tokens else "",
-                par if a.holds_parallel_slot else "",
-                f"{p}spend:daily:{day}",
-            ],
-            [
-                s.cost_nanos,
-                s.prompt_tokens,
-                s.completion_tokens,
-                a.call_id,
-                WINDOW_MS,
-                a.token or "",
-                s.user_id or "",
-                s.team_id or "",
-                a.end_user or "",
-                model,
-                self._daily_ttl,
-            ],
-        )
+        keys = [
+            key,
+            f"{p}spend:user:{s.user_id}" if s.user_id else "",
+            f"{p}spend:team:{s.team_id}" if s.team_id else "",
+            end_user,
+            f"{p}spend:model:{model}" if model else "",
+            tpm if a.counts_tokens else "",
+            par if a.holds_parallel_slot else "",
+            f"{p}spend:daily:{day}",
+        ]
+        args = [
+            s.cost_nanos,
+            s.prompt_tokens,
+            s.completion_tokens,
+            a.call_id,
+            WINDOW_MS,
+            a.token or "",
+            s.user_id or "",
+            s.team_id or "",
+            a.end_user or "",
+            model,
+            self._daily_ttl,
+        ]
+        return keys, args
 
     async def report(self, group: str, start: datetime.date, end: datetime.date) -> List[Dict]:
         """

@@ -10,6 +10,7 @@ the upstream pool, flush spend and logs, disconnect from Redis, stop the
 embedded Redis last.
 """
 
+import atexit
 import os
 import sys
 import time
@@ -259,6 +260,9 @@ def _embedded_redis(reactor, config: ProxyConfig, parent):
 
     def failed(failure):
         log.critical("Stopping: the embedded Redis did not start: {why}", why=failure.getErrorMessage())
+        # twistd exits 0 after a clean reactor stop; a supervisor must see
+        # that this start failed.
+        atexit.register(os._exit, 1)
         if reactor.running:
             reactor.stop()
 
