@@ -5,14 +5,21 @@ In order: the C{model} of a JSON body, the C{x-dheera-model} header, the
 C{model} query parameter, the C{model} field of a multipart form when it
 comes before the first file part.  JSON bodies are parsed once; the body is
 re-encoded only when the proxy must change it.
+
+The model the proxy checks must be the model vLLM uses, so bodies are read
+the way vLLM (FastAPI, Starlette, python-multipart) reads them, and what
+could be read two ways is refused: a body without a Content-Type is JSON
+(FastAPI parses it as JSON), JSON must be UTF-8 and name C{model} once, a
+multipart form must name C{model} once (L{MultipartModelWatch} checks the
+whole form as it streams) and its parameters are parsed with email's rules.
 """
 
 import json
-import re
-from typing import Optional, Tuple
+from email.message import Message
+from typing import List, Optional, Tuple
 from urllib.parse import parse_qs
 
-from dheera_tx.errors import bad_request
+from dheera_tx.errors import ProxyError, bad_request
 
 # The most of a multipart body read before the first file part to find the
 # model field.
@@ -30,25 +37,27 @@ def media_type(content_type: Optional[bytes]) -> bytes:
 
 def is_json(content_type: Optional[bytes]) -> bool:
     """
-    :return: whether the body is declared as JSON (C{application/json} or
-        a C{+json} type).
+    :return: whether the body is to be read as JSON: declared as
+        C{application/json} or a C{+json} type, or with no Content-Type at
+        all (FastAPI, in front of vLLM's routes, parses such a body as
+        JSON).
     """
     kind = media_type(content_type)
-    return kind == b"application/json" or kind.endswith(b"+json")
+    return kind == b"" or kind == b"application/json" or kind.endswith(b"+json")
 
 
 def parse_json_body(body: bytes) -> dict:
     """
     Parse a JSON request body that must be an object.
 
-    :raise ProxyError: 400 when the body is not a JSON object or names
-        C{model} twice (so the model the proxy checks is the model vLLM
-        sees).
+    :raise ProxyError: 400 when the body is not UTF-8, not a JSON object,
+        or names C{model} twice (so the model the proxy checks is the model
+        vLLM sees).
     """
     try:
-        document = json.loads(body)
+        document = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
-        raise bad_request("The request body is not valid JSON.")
+        raise bad_request("The request body is not valid JSON (UTF-8).")
     if not isinstance(document, dict):
         raise bad_request("The request body must be a JSON object.")
     if body.count(b'"model"') > 1 or b"\\u" in body:
@@ -64,7 +73,9 @@ def _reject_duplicate_model(body: bytes) -> None:
         return dict(items)
 
     try:
-        json.loads(body, object_pairs_hook=pairs)
+        json.loads(body.decode("utf-8"), object_pairs_hook=pairs)
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.")
     except _DuplicateModel:
         raise bad_request("The request body names 'model' more than once.", param="model")
 
@@ -103,55 +114,173 @@ def header_or_query_model(headers, query: bytes) -> Optional[str]:
     return None
 
 
-_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.IGNORECASE)
-_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+def _parameters(value: bytes) -> List[Tuple[str, str]]:
+    """
+    Parse the parameters of a header value (C{type; key=value; ...}) the
+    way python-multipart, and so Starlette and vLLM, does: email's rules
+    for quoting and RFC 2231, keys lower-cased, every occurrence kept.
+
+    :raise ProxyError: 400 when the value cannot be parsed.
+    """
+    message = Message()
+    try:
+        message["content-type"] = value.decode("latin-1")
+        params = message.get_params() or []
+    except Exception:
+        raise bad_request("A multipart header cannot be parsed.")
+    out = []
+    for key, item in params[1:]:
+        if isinstance(item, tuple):
+            item = item[-1]
+        out.append((key.lower(), item))
+    return out
+
+
+def _one(params: List[Tuple[str, str]], key: str) -> Optional[str]:
+    values = [v for k, v in params if k == key]
+    if len(values) > 1:
+        # The proxy and vLLM might each take a different one.
+        raise bad_request(f"The multipart parameter {key!r} appears more than once.")
+    return values[0] if values else None
 
 
 def multipart_boundary(content_type: Optional[bytes]) -> Optional[bytes]:
     """
     :return: the boundary of a C{multipart/form-data} Content-Type, or
         L{None}.
+    :raise ProxyError: 400 when the boundary is given more than once.
     """
     if media_type(content_type) != b"multipart/form-data":
         return None
-    match = _BOUNDARY.search(content_type)
-    return match.group(1) if match else None
+    boundary = _one(_parameters(content_type), "boundary")
+    return boundary.encode("latin-1") if boundary else None
+
+
+def _part_field(head: bytes) -> Tuple[Optional[str], bool]:
+    """
+    :param head: the header block of one multipart part.
+    :return: C{(name, is_file)} from its Content-Disposition (as
+        python-multipart reads it: a part is a file when it has a
+        C{filename} parameter).
+    :raise ProxyError: 400 for a part with two Content-Dispositions or two
+        names.
+    """
+    dispositions = []
+    for line in head.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.lower() == b"content-disposition":
+            dispositions.append(value.strip())
+    if not dispositions:
+        return None, False
+    if len(dispositions) > 1:
+        raise bad_request("A multipart part has more than one Content-Disposition.")
+    params = _parameters(dispositions[0])
+    return _one(params, "name"), any(k == "filename" for k, _ in params)
+
+
+def _duplicate_model() -> ProxyError:
+    return bad_request("The multipart form names 'model' more than once.", param="model")
 
 
 def multipart_model(prefix: bytes, boundary: bytes) -> Tuple[bool, Optional[str]]:
     """
-    Look for the C{model} field at the start of a multipart body.
+    Look for the C{model} field at the start of a multipart body, before
+    its first file part.
 
     :param prefix: the start of the body read so far.
-    :return: C{(decided, model)}: C{decided} is true once the model field
-        was found or a file part (or the end) came first.
+    :return: C{(decided, model)}: C{decided} is true once a file part (or
+        the end of the form) came; C{model} is the model field seen so far.
+    :raise ProxyError: 400 when C{model} comes twice before the first
+        file part.
     """
-    delimiter = b"--" + boundary
-    parts = prefix.split(delimiter)
+    # Parts are delimited by CRLF "--" boundary (RFC 2046); the CRLF
+    # before the first delimiter is optional.
+    parts = (b"\r\n" + prefix).split(b"\r\n--" + boundary)
+    model = None
     # parts[0] is the preamble; the last element may be incomplete.
     for index, part in enumerate(parts[1:], start=1):
         if part.startswith(b"--"):
-            return True, None
+            return True, model
+        complete = index < len(parts) - 1
         head, sep, content = part.partition(b"\r\n\r\n")
         if not sep:
-            return False, None
-        disposition = head.lower()
-        if b"filename=" in disposition:
-            return True, None
-        name = _NAME.search(head)
-        complete = index < len(parts) - 1
-        if name and name.group(1) == b"model":
+            return False, model
+        name, is_file = _part_field(head)
+        if is_file:
+            return True, model
+        if name == "model":
+            if model is not None:
+                raise _duplicate_model()
             if not complete:
-                return False, None
-            value = content[:-2] if content.endswith(b"\r\n") else content
-            return True, value.decode("utf-8", "replace").strip() or None
-        if not complete:
-            return False, None
-    return False, None
+                return False, model
+            model = content.decode("utf-8", "replace").strip() or None
+        elif not complete:
+            return False, model
+    return False, model
+
+
+class MultipartModelWatch:
+    """
+    Watches a multipart body as it streams to the upstream, for a second
+    part named C{model} anywhere (vLLM's form parser takes the last one;
+    the proxy checked the first): feed it every chunk before forwarding
+    that chunk.
+
+    :param boundary: the form's boundary.
+    """
+
+    # A part head longer than this is refused.
+    MAX_PART_HEAD = 16 * 1024
+
+    def __init__(self, boundary: bytes):
+        self._delimiter = b"\r\n--" + boundary
+        self._pending = b"\r\n"
+        self.models = 0
+
+    def feed(self, data: bytes) -> None:
+        """
+        Take the next chunk of the body.
+
+        :raise ProxyError: 400 once a second C{model} part has arrived, or
+            for a part head over L{MAX_PART_HEAD}.
+        """
+        buffer = self._pending + data
+        start = 0
+        while True:
+            at = buffer.find(self._delimiter, start)
+            if at < 0:
+                break
+            head_start = at + len(self._delimiter)
+            if buffer[head_start:head_start + 2] == b"--":
+                start = head_start
+                continue
+            end = buffer.find(b"\r\n\r\n", head_start)
+            if end < 0:
+                if len(buffer) - head_start > self.MAX_PART_HEAD:
+                    raise bad_request("A multipart part head is too long.")
+                self._pending = buffer[at:]
+                return
+            name, _ = _part_field(buffer[head_start:end])
+            if name == "model":
+                self.models += 1
+                if self.models > 1:
+                    raise _duplicate_model()
+            start = end + 2
+        keep = max(start, len(buffer) - len(self._delimiter) + 1)
+        self._pending = buffer[keep:]
 
 
 def encode_document(document: dict) -> bytes:
     """
     :return: a JSON body the proxy had to change, encoded compactly.
+    :raise ProxyError: 400 for a document too deeply nested to encode.
     """
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate from a "\ud800" escape: keep it escaped.
+        return json.dumps(document, separators=(",", ":")).encode("ascii")

@@ -6,6 +6,11 @@ that could climb out of C{api_base}, smuggle a second host, or be decoded
 differently by vLLM than by the proxy is refused before the request goes
 anywhere.  The check runs on the raw bytes of the request target, never on
 a decoded path.
+
+The route checks (operator routes, a key's allowed routes) read the raw
+path too, so a path must not name a route in a form vLLM would decode to
+another: escapes of unreserved characters (C{/sl%65ep} is C{/sleep} to
+vLLM) and path parameters (C{;}, which some servers strip) are refused.
 """
 
 import re
@@ -18,6 +23,10 @@ _FORBIDDEN_ESCAPE = re.compile(rb"%(2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
 _ESCAPE = re.compile(rb"%([0-9a-fA-F]{2})")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9a-fA-F]{2})")
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+# A percent-escape of an unreserved character (RFC 3986 section 2.3:
+# letters, digits, "-", ".", "_", "~"), which no client needs to escape.
+_UNRESERVED_ESCAPE = re.compile(rb"%(2d|2e|5f|7e|3[0-9]|4[1-9a-f]|5[0-9a]|6[1-9a-f]|7[0-9a])", re.IGNORECASE)
+_PARAMETER = re.compile(rb";|%3b", re.IGNORECASE)
 
 
 def is_passthrough(target: bytes) -> bool:
@@ -59,6 +68,10 @@ def path_problem(path: bytes, query: bytes = b"") -> Optional[str]:
         return "malformed percent-escape"
     if _FORBIDDEN_ESCAPE.search(path):
         return "encoded slash, backslash or control byte in the path"
+    if _UNRESERVED_ESCAPE.search(path):
+        return "percent-encoded letter, digit or -._~ in the path"
+    if _PARAMETER.search(path):
+        return "path parameter (;) in the path"
     if re.search(rb"%(00|[01][0-9a-f]|7f)", query, re.IGNORECASE):
         return "encoded control byte in the query"
     decoded = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), path)
