@@ -21,6 +21,7 @@ from twisted.web._newclient import (
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
+    ResponseFailed,
     ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
@@ -111,6 +112,7 @@ class Passthrough:
         self._on_call_end = on_call_end
         self.in_flight = 0
         self.streams_in_flight = 0
+        self._max_response_head = config.general.max_header_bytes
 
     def _agent(self, deployment: Deployment) -> webclient.Agent:
         agent = self._agents.get(deployment.id)
@@ -179,8 +181,15 @@ class Passthrough:
             model = body_model(document) if document is not None else None
             if model is None:
                 model = header_or_query_model(request.requestHeaders, query)
-            if model is None and request.body is not None:
-                model = await self._multipart_model(request)
+                if request.body is not None and document is None:
+                    # vLLM takes a form's model over any header: the model
+                    # checked must be the model vLLM uses.
+                    form_model = await self._multipart_model(request)
+                    if form_model is not None and model is not None and form_model != model:
+                        raise bad_request(
+                            "The form's 'model' differs from the model named by header or query.", param="model"
+                        )
+                    model = form_model or model
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
             authorize_vllm_call(
@@ -346,6 +355,11 @@ class Passthrough:
                 request.body.failure.raiseException()
             call.error = "upstream_failed"
             raise ProxyError(502, "The upstream vLLM server closed the connection without answering.", type="upstream_error", code="502")
+        except ResponseFailed:  # after its subclass ResponseNeverReceived
+            # The upstream's answer could not be parsed (e.g. a header line
+            # over the HTTP client's limit).
+            call.error = "upstream_bad_response"
+            raise ProxyError(502, "The upstream vLLM server sent a malformed answer.", type="upstream_error", code="502")
         finally:
             request.forget_client_gone(gone)
             if timer.active():
@@ -360,6 +374,11 @@ class Passthrough:
         if request.client_gone:
             response.deliverBody(_Discard())
             return
+        if _head_size(response.headers) > self._max_response_head:
+            response.deliverBody(_Discard())
+            call.error = "upstream_bad_response"
+            call.status = 502
+            raise ProxyError(502, "The upstream vLLM server sent oversized response headers.", type="upstream_error", code="502")
         meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
         progress.meter = meter
         hold = isinstance(meter, JSONUsageMeter) and (
@@ -572,6 +591,13 @@ class ResponseRelay(Protocol):
             else:
                 request.abort_response()
         self.done.callback(None)
+
+
+def _head_size(headers: Headers) -> int:
+    """
+    :return: the bytes of a response head's header lines.
+    """
+    return sum(len(name) + len(value) + 4 for name, values in headers.getAllRawHeaders() for value in values)
 
 
 def _early_end(kind: str) -> ProxyError:

@@ -91,7 +91,8 @@ _BY_LENGTH = sorted(KNOWN_ROUTES, key=len, reverse=True)
 
 # The call.error values that say the upstream failed.
 UPSTREAM_ERRORS = frozenset(
-    ["upstream_unreachable", "upstream_timeout", "upstream_failed", "upstream_reset", "upstream_error", "stream_timeout"]
+    ["upstream_unreachable", "upstream_timeout", "upstream_failed", "upstream_reset", "upstream_error", "stream_timeout",
+     "upstream_bad_response"]
 )
 
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

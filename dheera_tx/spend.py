@@ -129,6 +129,7 @@ class SpendLedger:
         self._batch: List = []
         self._flush_call = None
         self._writing: set = set()
+        self._stopped = False
         self._backlog: Deque[Settlement] = deque()
         self._max_backlog = max_backlog
         self.dropped = 0
@@ -179,7 +180,7 @@ class SpendLedger:
                 self.dropped += 1
                 continue
             self._backlog.append(settlement)
-        if self._backlog and not self._retry.running:
+        if self._backlog and not self._retry.running and not self._stopped:
             self._retry.start(1.0, now=False).addErrback(lambda f: log.failure("spend retry loop", f))
 
     async def _drain_async(self) -> None:
@@ -237,6 +238,7 @@ class SpendLedger:
         """
         Stop retrying the backlog (what is left in it is lost).
         """
+        self._stopped = True
         if self._retry.running:
             self._retry.stop()
         if self._backlog:
