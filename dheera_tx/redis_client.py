@@ -4,8 +4,6 @@ The proxy's connection to Redis: every call bounded in time.
 txredisapi does the protocol work; this module adds what the proxy needs on
 top of it:
 
-* L{parse_database_url} turns C{general_settings.database_url} into a
-  L{RedisAddress}, with errors that never repeat the password.
 * L{RedisClient} sends commands over a lazy pool of connections.  Every call
   is bounded by a timeout (1 s by default) and fails with L{RedisUnavailable}
   when Redis is down, slow or unreachable: txredisapi alone would wait
@@ -14,9 +12,10 @@ top of it:
 * L{RedisClient.eval} runs Lua scripts with EVALSHA, falling back to EVAL
   when the server does not know the script (after a restart, say).
 * L{RedisClient.subscribe} keeps a pub/sub subscription on a connection of
-  its own, re-subscribes after an outage, checks the connection with a PING
-  twice a second and reports when it goes up or down, so that a cache kept
-  consistent by it knows when it cannot be trusted.
+  its own (the machinery is in L{dheera_tx.redis_pubsub}).
+
+Where Redis is (the database URL) and how a connection reaches it are in
+L{dheera_tx.redis_address}.
 
 Replies are decoded as UTF-8 text (C{charset="utf-8"}), numbers are never
 converted (C{convertNumbers=False}): a bulk reply is a L{str}, an integer
@@ -24,21 +23,24 @@ reply an L{int}, a nil reply L{None}.  Redis Cluster is not supported.
 """
 
 import hashlib
-from typing import Callable, List, Optional, Sequence, Tuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Callable, List, Optional, Sequence
 
-import attr
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
-from twisted.logger import Logger
 
-log = Logger()
+from dheera_tx.redis_address import (
+    QuickReconnectFactory,
+    QuickReconnectSentinelFactory,
+    RedisAddress,
+    connection_options,
+    parse_database_url,
+    redis_endpoint,
+    report_connection_errors,
+)
+from dheera_tx.redis_pubsub import Subscription, open_subscription
 
 DEFAULT_TIMEOUT = 1.0
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 
 
 class RedisError(Exception):
@@ -59,202 +61,8 @@ class RedisCommandError(RedisError):
     """
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class RedisAddress:
-    """
-    Where Redis is and how to talk to it, parsed from a database URL.
-
-    :ivar kind: C{"tcp"}, C{"tls"}, C{"unix"} or C{"sentinel"}.
-    :ivar host: server host name or address (tcp, tls).
-    :ivar port: server port (tcp, tls).
-    :ivar path: the unix socket's path (unix).
-    :ivar db: the database number to SELECT.
-    :ivar username: ACL user name, or L{None}.
-    :ivar password: the password, or L{None}; never part of C{repr}.
-    :ivar verify_tls: check the server certificate (tls).
-    :ivar ca_certs: a PEM file of the CA to trust instead of the system's
-        (tls).
-    :ivar sentinels: C{(host, port)} of each Sentinel (sentinel).
-    :ivar master_name: the name Sentinel knows the master by (sentinel).
-    """
-
-    kind: str
-    host: Optional[str] = None
-    port: Optional[int] = None
-    path: Optional[str] = None
-    db: int = 0
-    username: Optional[str] = None
-    password: Optional[str] = attr.ib(default=None, repr=False)
-    verify_tls: bool = True
-    ca_certs: Optional[str] = None
-    sentinels: Tuple[Tuple[str, int], ...] = ()
-    master_name: Optional[str] = None
-
-
-def redact_url(url: str) -> str:
-    """
-    :return: C{url} with the password (if any) replaced by C{***}.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "<not a URL>"
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = userinfo.split(":", 1)[0] + ":***@" + hosts
-    return f"{scheme}://{netloc}{slash}{tail}"
-
-
-def parse_database_url(url: str) -> RedisAddress:
-    """
-    Parse a Redis database URL.  The accepted forms are::
-
-        redis://[[user]:password@]host[:port][/db]     plain TCP (port 6379, db 0)
-        rediss://[[user]:password@]host[:port][/db]    TLS; ?ssl_ca_certs=/path/ca.pem
-                                                       trusts that CA instead of the
-                                                       system's, ?ssl_cert_reqs=none
-                                                       skips certificate checks
-        unix:///path/to/redis.sock[?db=N]              unix socket
-        unix://[user]:password@/path/to/redis.sock[?db=N]
-        redis+sentinel://[:password@]host1:port1,host2:port2/<master_name>[/<db>]
-                                                       Sentinel (port 26379 by
-                                                       default); the password is
-                                                       the master's, the
-                                                       Sentinels are asked
-                                                       without one
-
-    Special characters in a password are percent-encoded (C{%40} for C{@}).
-
-    :param url: the URL.
-    :return: the parsed address.
-    :raise ValueError: for anything else, with a message that names the
-        problem and never contains the password.
-    """
-    if not isinstance(url, str) or "://" not in url:
-        raise ValueError(
-            "database_url must look like redis://host:port/db, rediss://..., "
-            "unix:///path/to/redis.sock or redis+sentinel://host:port/master_name"
-        )
-    shown = redact_url(url)
-    scheme = url.split("://", 1)[0].lower()
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"database_url {shown}: unsupported scheme {scheme!r}; use one of "
-            + ", ".join(s + "://" for s in SCHEMES)
-        )
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:
-        raise ValueError(f"database_url {shown}: {e}") from None
-    userinfo, at, hostinfo = parts.netloc.rpartition("@")
-    username, password = _credentials(userinfo) if at else (None, None)
-    query = parse_qs(parts.query, keep_blank_values=True)
-
-    if scheme == "unix":
-        if hostinfo:
-            raise ValueError(f"database_url {shown}: a unix:// URL has no host; write unix:///path/to/redis.sock")
-        path = unquote(parts.path)
-        if not path.startswith("/") or path == "/":
-            raise ValueError(f"database_url {shown}: the socket path must be absolute")
-        db = _db(query.get("db", ["0"])[-1], shown)
-        return RedisAddress(kind="unix", path=path, db=db, username=username, password=password)
-
-    if scheme == "redis+sentinel":
-        sentinels = tuple(_host_port(h, 26379, shown) for h in hostinfo.split(","))
-        segments = [unquote(s) for s in parts.path.split("/")[1:]]
-        if segments and segments[-1] == "":
-            segments.pop()
-        if not segments or not segments[0] or len(segments) > 2:
-            raise ValueError(
-                f"database_url {shown}: write redis+sentinel://host:port[,host:port...]/<master_name>[/<db>]"
-            )
-        db = _db(segments[1], shown) if len(segments) == 2 else 0
-        return RedisAddress(
-            kind="sentinel",
-            sentinels=sentinels,
-            master_name=segments[0],
-            db=db,
-            username=username,
-            password=password,
-        )
-
-    host, port = _host_port(hostinfo, 6379, shown)
-    path = parts.path.strip("/")
-    db = _db(path, shown) if path else 0
-    verify, ca_certs = True, None
-    if scheme == "rediss":
-        reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower()
-        if reqs not in ("required", "none"):
-            raise ValueError(f"database_url {shown}: ssl_cert_reqs must be 'required' or 'none'")
-        verify = reqs == "required"
-        ca_certs = query.get("ssl_ca_certs", [None])[-1] or None
-    return RedisAddress(
-        kind="tls" if scheme == "rediss" else "tcp",
-        host=host,
-        port=port,
-        db=db,
-        username=username,
-        password=password,
-        verify_tls=verify,
-        ca_certs=ca_certs,
-    )
-
-
-def _credentials(userinfo: str) -> Tuple[Optional[str], Optional[str]]:
-    # As in redis-py: user@ is a user name alone, :password@ a password.
-    user, _, password = userinfo.partition(":")
-    return unquote(user) or None, unquote(password) or None
-
-
-def _host_port(hostinfo: str, default_port: int, shown: str) -> Tuple[str, int]:
-    if hostinfo.startswith("["):
-        host, bracket, rest = hostinfo[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"database_url {shown}: bad IPv6 address")
-        port_text = rest[1:] if rest else ""
-    else:
-        host, _, port_text = hostinfo.partition(":")
-    if not host:
-        raise ValueError(f"database_url {shown}: no host")
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"database_url {shown}: port must be a number from 1 to 65535")
-    return host, int(port_text)
-
-
-def _db(text: str, shown: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"database_url {shown}: the database must be a number (e.g. /0)")
-    return int(text)
-
-
 # Error replies that mean "not now" rather than "wrong command".
 _UNAVAILABLE_REPLIES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "READONLY", "CLUSTERDOWN"})
-
-
-def _report_connection_errors(factory):
-    # txredisapi fails the factory's "connected" Deferred when AUTH or
-    # SELECT is refused; nobody waits on it for a lazy pool, so log it here
-    # (the message never holds the password) instead of leaving an
-    # unhandled error.  Such a pool stops reconnecting: calls then fail
-    # with RedisUnavailable.
-    def report(failure):
-        log.error("Redis refused the connection: {error}", error=failure.getErrorMessage())
-
-    factory.deferred.addErrback(report)
-    return factory
-
-
-class _RedisFactory(txredisapi.RedisFactory):
-    # Reconnect quickly: with the default 10 s back-off a Redis restart
-    # looks like a ten-second outage.
-    initialDelay = 0.1
-    maxDelay = 1.0
-
-
-class _SentinelFactory(txredisapi.SentinelConnectionFactory):
-    maxDelay = 1.0
 
 
 class RedisClient:
@@ -279,17 +87,9 @@ class RedisClient:
         self._wake_call = None
         self._next = 0
         self._closed = False
-        self._subscriptions: List["Subscription"] = []
+        self._subscriptions: List[Subscription] = []
         self._sentinel = None
         self._factory = self._start_pool(poolsize)
-
-    def _common(self) -> dict:
-        return dict(
-            charset="utf-8",
-            password=self.address.password,
-            username=self.address.username,
-            convertNumbers=False,
-        )
 
     def _start_pool(self, poolsize: int):
         if self.address.kind == "sentinel":
@@ -298,45 +98,25 @@ class RedisClient:
             )
             handler = self._sentinel.master_for(
                 self.address.master_name,
-                factory_class=_SentinelFactory,
+                factory_class=QuickReconnectSentinelFactory,
                 dbid=self.address.db,
                 poolsize=poolsize,
                 isLazy=True,
                 replyTimeout=max(5.0, self.timeout * 5),
-                **self._common(),
+                **connection_options(self.address),
             )
-            return _report_connection_errors(handler._factory)
-        factory = _RedisFactory(
+            return report_connection_errors(handler._factory)
+        factory = QuickReconnectFactory(
             None,
             self.address.db,
             poolsize,
             isLazy=True,
             replyTimeout=max(5.0, self.timeout * 5),
-            **self._common(),
+            **connection_options(self.address),
         )
-        _report_connection_errors(factory)
-        factory.startConnecting(self._endpoint())
+        report_connection_errors(factory)
+        factory.startConnecting(redis_endpoint(self._reactor, self.address, self.timeout))
         return factory
-
-    def _endpoint(self):
-        a = self.address
-        if a.kind == "unix":
-            return UNIXClientEndpoint(self._reactor, a.path, timeout=self.timeout)
-        endpoint = HostnameEndpoint(self._reactor, a.host, a.port, timeout=self.timeout)
-        if a.kind == "tls":
-            if not a.verify_tls:
-                creator = CertificateOptions(verify=False)
-            elif a.ca_certs:
-                try:
-                    with open(a.ca_certs, "rb") as f:
-                        root = Certificate.loadPEM(f.read())
-                except Exception as e:
-                    raise ValueError(f"database_url: cannot load ssl_ca_certs {a.ca_certs}: {e}") from None
-                creator = optionsForClientTLS(a.host, trustRoot=root)
-            else:
-                creator = optionsForClientTLS(a.host)
-            endpoint = txredisapi._TLSEndpoint(endpoint, creator)
-        return endpoint
 
     @property
     def connected(self) -> bool:
@@ -495,7 +275,7 @@ class RedisClient:
         callback: Callable[[str], None],
         on_state: Optional[Callable[[bool], None]] = None,
         heartbeat: float = 0.5,
-    ) -> "Subscription":
+    ) -> Subscription:
         """
         Subscribe to C{channel} on a connection of its own, kept up across
         outages.
@@ -509,21 +289,9 @@ class RedisClient:
             re-established.
         :return: the subscription; call C{stop()} to end it.
         """
-        subscription = Subscription(self._reactor, channel, callback, on_state, heartbeat)
-        if self.address.kind == "sentinel":
-            handler = self._sentinel.master_for(
-                self.address.master_name,
-                factory_class=_SentinelSubscriberFactory,
-                poolsize=1,
-                isLazy=True,
-                **self._common(),
-            )
-            factory = _report_connection_errors(handler._factory)
-        else:
-            factory = _report_connection_errors(_SubscriberFactory(None, None, 1, isLazy=True, **self._common()))
-            factory.startConnecting(self._endpoint())
-        factory.subscription = subscription
-        subscription._factory = factory
+        subscription = open_subscription(
+            self._reactor, self.address, self._sentinel, self.timeout, channel, callback, on_state, heartbeat
+        )
         self._subscriptions.append(subscription)
         return subscription
 
@@ -547,161 +315,13 @@ class RedisClient:
         return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
 
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
-    def messageReceived(self, pattern, channel, message):
-        self.factory.subscription._message(message)
-
-    def connectionLost(self, why):
-        txredisapi.SubscriberProtocol.connectionLost(self, why)
-        self.factory.subscription._lost(self)
-
-
-class _SentinelSubscriberProtocol(_SubscriberProtocol, txredisapi.SentinelRedisProtocol):
-    pass
-
-
-class _SubscriberMixin:
-    subscription = None
-
-    def buildProtocol(self, addr):
-        p = super().buildProtocol(addr)
-        p.whenConnected().addCallback(self.subscription._ready)
-        return p
-
-
-class _SubscriberFactory(_SubscriberMixin, _RedisFactory):
-    protocol = _SubscriberProtocol
-
-
-class _SentinelSubscriberFactory(_SubscriberMixin, _SentinelFactory):
-    protocol = _SentinelSubscriberProtocol
-
-
-class Subscription:
-    """
-    A live subscription to one channel, made by L{RedisClient.subscribe}.
-
-    :ivar active: whether the channel is subscribed right now (a message
-        published while this is L{False} may be missed).
-    """
-
-    def __init__(self, reactor, channel, callback, on_state, heartbeat):
-        self._reactor = reactor
-        self.channel = channel
-        self._callback = callback
-        self._on_state = on_state
-        self._heartbeat = heartbeat
-        self._factory = None
-        self._protocol = None
-        self._ping_pending = False
-        self._timer = None
-        self._stopped = False
-        self._waiting: List[Deferred] = []
-        self.active = False
-
-    def whenActive(self) -> Deferred:
-        """
-        :return: a Deferred that fires once the channel is subscribed.
-        """
-        if self.active:
-            return defer.succeed(self)
-        d = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def stop(self) -> Deferred:
-        """
-        Unsubscribe and close the connection for good.
-        """
-        if self._stopped:
-            return defer.succeed(None)
-        self._stopped = True
-        self._cancel_timer()
-        self._set_active(False)
-        return self._factory.disconnect()
-
-    def _ready(self, protocol):
-        if self._stopped:
-            return
-        self._protocol = protocol
-        d = protocol.subscribe(self.channel)
-        d.addCallbacks(lambda _: self._subscribed(protocol), lambda f: self._drop(protocol, f))
-
-    def _subscribed(self, protocol):
-        if self._stopped or protocol is not self._protocol:
-            return
-        self._ping_pending = False
-        self._set_active(True)
-        self._schedule()
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(self)
-
-    def _drop(self, protocol, failure=None):
-        if failure is not None:
-            log.warn("Redis subscription to {channel} failed: {error}", channel=self.channel, error=failure.getErrorMessage())
-        protocol.transport.abortConnection()
-
-    def _schedule(self):
-        self._cancel_timer()
-        self._timer = self._reactor.callLater(self._heartbeat, self._beat)
-
-    def _cancel_timer(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _beat(self):
-        self._timer = None
-        protocol = self._protocol
-        if protocol is None or self._stopped:
-            return
-        if self._ping_pending:
-            log.warn("Redis subscription to {channel} stopped answering; reconnecting", channel=self.channel)
-            self._set_active(False)
-            protocol.transport.abortConnection()
-            return
-        self._ping_pending = True
-        try:
-            d = protocol.execute_command("PING", apply_timeout=False)
-        except txredisapi.ConnectionError:
-            return
-        d.addCallbacks(lambda _: self._pong(protocol), lambda f: None)
-        self._schedule()
-
-    def _pong(self, protocol):
-        if protocol is self._protocol:
-            self._ping_pending = False
-
-    def _lost(self, protocol):
-        if protocol is self._protocol:
-            self._protocol = None
-            self._cancel_timer()
-            self._set_active(False)
-
-    def _message(self, message):
-        try:
-            self._callback(message)
-        except Exception:
-            log.failure("Error handling a message on {channel}", channel=self.channel)
-
-    def _set_active(self, active: bool):
-        if active == self.active:
-            return
-        self.active = active
-        if self._on_state is not None:
-            try:
-                self._on_state(active)
-            except Exception:
-                log.failure("Error in the state callback of {channel}", channel=self.channel)
-
-
 def connect(reactor, url: str, timeout: float = DEFAULT_TIMEOUT) -> RedisClient:
     """
     Make a client for the Redis at C{url} (connections are made lazily).
 
     :param reactor: the reactor.
-    :param url: a database URL, see L{parse_database_url}.
+    :param url: a database URL, see
+        L{dheera_tx.redis_address.parse_database_url}.
     :raise ValueError: for a bad URL.
     """
     return RedisClient(reactor, parse_database_url(url), timeout=timeout)

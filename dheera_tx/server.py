@@ -14,6 +14,9 @@ HTTPChannel's own pause/resume does not undo, and a guard for answers sent
 before the body has been read.  L{ProxySite} caps the open connections.
 
 Every answer the listening side makes itself is in the OpenAI error shape.
+The limits, the framing rules, those answers and the watch on a body's
+pace (L{dheera_tx.listener_limits.BodyPace}) are in
+L{dheera_tx.listener_limits}; this module applies them.
 
 This leans on HTTPChannel internals (C{_command}, C{_path}, C{_version},
 C{_networkProducer}, C{_receivedHeaderSize}, C{_receivedHeaderCount},
@@ -21,169 +24,31 @@ LineReceiver's C{_buffer}); setup.py pins the Twisted range the tests run
 on.
 """
 
-import re
 from typing import Callable, Dict, Optional
 
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-from dheera_tx.errors import ProxyError, bad_request, service_unavailable
+from dheera_tx.errors import ProxyError, bad_request
+from dheera_tx.listener_limits import (
+    CHUNKED,
+    CLOSE_GRACE,
+    SINGLE_HEADERS,
+    BodyPace,
+    BodyStalled,
+    ConnectionLimitReached,
+    ListenerLimits,
+    head_too_large,
+    raw_answer,
+    request_timeout,
+    too_large,
+)
 from dheera_tx.model_choice import MultipartModelWatch, multipart_boundary
 from dheera_tx.paths import is_passthrough
 from dheera_tx.request_body import BodyAborted, BodyTooLarge, StreamingBody
 
 log = Logger()
-
-# A request body must arrive at no less than this many bytes per second,
-# averaged over each window of C{body_timeout} seconds in which the proxy
-# was reading it (time in which the upstream held the body back does not
-# count).  With C{body_timeout} as the longest silence allowed, a client
-# trickling its body (slow POST) holds a connection for at most about two
-# C{body_timeout}s.  Apache's mod_reqtimeout uses 500 bytes/s; any real
-# upload is far faster.
-MIN_BODY_BYTES_PER_SECOND = 1024
-
-# A client sent away (408, 413, 431, ...) whose connection has not closed
-# after this many seconds is cut off.
-CLOSE_GRACE = 10.0
-
-# Headers that may appear once: of a second copy the proxy could read one
-# and vLLM the other (Content-Type decides whether the proxy reads the
-# model from the body; the others name the caller, the model or framing).
-_SINGLE_HEADERS = frozenset(
-    [
-        b"host",
-        b"content-length",
-        b"transfer-encoding",
-        b"content-type",
-        b"authorization",
-        b"x-api-key",
-        b"x-dheera-model",
-        b"x-dheera-end-user",
-    ]
-)
-# The one Transfer-Encoding accepted, as clients write it.
-_CHUNKED = re.compile(rb" ?chunked", re.IGNORECASE)
-
-
-def request_timeout(message: str) -> ProxyError:
-    """
-    :return: the 408 a client gets when its request arrives too slowly.
-    """
-    return ProxyError(408, message, type="invalid_request_error", code="request_timeout")
-
-
-def too_large(limit: int) -> ProxyError:
-    """
-    :return: the 413 for a request body over C{limit} bytes.
-    """
-    return ProxyError(
-        413, f"The request body is larger than {limit} bytes.", type="invalid_request_error", code="request_too_large"
-    )
-
-
-def head_too_large(message: str, status: int = 431) -> ProxyError:
-    """
-    :return: the 431 (or 414 for the request line) for a request head over
-        the limits.
-    """
-    return ProxyError(status, message, type="invalid_request_error", code="request_header_fields_too_large")
-
-
-class BodyStalled(ProxyError):
-    """
-    The client stopped sending its request body, or sent it too slowly.
-    """
-
-    def __init__(self, message: str = "The request body arrived too slowly."):
-        super().__init__(408, message, type="invalid_request_error", code="request_timeout")
-
-
-def _raw_answer(error: ProxyError) -> bytes:
-    body = error.body()
-    phrase = http.RESPONSES.get(error.status, b"Error")
-    return (
-        b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (error.status, phrase, len(body), body)
-    )
-
-
-class BodyPace:
-    """
-    Watches a request body as it arrives: no silence longer than C{timeout},
-    and at least L{MIN_BODY_BYTES_PER_SECOND} over every C{timeout}-long
-    window in which the body was being read.
-
-    :param clock: an C{IReactorTime}.
-    :param timeout: C{body_timeout}, in seconds.
-    :param too_slow: called once with a message when the body is too slow.
-    """
-
-    def __init__(self, clock, timeout: float, too_slow: Callable[[str], None]):
-        self._clock = clock
-        self._timeout = timeout
-        self._too_slow = too_slow
-        self._window_start = clock.seconds()
-        self._window_bytes = 0
-        self._paused_at: Optional[float] = None
-        self._stopped = False
-        self._timer = clock.callLater(timeout, self._silent)
-
-    def arrived(self, size: int) -> None:
-        """
-        C{size} bytes of the body arrived.
-        """
-        if self._stopped:
-            return
-        self._window_bytes += size
-        if self._paused_at is not None:
-            return
-        self._timer.reset(self._timeout)
-        now = self._clock.seconds()
-        elapsed = now - self._window_start
-        if elapsed >= self._timeout:
-            if self._window_bytes < MIN_BODY_BYTES_PER_SECOND * elapsed:
-                self._give_up(f"The request body is arriving too slowly (under {MIN_BODY_BYTES_PER_SECOND} bytes/s).")
-                return
-            self._window_start = now
-            self._window_bytes = 0
-
-    def pause(self) -> None:
-        """
-        The proxy stopped reading the body (the upstream holds it back): the
-        clock stops.
-        """
-        if self._stopped or self._paused_at is not None:
-            return
-        self._paused_at = self._clock.seconds()
-        self._timer.cancel()
-
-    def resume(self) -> None:
-        """
-        The proxy reads the body again.
-        """
-        if self._stopped or self._paused_at is None:
-            return
-        self._window_start += self._clock.seconds() - self._paused_at
-        self._paused_at = None
-        self._timer = self._clock.callLater(self._timeout, self._silent)
-
-    def stop(self) -> None:
-        """
-        The body is complete (or failed): stop watching.
-        """
-        self._stopped = True
-        if self._timer.active():
-            self._timer.cancel()
-
-    def _silent(self) -> None:
-        self._give_up(f"The request body stopped arriving (nothing for {self._timeout:g} s).")
-
-    def _give_up(self, message: str) -> None:
-        self.stop()
-        self._too_slow(message)
 
 
 class ProxyChannel(http.HTTPChannel):
@@ -280,10 +145,10 @@ class ProxyChannel(http.HTTPChannel):
             return False
         name, _, value = line.partition(b":")
         lower = name.lower()
-        if lower in _SINGLE_HEADERS and self.requests and self.requests[-1].requestHeaders.hasHeader(lower):
+        if lower in SINGLE_HEADERS and self.requests and self.requests[-1].requestHeaders.hasHeader(lower):
             self.refuse(bad_request(f"The {name.decode('latin-1')} header appears more than once."))
             return False
-        if lower == b"transfer-encoding" and not _CHUNKED.fullmatch(value):
+        if lower == b"transfer-encoding" and not CHUNKED.fullmatch(value):
             self.refuse(bad_request("The only Transfer-Encoding accepted is 'chunked'."))
             return False
         return super().headerReceived(line)
@@ -312,7 +177,7 @@ class ProxyChannel(http.HTTPChannel):
         self._refused = True
         self._cancel_header_deadline()
         if not any(getattr(r, "startedWriting", False) for r in self.requests):
-            self.transport.write(_raw_answer(error))
+            self.transport.write(raw_answer(error))
         self.persistent = False
         self._close()
 
@@ -617,32 +482,6 @@ class ProxyRequest(server.Request):
                 callback()
             except Exception:
                 log.failure("client-gone callback failed")
-
-
-class ListenerLimits:
-    """
-    The listening side's limits, from C{general_settings}.
-    """
-
-    def __init__(self, general):
-        self.header_timeout = general.header_timeout
-        self.body_timeout = general.body_timeout
-        self.max_request_body_bytes = general.max_request_body_bytes
-        self.max_header_bytes = general.max_header_bytes
-        self.max_headers = general.max_headers
-        self.max_connections = general.max_connections
-
-
-class ConnectionLimitReached(Protocol):
-    """
-    Answers a connection over C{max_connections}: 503 in the OpenAI shape,
-    then close, without reading a request.
-    """
-
-    def connectionMade(self) -> None:
-        error = service_unavailable("The proxy has too many open connections; try again shortly.")
-        self.transport.write(_raw_answer(error))
-        self.transport.loseConnection()
 
 
 class ProxySite(server.Site):

@@ -35,9 +35,10 @@ from dheera_tx.key_api import KeyAPI
 from dheera_tx.key_cache import CachedKeyStore
 from dheera_tx.key_store import RedisKeyStore
 from dheera_tx.limits import CallLimiter
+from dheera_tx.listener_limits import ListenerLimits
 from dheera_tx.metrics import ProxyMetrics
 from dheera_tx.routing import Router
-from dheera_tx.server import ListenerLimits, ProxySite
+from dheera_tx.server import ProxySite
 from dheera_tx.spend import SpendLedger
 
 log = Logger()

@@ -1,8 +1,8 @@
 """
-Tests for L{dheera_tx.call_log}: the call record, its sinks (a JSON-lines
-file, a real redis-server's stream, a real local webhook receiver over
-loopback, and a webhook target that never answers), and that no secret
-reaches any of them.
+Tests for L{dheera_tx.call_log} and L{dheera_tx.log_sinks}: the call
+record, its sinks (a JSON-lines file, a real redis-server's stream, a real
+local webhook receiver over loopback, and a webhook target that never
+answers), and that no secret reaches any of them.
 """
 
 import io
@@ -23,16 +23,8 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from dheera_tx.call import Call
-from dheera_tx.call_log import (
-    CallLog,
-    ICallSink,
-    JSONLogSink,
-    RedisStreamSink,
-    WebhookSink,
-    build_sinks,
-    call_record,
-    scrub,
-)
+from dheera_tx.call_log import CallLog, build_sinks, call_record, scrub
+from dheera_tx.log_sinks import ICallSink, JSONLogSink, RedisStreamSink, WebhookSink
 from dheera_tx.config import ConfigError, config_from_dict
 from dheera_tx.metrics import ProxyMetrics
 from dheera_tx.redis_client import connect

@@ -17,7 +17,8 @@ from twisted.web.server import Site
 from dheera_tx.auth import Authenticator
 from dheera_tx.errors import ProxyError
 from dheera_tx.key_api import KeyAPI
-from dheera_tx.key_store import CachedKeyStore, RedisKeyStore
+from dheera_tx.key_cache import CachedKeyStore
+from dheera_tx.key_store import RedisKeyStore
 from dheera_tx.keys import hash_key
 from dheera_tx.redis_client import connect
 from tests.redis_server import RedisServer

@@ -1,6 +1,7 @@
 """
-Tests for L{dheera_tx.key_store} and the Redis connection under it
-(L{dheera_tx.redis_client}), against a real C{redis-server}.
+Tests for L{dheera_tx.key_store} and L{dheera_tx.key_cache}, and the Redis
+connection under them (L{dheera_tx.redis_client}, L{dheera_tx.redis_address},
+L{dheera_tx.redis_pubsub}), against a real C{redis-server}.
 """
 
 import os
@@ -13,15 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dheera_tx.errors import ProxyError
-from dheera_tx.key_store import CachedKeyStore, IKeyStore, MemoryKeyStore, RedisKeyStore
+from dheera_tx.key_cache import CachedKeyStore
+from dheera_tx.key_store import IKeyStore, MemoryKeyStore, RedisKeyStore
 from dheera_tx.keys import hash_key, validate_end_user_fields, validate_key_fields
-from dheera_tx.redis_client import (
-    RedisAddress,
-    RedisCommandError,
-    RedisUnavailable,
-    connect,
-    parse_database_url,
-)
+from dheera_tx.redis_address import RedisAddress, parse_database_url
+from dheera_tx.redis_client import RedisCommandError, RedisUnavailable, connect
 from tests.redis_server import RedisServer, free_port
 
 T0 = 1_700_000_000.0

@@ -19,10 +19,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from dheera_tx.auth import Authenticator, hash_key
-from dheera_tx.call_log import CallLog, JSONLogSink
+from dheera_tx.call_log import CallLog
 from dheera_tx.config import config_from_dict
 from dheera_tx.control import ControlPlane
 from dheera_tx.keys import KeyRecord
+from dheera_tx.log_sinks import JSONLogSink
 from dheera_tx.metrics import KNOWN_ROUTES, ProxyMetrics, route_label
 from dheera_tx.routing import Router
 from tests.test_call_log import LoopbackServer, make_call
