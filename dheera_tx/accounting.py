@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from dheera_tx.call import Call
 from dheera_tx.config import Deployment
-from dheera_tx.errors import bad_request
+from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.limits import Admission
 from dheera_tx.metering import JSONUsageMeter, SSEUsageMeter, Usage, cost_nanos
 from dheera_tx.spend import Settlement
@@ -113,7 +113,14 @@ class CallAccounting:
         """
         if self._limiter is None:
             return None
-        return await self._limiter.admit(principal, end_user, call.call_id)
+        try:
+            return await self._limiter.admit(principal, end_user, call.call_id)
+        except ProxyError as e:
+            if e.status == 503 and self._ledger is not None:
+                # The script may have run and taken a parallel slot although
+                # its reply was lost: give the slot back.
+                self._ledger.release_lost_slot(self._limiter.admission_of(principal, end_user, call.call_id))
+            raise
 
     @staticmethod
     def meter_for(content_type: bytes, status: int, strip_usage_chunk: bool):

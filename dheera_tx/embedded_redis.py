@@ -42,6 +42,10 @@ MAX_SOCKET_PATH = 107
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 POLL_INTERVAL = 0.05
+# Seconds before an embedded Redis that exited is started again, doubling
+# while it keeps failing.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
 
 
 class EmbeddedRedisError(Exception):
@@ -169,6 +173,8 @@ class EmbeddedRedis(Service):
                 f"at most {MAX_SOCKET_PATH}: choose a shorter general_settings.data_dir"
             )
         self._redis_server = redis_server
+        self._restart_call = None
+        self._restart_delay = RESTART_DELAY
         self._process: Optional[_RedisProcess] = None
         self._transport = None
         self._outcome = None
@@ -305,10 +311,50 @@ class EmbeddedRedis(Service):
                 f"stop it before starting this one (its Redis's pid is in {self.pid_path})"
             )
         try:
-            return await self._spawn(binary)
+            started = await self._spawn(binary)
         except BaseException:
             self._release_lock()
             raise
+        self._watch(binary)
+        return started
+
+    def _watch(self, binary: str) -> None:
+        """
+        Start Redis again if it exits while the service runs (killed, out of
+        memory): its socket path does not change, so the clients reconnect
+        by themselves.
+        """
+        process = self._process
+        self._restart_delay = RESTART_DELAY
+        process.ended.addCallback(lambda _: self._died(process, binary))
+
+    def _died(self, process: "_RedisProcess", binary: str) -> None:
+        if not self.running or process is not self._process:
+            return
+        delay = self._restart_delay
+        self._restart_delay = min(delay * 2, MAX_RESTART_DELAY)
+        log.warn(
+            "The embedded Redis exited unexpectedly; starting it again in {delay} s (see {log_path})",
+            delay=delay,
+            log_path=self.log_path,
+        )
+        self._restart_call = self._reactor.callLater(delay, self._respawn, binary)
+
+    def _respawn(self, binary: str) -> None:
+        self._restart_call = None
+        if not self.running:
+            return
+        delay = self._restart_delay
+
+        def started(_):
+            self._watch(binary)
+
+        def failed(failure):
+            log.error("The embedded Redis did not start again: {why}", why=failure.getErrorMessage())
+            self._restart_delay = delay
+            self._died(self._process, binary)
+
+        Deferred.fromCoroutine(self._spawn(binary)).addCallbacks(started, failed)
 
     async def _stop_orphan(self, pid: int) -> None:
         """
@@ -431,6 +477,9 @@ class EmbeddedRedis(Service):
         :return: a Deferred that fires once the process has exited.
         """
         Service.stopService(self)
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
         process = self._process
         if process is None or process.exited:
             self._release_lock()

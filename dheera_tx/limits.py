@@ -159,6 +159,19 @@ class CallLimiter:
         user = f"{p}end_user:{end_user}" if end_user else ""
         return key, user, rpm, tpm, par
 
+    @staticmethod
+    def admission_of(principal, end_user: Optional[str], call_id: str) -> Admission:
+        """
+        :return: what admitting this call holds (whether it takes a parallel
+            slot, whether its tokens count against tpm).
+        """
+        record = principal.key
+        if record is None:
+            return Admission(call_id, None, end_user, False, False)
+        return Admission(
+            call_id, record.token, end_user, _limit(record.max_parallel_requests) > 0, _limit(record.tpm_limit) > 0
+        )
+
     async def admit(self, principal, end_user: Optional[str], call_id: str) -> Admission:
         """
         Check the call's limits and count it.
@@ -169,12 +182,12 @@ class CallLimiter:
             403 for a blocked end user, 401 for a key deleted meanwhile,
             503 when Redis cannot be reached for a virtual key.
         """
+        admission = self.admission_of(principal, end_user, call_id)
         record = principal.key
-        token = None if record is None else record.token
+        token = admission.token
         rpm = tpm = parallel = 0
         if record is not None:
             rpm, tpm, parallel = _limit(record.rpm_limit), _limit(record.tpm_limit), _limit(record.max_parallel_requests)
-        admission = Admission(call_id, token, end_user, parallel > 0, token is not None and tpm > 0)
         if record is not None and not (rpm or tpm or parallel or record.max_budget is not None) and not end_user:
             return admission
         if record is None and not end_user:

@@ -19,6 +19,7 @@ C{<group>:<id>:<counter>} (group: key, user, team, end_user, model).
 """
 
 import datetime
+import uuid
 from collections import deque
 from typing import Deque, Dict, List, Optional
 
@@ -34,17 +35,24 @@ log = Logger()
 GROUPS = ("key", "user", "team", "end_user", "model")
 COUNTERS = ("spend_nanos", "prompt_tokens", "completion_tokens", "requests")
 
-# KEYS: 1 key hash, 2 user spend, 3 team spend, 4 end-user hash,
-#       5 model spend, 6 tpm counter, 7 parallel set, 8 daily hash
-#       (a key of "" is skipped)
-# ARGV: 1 cost nanos, 2 prompt, 3 completion, 4 call id, 5 window ms,
-#       6..10 ids of key, user, team, end user, model (for daily fields),
-#       11 daily TTL seconds
+# KEYS: 1 the batch's "settled" marker, then per settlement: 1 key hash,
+#       2 user spend, 3 team spend, 4 end-user hash, 5 model spend, 6 tpm
+#       counter, 7 parallel set, 8 daily hash (a key of "" is skipped)
+# ARGV: 1 marker TTL, then per settlement: 1 cost nanos, 2 prompt,
+#       3 completion, 4 call id, 5 window ms, 6..10 ids of key, user, team,
+#       end user, model (for daily fields), 11 daily TTL seconds,
+#       12 "1" to bill, "0" to only release the parallel slot
 SETTLE_SCRIPT = r"""
+-- A batch retried after a lost reply was already applied: apply it once.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 local groups = {'key', 'user', 'team', 'end_user', 'model'}
-for n = 0, #KEYS / 8 - 1 do
-  local K, A = n * 8, n * 11
+for n = 0, (#KEYS - 1) / 8 - 1 do
+  local K, A = 1 + n * 8, 1 + n * 12
   local cost, prompt, completion = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
+  if ARGV[A + 12] == '0' then
+    -- Only release the parallel slot of a call whose admission was lost.
+    if KEYS[K + 7] ~= '' then redis.call('ZREM', KEYS[K + 7], ARGV[A + 4]) end
+  else
   local function add(hash)
     redis.call('HINCRBY', hash, 'spend_nanos', cost)
     redis.call('HINCRBY', hash, 'prompt_tokens', prompt)
@@ -83,8 +91,9 @@ for n = 0, #KEYS / 8 - 1 do
     end
   end
   redis.call('EXPIRE', KEYS[K + 8], ARGV[A + 11])
+  end
 end
-return #KEYS / 8
+return (#KEYS - 1) / 8
 """
 
 
@@ -102,6 +111,18 @@ class Settlement:
     team_id: Optional[str]
     model_name: Optional[str]
     at: float
+    billable: bool = True
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Batch:
+    """
+    Settlements written by one script run, under one id, so that a retry
+    after a lost reply is not applied twice.
+    """
+
+    id: str
+    settlements: List[Settlement]
 
 
 class SpendLedger:
@@ -119,6 +140,9 @@ class SpendLedger:
 
     BATCH_DELAY = 0.002
     BATCH_SIZE = 200
+    # How long Redis remembers that a batch was applied: longer than any
+    # retry of a batch whose reply was lost takes to come.
+    SETTLED_MARKER_TTL = 3600
 
     def __init__(self, redis, prefix: str, limiter: CallLimiter, clock, daily_ttl_days: int = 400, max_backlog: int = 100_000):
         self._redis = redis
@@ -130,7 +154,8 @@ class SpendLedger:
         self._flush_call = None
         self._writing: set = set()
         self._stopped = False
-        self._backlog: Deque[Settlement] = deque()
+        self._backlog: Deque[_Batch] = deque()
+        self._queued = 0
         self._max_backlog = max_backlog
         self.dropped = 0
         self._retry = LoopingCall(self._drain)
@@ -162,36 +187,48 @@ class SpendLedger:
         d.addBoth(lambda result: self._writing.discard(d))
 
     async def _settle_batch(self, batch) -> None:
-        settlements = [s for s, _ in batch]
-        if self._backlog:
-            self._queue(settlements)
-        else:
-            try:
-                await self._write(settlements)
-            except Exception:
-                log.warn("Spend not recorded yet (Redis unavailable); queued for retry")
-                self._queue(settlements)
+        if batch:
+            await self._write_or_queue(_Batch(uuid.uuid4().hex, [s for s, _ in batch]))
         for _, d in batch:
             d.callback(None)
 
-    def _queue(self, settlements: List[Settlement]) -> None:
-        for settlement in settlements:
-            if len(self._backlog) >= self._max_backlog:
-                self.dropped += 1
-                continue
-            self._backlog.append(settlement)
-        if self._backlog and not self._retry.running and not self._stopped:
+    async def _write_or_queue(self, batch: "_Batch") -> None:
+        if self._backlog:
+            self._queue(batch)
+            return
+        try:
+            await self._write(batch)
+        except Exception:
+            log.warn("Spend not recorded yet (Redis unavailable or late); queued for retry")
+            self._queue(batch)
+
+    def release_lost_slot(self, admission: Admission) -> None:
+        """
+        Release the parallel slot of a call whose admission script may have
+        run although its reply was lost (the call was refused with 503).
+        """
+        if admission.holds_parallel_slot:
+            release = Settlement(admission, 0, 0, 0, None, None, None, 0.0, billable=False)
+            ensureDeferred(self._write_or_queue(_Batch(uuid.uuid4().hex, [release])))
+
+    def _queue(self, batch: "_Batch") -> None:
+        if self._queued + len(batch.settlements) > self._max_backlog:
+            self.dropped += len(batch.settlements)
+            return
+        self._backlog.append(batch)
+        self._queued += len(batch.settlements)
+        if not self._retry.running and not self._stopped:
             self._retry.start(1.0, now=False).addErrback(lambda f: log.failure("spend retry loop", f))
 
     async def _drain_async(self) -> None:
         while self._backlog:
-            chunk = [self._backlog[i] for i in range(min(self.BATCH_SIZE, len(self._backlog)))]
+            batch = self._backlog[0]
             try:
-                await self._write(chunk)
+                await self._write(batch)
             except Exception:
                 return
-            for _ in chunk:
-                self._backlog.popleft()
+            self._backlog.popleft()
+            self._queued -= len(batch.settlements)
         if self._retry.running:
             self._retry.stop()
 
@@ -212,7 +249,7 @@ class SpendLedger:
         """
         :return: settlements waiting for Redis.
         """
-        return len(self._backlog) + len(self._batch)
+        return self._queued + len(self._batch)
 
     def flush(self) -> Deferred:
         """
@@ -242,12 +279,12 @@ class SpendLedger:
         if self._retry.running:
             self._retry.stop()
         if self._backlog:
-            log.warn("{n} settlements could not be written to Redis and are lost", n=len(self._backlog))
+            log.warn("{n} settlements could not be written to Redis and are lost", n=self._queued)
 
-    async def _write(self, settlements: List[Settlement]) -> None:
-        keys: List[str] = []
-        args: List = []
-        for s in settlements:
+    async def _write(self, batch: "_Batch") -> None:
+        keys: List[str] = [f"{self._prefix}settled:{batch.id}"]
+        args: List = [self.SETTLED_MARKER_TTL]
+        for s in batch.settlements:
             k, a = self._script_arguments(s)
             keys.extend(k)
             args.extend(a)
@@ -281,6 +318,7 @@ class SpendLedger:
             a.end_user or "",
             model,
             self._daily_ttl,
+            "1" if s.billable else "0",
         ]
         return keys, args
 

@@ -427,10 +427,12 @@ class SlowRedisTests(TestCase):
         """
         A call refused with 503 because Redis answered its admission late
         (the key's record still cached, the admission script run by Redis
-        but its reply past the 1 s timeout) holds no parallel slot: once
-        Redis is fast again, a key with max_parallel_requests 2 that had two
-        such refusals is admitted again (200, not 429 for parallel
-        requests), and Redis lists none of its calls as in flight.
+        but its reply past the 1 s timeout) does not keep a parallel slot:
+        the proxy gives it back (retrying while Redis is slow), so within a
+        few seconds of Redis being fast again a key with
+        max_parallel_requests 2 that had two such refusals is admitted
+        again (200, not 429 for parallel requests), and Redis lists none of
+        its calls as in flight.
         """
         record = await self.client.new_key(max_parallel_requests=2)
         self.assertEqual((await self.client.chat(record["key"])).code, 200)
@@ -443,22 +445,18 @@ class SlowRedisTests(TestCase):
         answer = None
         while reactor.seconds() - started < 10:
             answer = await self.client.chat(record["key"], limit=5)
-            if answer.code not in (503,):
+            if answer.code not in (503, 429):
                 break
             await sleep(0.2)
-        in_flight = self.redis_server.command("ZCARD", f"{PREFIX}rl:par:{record['token']}")
-        self.assertEqual(answer.code, 200, (answer, f"{in_flight} parallel slots held"))
+        self.assertEqual(answer.code, 200, answer)
+        # That last call's own slot is released when it settles, just after
+        # its answer.
+        for _ in range(20):
+            in_flight = self.redis_server.command("ZCARD", f"{PREFIX}rl:par:{record['token']}")
+            if in_flight == 0:
+                break
+            await sleep(0.1)
         self.assertEqual(in_flight, 0)
-
-    test_refused_admission_holds_no_parallel_slot.todo = (
-        "dheera_tx/limits.py: the admission script takes a parallel slot; when its reply times out the "
-        "proxy answers 503 and never releases it, so the slot is held until stale_after (~660 s)"
-    )
-
-    test_slow_settlement_billed_once.todo = (
-        "dheera_tx/spend.py retries a settlement whose reply timed out although Redis ran it: "
-        "each retry bills the calls again (settlements are not idempotent)"
-    )
 
 
 class RedisCrashTests(TestCase):
@@ -643,7 +641,3 @@ class EmbeddedRedisCrashTests(TestCase):
         self.assertEqual(answer.code, 200, answer)
         self.assertNotEqual(self.redis_pid(), killed)
 
-    test_killed_embedded_redis_restarted.todo = (
-        "dheera_tx/embedded_redis.py does not restart a redis-server that died: "
-        "virtual keys get 503 until the proxy is restarted"
-    )
