@@ -73,24 +73,18 @@ end
 if KEYS[1] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {'key_gone', 0} end
   if over_budget(KEYS[1]) then return {'budget', 0} end
+  -- milliseconds until a full window reopens, or nil when it has room
+  local function full(counter, limit)
+    if limit <= 0 or tonumber(redis.call('GET', counter) or '0') < limit then return nil end
+    local ttl = redis.call('PTTL', counter)
+    if ttl < 0 then redis.call('PEXPIRE', counter, ARGV[7]); ttl = tonumber(ARGV[7]) end
+    return ttl
+  end
   local rpm = tonumber(ARGV[3])
-  if rpm > 0 then
-    local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-    if used >= rpm then
-      local ttl = redis.call('PTTL', KEYS[3])
-      if ttl < 0 then redis.call('PEXPIRE', KEYS[3], ARGV[7]); ttl = tonumber(ARGV[7]) end
-      return {'rpm', ttl}
-    end
-  end
-  local tpm = tonumber(ARGV[4])
-  if tpm > 0 then
-    local used = tonumber(redis.call('GET', KEYS[4]) or '0')
-    if used >= tpm then
-      local ttl = redis.call('PTTL', KEYS[4])
-      if ttl < 0 then redis.call('PEXPIRE', KEYS[4], ARGV[7]); ttl = tonumber(ARGV[7]) end
-      return {'tpm', ttl}
-    end
-  end
+  local wait = full(KEYS[3], rpm)
+  if wait then return {'rpm', wait} end
+  wait = full(KEYS[4], tonumber(ARGV[4]))
+  if wait then return {'tpm', wait} end
   local parallel = tonumber(ARGV[5])
   if parallel > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[6]))
