@@ -273,6 +273,22 @@ def _embedded_redis(reactor, config: ProxyConfig, parent):
     return embedded.url
 
 
+def _warn_about_deployments(config: ProxyConfig) -> None:
+    """
+    Warn about an C{api_base} that is probably not the vLLM server root:
+    request paths are appended to it as sent, so C{.../v1} gives
+    C{/v1/v1/...}.
+    """
+    for deployment in config.all_deployments():
+        if deployment.api_base.rstrip("/").endswith("/v1"):
+            log.warn(
+                "api_base of {deployment} ends in /v1: clients call /vllm/v1/..., which would reach "
+                "{api_base}/v1/...; set api_base to the vLLM server root",
+                deployment=deployment.id,
+                api_base=deployment.api_base,
+            )
+
+
 def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[str], workers: int, reactor):
     """
     :return: the service of the parent of C{workers} worker processes.
@@ -388,6 +404,8 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     reactor.callWhenRunning(_freeze_startup_objects)
     config = options["proxy_config"]
+    if not options["worker-parent"]:
+        _warn_about_deployments(config)
     if options["worker-parent"]:
         from dheera_tx.workers import die_with_parent
 
