@@ -27,6 +27,11 @@ _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
 # letters, digits, "-", ".", "_", "~"), which no client needs to escape.
 _UNRESERVED_ESCAPE = re.compile(rb"%(2d|2e|5f|7e|3[0-9]|4[1-9a-f]|5[0-9a]|6[1-9a-f]|7[0-9a])", re.IGNORECASE)
 _PARAMETER = re.compile(rb";|%3b", re.IGNORECASE)
+# Targets that pass every check below at a glance (what clients send almost
+# always): segments of letters, digits, "_" and "-" with inner dots, and a
+# query with no escapes, controls or fragment.
+_PLAIN_PATH = re.compile(rb"(?:/[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*)*/?")
+_PLAIN_QUERY = re.compile(rb"(?:\?[A-Za-z0-9_\-.~=&+,:@/!$'()*]*)?")
 
 
 def is_passthrough(target: bytes) -> bool:
@@ -57,6 +62,15 @@ def path_problem(path: bytes, query: bytes = b"") -> Optional[str]:
     :param path: the raw path after C{/vllm}, starting with C{/}.
     :param query: the raw query string with its C{?}, or empty.
     :return: why the target is refused, or L{None} when it may be forwarded.
+    """
+    if _PLAIN_PATH.fullmatch(path) and _PLAIN_QUERY.fullmatch(query):
+        return None
+    return full_path_problem(path, query)
+
+
+def full_path_problem(path: bytes, query: bytes = b"") -> Optional[str]:
+    """
+    L{path_problem} without its shortcut for plain targets.
     """
     if _CONTROL.search(path) or _CONTROL.search(query):
         return "control characters or spaces in the request target"

@@ -5,7 +5,7 @@ Tests for L{dheera_tx.paths}: which raw request targets may reach vLLM.
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.paths import is_passthrough, path_problem, split_target
+from dheera_tx.paths import full_path_problem, is_passthrough, path_problem, split_target
 
 ESCAPES = [
     b"/../metrics",
@@ -95,6 +95,16 @@ class PathProblemTests(SynchronousTestCase):
             self.assertNotEqual(segment, b"")
         for segment in segments:
             self.assertNotIn(segment.split(b";")[0], (b".", b".."))
+
+
+    @given(st.text(alphabet="/._-aZ09%;?=&~", max_size=30), st.text(alphabet="?=&%._-a~#", max_size=10))
+    def test_fast_path_agrees(self, path, query):
+        """
+        The shortcut for plain targets gives the full check's verdict: it
+        never lets through a target the full check refuses.
+        """
+        raw, q = ("/" + path).encode(), query.encode()
+        self.assertEqual(path_problem(raw, q) is None, full_path_problem(raw, q) is None, (raw, q))
 
 
 class SplitTargetTests(SynchronousTestCase):
