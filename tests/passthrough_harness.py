@@ -197,6 +197,15 @@ class ProxyHarness:
         self.gateway = gateway
         self.site = site
         self.upstream_pool = pool
+        self.listen(gateway)
+        return site
+
+    def listen(self, gateway) -> None:
+        """
+        Serve C{gateway}'s Site on a loopback port (C{self.port},
+        C{self.base}); cleanup stops it, closes its connections (forcing
+        the ones still open) and its upstream pool.
+        """
         open_channels = set()
         self.proxy_channels = open_channels
 
@@ -214,12 +223,11 @@ class ProxyHarness:
                 open_channels.discard(self)
                 super().connectionLost(reason)
 
-        site.protocol = TrackedChannel
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        gateway.site.protocol = TrackedChannel
+        port = reactor.listenTCP(0, gateway.site, interface="127.0.0.1")
         self.port = port.getHost().port
         self.base = f"http://127.0.0.1:{self.port}"
-        self.addCleanup(self._close_proxy, port, pool, open_channels)
-        return site
+        self.addCleanup(self._close_proxy, port, gateway.pool, open_channels)
 
     async def _close_proxy_async(self, port, pool, open_channels) -> None:
         await port.stopListening()

@@ -21,7 +21,6 @@ from twisted.trial.unittest import TestCase
 from dheera_tx.config import config_from_dict
 from dheera_tx.keys import hash_key
 from dheera_tx.redis_client import connect
-from dheera_tx.server import ProxyChannel
 from dheera_tx.tap import build_gateway
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, deployment, error_of, sleep
 from tests.redis_server import RedisServer
@@ -103,7 +102,7 @@ class GatewayHarness(ProxyHarness):
         self.addCleanup(gateway.ledger.flush)
         self.addCleanup(gateway.key_store.close)
         self.addCleanup(gateway.call_log.stop)
-        self._listen(gateway)
+        self.listen(gateway)
         return gateway
 
     @staticmethod
@@ -113,29 +112,6 @@ class GatewayHarness(ProxyHarness):
         # reactor dirty.
         ledger.stop()
 
-    def _listen(self, gateway) -> None:
-        site, pool = gateway.site, gateway.pool
-        open_channels = set()
-
-        class TrackedChannel(ProxyChannel):
-            """
-            The proxy's channel, remembered while open so cleanup can close
-            it.
-            """
-
-            def connectionMade(self):
-                open_channels.add(self)
-                super().connectionMade()
-
-            def connectionLost(self, reason):
-                open_channels.discard(self)
-                super().connectionLost(reason)
-
-        site.protocol = TrackedChannel
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.port = port.getHost().port
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.addCleanup(self._close_proxy, port, pool, open_channels)
 
     async def call(self, method: bytes, path: str, key: Optional[str] = MASTER_KEY, body=None, headers=None):
         """

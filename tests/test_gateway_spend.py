@@ -23,7 +23,6 @@ from twisted.trial.unittest import TestCase
 from dheera_tx.accounting import estimate_prompt_tokens
 from dheera_tx.config import config_from_dict
 from dheera_tx.redis_client import connect
-from dheera_tx.server import ProxyChannel
 from dheera_tx.tap import build_gateway
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, RawClient, auth, deployment, error_of, sleep
 from tests.redis_server import RedisServer
@@ -127,27 +126,7 @@ class GatewayTestCase(ProxyHarness, TestCase):
         gateway = build_gateway(reactor, config, self.redis, stdout=self.log_stream)
         self.gateway = gateway
         self.addCleanup(lambda: ensureDeferred(self._stop_gateway(gateway)))
-        open_channels = set()
-
-        class TrackedChannel(ProxyChannel):
-            """
-            The proxy's channel, remembered while open so cleanup can wait
-            for (or force) its close.
-            """
-
-            def connectionMade(self):
-                open_channels.add(self)
-                super().connectionMade()
-
-            def connectionLost(self, reason):
-                open_channels.discard(self)
-                super().connectionLost(reason)
-
-        gateway.site.protocol = TrackedChannel
-        port = reactor.listenTCP(0, gateway.site, interface="127.0.0.1")
-        self.port = port.getHost().port
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.addCleanup(self._close_proxy, port, gateway.pool, open_channels)
+        self.listen(gateway)
 
     async def _stop_gateway(self, gateway) -> None:
         # Settlements of the last calls may still be on their way to Redis.
