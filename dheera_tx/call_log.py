@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from dheera_tx.call import Call
 from dheera_tx.config import ConfigError, ProxyConfig
 from dheera_tx.log_sinks import ICallSink, JSONLogSink, RedisStreamSink, WebhookSink
+from dheera_tx.metering import nanos_to_usd
 
 log = Logger()
 
@@ -95,7 +96,7 @@ def call_record(call: Call) -> Dict[str, Any]:
         "prompt_tokens": int(call.prompt_tokens),
         "completion_tokens": int(call.completion_tokens),
         "usage_estimated": bool(call.usage_estimated),
-        "cost": call.cost_nanos / 1e9,
+        "cost": nanos_to_usd(call.cost_nanos),
         "cost_nanos": int(call.cost_nanos),
         "started_at": call.started_at,
         "first_byte_at": call.first_byte_at,

@@ -23,6 +23,7 @@ import attr
 
 from dheera_tx.auth import hash_key
 from dheera_tx.errors import bad_request
+from dheera_tx.metering import nanos_to_usd
 
 __all__ = [
     "generate_key",
@@ -40,7 +41,6 @@ __all__ = [
     "END_USER_FIELDS",
 ]
 
-NANOS_PER_USD = 1_000_000_000
 _DURATION = re.compile(r"^([0-9]{1,9})([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _MAX_DURATION = 100 * 365 * 86400
@@ -166,7 +166,7 @@ class KeyRecord:
         """
         Spend in USD.
         """
-        return self.spend_nanos / NANOS_PER_USD
+        return nanos_to_usd(self.spend_nanos)
 
     def to_redis_hash(self) -> Dict[str, str]:
         """
@@ -274,7 +274,7 @@ class EndUserRecord:
         """
         Spend in USD.
         """
-        return self.spend_nanos / NANOS_PER_USD
+        return nanos_to_usd(self.spend_nanos)
 
     def to_redis_hash(self) -> Dict[str, str]:
         """

@@ -44,6 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dheera_tx.call import Call
+from dheera_tx.metering import nanos_to_usd
 from dheera_tx.paths import PREFIX
 
 # vLLM's routes (SPEC section 3, VLLM_API.md).  A call's route label is the
@@ -220,7 +221,7 @@ class ProxyMetrics:
         if call.completion_tokens:
             completion_tokens.inc(max(0, call.completion_tokens))
         if call.cost_nanos > 0:
-            spend.inc(call.cost_nanos / 1e9)
+            spend.inc(nanos_to_usd(call.cost_nanos))
         kind = self.upstream_error_kind(call)
         if kind is not None:
             self.upstream_errors.labels(kind).inc()

@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dheera_tx.limits import WINDOW_MS, Admission, CallLimiter
+from dheera_tx.metering import nanos_to_usd
 
 log = Logger()
 
@@ -344,7 +345,7 @@ class SpendLedger:
                 if counter in row:
                     row[counter] += int(value)
             day += datetime.timedelta(days=1)
-        rows = [{"group_by": group, "id": ident, **row, "spend": row["spend_nanos"] / 1e9} for ident, row in totals.items()]
+        rows = [{"group_by": group, "id": ident, **row, "spend": nanos_to_usd(row["spend_nanos"])} for ident, row in totals.items()]
         rows.sort(key=lambda r: -r["spend_nanos"])
         return rows
 
