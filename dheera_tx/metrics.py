@@ -241,41 +241,12 @@ class ProxyMetrics:
             return "upstream_5xx"
         return None
 
-    def call_started(self, stream: bool = False) -> None:
-        """
-        A call started (and, with C{stream}, is known to stream already).
-        """
-        self.in_flight_requests.inc()
-        if stream:
-            self.in_flight_streams.inc()
-
-    def call_ended(self, stream: bool = False) -> None:
-        """
-        A call counted by L{call_started} ended; C{stream} as given there
-        (a stream counted by L{stream_started} is ended by L{stream_ended}).
-        """
-        self.in_flight_requests.dec()
-        if stream:
-            self.in_flight_streams.dec()
-
-    def stream_started(self) -> None:
-        """
-        A streamed answer started being relayed.
-        """
-        self.in_flight_streams.inc()
-
-    def stream_ended(self) -> None:
-        """
-        A streamed answer counted by L{stream_started} ended.
-        """
-        self.in_flight_streams.dec()
-
     def read_in_flight(self, requests: Optional[Callable[[], int]] = None, streams: Optional[Callable[[], int]] = None) -> None:
         """
         Read the in-flight gauges from counters the data plane keeps (e.g.
-        C{lambda: passthrough.in_flight}) at scrape time, instead of
-        L{call_started} and friends.  In multiprocess mode they are copied by
-        L{refresh} instead, which the worker calls every second.
+        C{lambda: passthrough.in_flight}) at scrape time.  In multiprocess
+        mode they are copied by L{refresh} instead, which the worker calls
+        every second.
         """
         self._in_flight_source = (requests, streams)
         if self.multiprocess_dir:
