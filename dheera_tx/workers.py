@@ -27,6 +27,25 @@ from twisted.logger import Logger
 log = Logger()
 
 
+def twistd_command(config_path: str, *arguments: str) -> List[str]:
+    """
+    :return: the command line that runs C{twistd -n dheera} with this
+        Python (no pid file), whether or not a C{twistd} script is on the
+        PATH.
+    """
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "dheera",
+        "--config",
+        config_path,
+        *arguments,
+    ]
+
+
 class WorkerSocket:
     """
     One listening socket the parent opens for a worker.
@@ -141,14 +160,7 @@ class WorkerPool(service.Service):
 
     def _spawn(self, index: int) -> None:
         sockets = self._sockets[index]
-        args = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "dheera",
-            "--config",
+        args = twistd_command(
             self._config_path,
             "--database-url",
             self._database_url(),
@@ -156,7 +168,7 @@ class WorkerPool(service.Service):
             str(index),
             "--worker-parent",
             str(os.getpid()),
-        ]
+        )
         child_fds = {0: "w", 1: 1, 2: 2}
         for n, ws in enumerate(sockets):
             child_fd = 3 + n
@@ -185,13 +197,6 @@ class WorkerPool(service.Service):
     def _respawn(self, index: int) -> None:
         if not self._stopping and self.running and index not in self._running:
             self._spawn(index)
-
-    @property
-    def pids(self) -> List[int]:
-        """
-        :return: the pids of the running workers.
-        """
-        return [w.transport.pid for w in self._running.values() if w.transport.pid]
 
     def stopService(self):
         service.Service.stopService(self)

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Optional
@@ -24,6 +23,7 @@ import yaml
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 
+from dheera_tx.workers import twistd_command
 from tests.redis_server import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,19 +71,7 @@ class ProxyProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env)
-        args = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "dheera",
-            "--config",
-            config_path,
-            "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            *self.extra_args,
-        ]
+        args = twistd_command(config_path, "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.extra_args)
         log = open(self.log_path, "ab")
         # A session of its own: cleanup kills the whole group (workers too).
         self.process = subprocess.Popen(

@@ -5,7 +5,6 @@ and shutdown.
 
 import os
 import subprocess
-import sys
 
 import treq
 from twisted.application.service import IServiceMaker
@@ -13,6 +12,7 @@ from twisted.internet import reactor
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from dheera_tx.workers import twistd_command
 from tests.proxy_process import ROOT, ProxyProcess
 
 
@@ -40,7 +40,7 @@ class PluginDiscoveryTests(SynchronousTestCase):
             f.write("model_list:\n  - model_name: m\n    dheera_ai_params: {model: hosted_vllm/x}\n")
         env = dict(os.environ, PYTHONPATH=ROOT)
         result = subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dheera", "--config", path],
+            twistd_command(path),
             env=env,
             capture_output=True,
             timeout=60,
