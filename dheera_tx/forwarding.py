@@ -4,29 +4,17 @@ The data plane: C{ANY /vllm/{path}} relayed to a vLLM deployment.
 L{Passthrough.serve} runs one call: check the raw path, authenticate, find
 the model, route, forward the request (streaming its body), relay the
 answer chunk by chunk with backpressure, and finish the L{Call} record.
-The upstream request goes out through a plain C{Agent} on a shared pool:
+The upstream request goes out through the lean client of
+L{dheera_tx.upstream_client} on a shared pool of persistent connections:
 no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
 
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client as webclient
-from twisted.internet.protocol import Protocol
-from twisted.web._newclient import (
-    RequestGenerationFailed,
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dheera_tx.accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
 from dheera_tx.auth import authorize_vllm_call
@@ -45,8 +33,10 @@ from dheera_tx.model_choice import (
     encode_document,
 )
 from dheera_tx.paths import path_problem, split_target
-from dheera_tx.request_body import BodyAborted, BodyTooLarge, BytesBody
+from dheera_tx.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.routing import Route, Router
+from dheera_tx.upstream_client import UpstreamFailed, UpstreamMalformed
+from dheera_tx.upstream_client import UpstreamUnreachable as _NotConnected
 
 log = Logger()
 
@@ -71,11 +61,39 @@ _NOT_FORWARDED = HOP_BY_HOP | frozenset(
 _NOT_RELAYED = HOP_BY_HOP | frozenset([b"content-length"])
 
 
-def _connection_tokens(headers: Headers) -> frozenset:
-    values = headers.getRawHeaders(b"connection")
-    if not values:
-        return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+def _connection_tokens(headers) -> frozenset:
+    """
+    :param headers: C{(name, value)} pairs.
+    :return: the lower-case header names a Connection header lists.
+    """
+    tokens = [t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")]
+    return frozenset(t for t in tokens if t)
+
+
+def _header(headers, name: bytes) -> Optional[bytes]:
+    """
+    :return: the first value of header C{name} (lower case) in C{(name,
+        value)} pairs, or L{None}.
+    """
+    for n, v in headers:
+        if len(n) == len(name) and n.lower() == name:
+            return v
+    return None
+
+
+class _Upstream:
+    """
+    Where a deployment's calls go: host, port, TLS and path prefix.
+    """
+
+    __slots__ = ("host", "port", "tls", "prefix")
+
+    def __init__(self, api_base: str):
+        parts = urlsplit(api_base)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/").encode("utf-8")
 
 
 class UpstreamUnreachable(Exception):
@@ -107,25 +125,22 @@ class Passthrough:
         self._router = router
         self._auth = authenticator
         self._pool = pool
-        self._agents: Dict[str, webclient.Agent] = {}
+        self._upstreams: Dict[str, _Upstream] = {}
         self._accounting = accounting or CallAccounting()
         self._on_call_end = on_call_end
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
 
-    def _agent(self, deployment: Deployment) -> webclient.Agent:
-        agent = self._agents.get(deployment.id)
-        if agent is None:
-            agent = webclient.Agent(
-                self._reactor, connectTimeout=deployment.connect_timeout, pool=self._pool
-            )
-            self._agents[deployment.id] = agent
-        return agent
+    def _upstream(self, deployment: Deployment) -> _Upstream:
+        upstream = self._upstreams.get(deployment.id)
+        if upstream is None:
+            upstream = self._upstreams[deployment.id] = _Upstream(deployment.api_base)
+        return upstream
 
     def serve(self, request) -> Deferred:
         """
-        Serve one pass-through call on C{request} (a L{ProxyRequest} whose
+        Serve one pass-through call on C{request} (a L{dheera_tx.client_exchange.ClientExchange} whose
         headers have arrived; its body may still be arriving).
 
         :return: a Deferred that fires when the call has ended; it never
@@ -273,45 +288,56 @@ class Passthrough:
             return request.body
         document = progress.document
         if document is None:
-            return BytesBody(raw_json) if raw_json else None
+            return raw_json if raw_json else None
         rename = (
             route.model_name is not None
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
         if not rename and not progress.strip_usage:
-            return BytesBody(raw_json)
+            return raw_json
         changed = with_usage_requested(document) if progress.strip_usage else dict(document)
         if rename:
             changed["model"] = deployment.served_model
-        return BytesBody(encode_document(changed))
+        return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment) -> Headers:
-        incoming = request.requestHeaders
-        drop = _NOT_FORWARDED | _connection_tokens(incoming)
-        headers = Headers()
-        for name, values in incoming.getAllRawHeaders():
+    def _upstream_headers(self, request, deployment: Deployment) -> List[Tuple[bytes, bytes]]:
+        incoming = request.raw_headers
+        drop = _NOT_FORWARDED | _connection_tokens(incoming) if request.getHeader(b"connection") else _NOT_FORWARDED
+        headers = []
+        forwarded = []
+        for name, value in incoming:
             lower = name.lower()
             if lower in drop or lower.startswith(b"proxy-"):
                 continue
-            headers.setRawHeaders(name, values)
-        peer = request.getClientAddress()
-        client_ip = getattr(peer, "host", None)
+            if lower == b"x-forwarded-for":
+                forwarded.append(value)
+                continue
+            headers.append((name, value))
+        client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
-            forwarded = incoming.getRawHeaders(b"x-forwarded-for")
-            value = client_ip.encode("ascii")
-            if forwarded:
-                value = b", ".join(forwarded) + b", " + value
-            headers.setRawHeaders(b"x-forwarded-for", [value])
+            forwarded.append(client_ip.encode("ascii"))
+        if forwarded:
+            headers.append((b"X-Forwarded-For", b", ".join(forwarded)))
         if deployment.api_key:
-            headers.setRawHeaders(b"authorization", [b"Bearer " + deployment.api_key.encode("utf-8")])
+            headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, producer):
-        url = deployment.api_base.encode("utf-8") + target
+    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body):
+        upstream = self._upstream(deployment)
         headers = self._upstream_headers(request, deployment)
         call.upstream_sent_at = self._reactor.seconds()
-        d = self._agent(deployment).request(request.method, url, headers, producer)
+        d = self._pool.request(
+            upstream.host,
+            upstream.port,
+            deployment.connect_timeout,
+            request.method,
+            upstream.prefix + target,
+            headers,
+            body,
+            max_head_bytes=self._max_response_head,
+            tls=upstream.tls,
+        )
         timed_out = []
 
         def give_up():
@@ -322,42 +348,30 @@ class Passthrough:
         gone = request.on_client_gone(d.cancel)
         try:
             return await d
-        except ierror.ConnectError as e:
-            call.error = "upstream_unreachable"
-            log.info(
-                "Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.__class__.__name__
-            )
-            raise UpstreamUnreachable()
-        except RequestNotSent:
-            call.error = "upstream_unreachable"
-            raise UpstreamUnreachable()
-        except (
-            ResponseNeverReceived,
-            CancelledError,
-            ierror.ConnectingCancelledError,
-            RequestTransmissionFailed,
-            # Agent reports a body producer that failed (the client's body
-            # grew too large, stalled, or the client left) as a generation
-            # failure, and aborts the upstream connection.
-            RequestGenerationFailed,
-        ) as e:
+        except _NotConnected as e:
             if request.client_gone:
                 call.error = "client_disconnected"
                 raise _ClientGone()
             if timed_out:
                 call.error = "upstream_timeout"
                 raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
-            if (
-                isinstance(e, (RequestTransmissionFailed, RequestGenerationFailed))
-                and request.body is not None
-                and request.body.failure is not None
-            ):
+            call.error = "upstream_unreachable"
+            log.info("Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.reason)
+            raise UpstreamUnreachable()
+        except (UpstreamFailed, CancelledError):
+            if request.client_gone:
+                call.error = "client_disconnected"
+                raise _ClientGone()
+            if timed_out:
+                call.error = "upstream_timeout"
+                raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
+            if request.body is not None and request.body.failure is not None:
                 request.body.failure.raiseException()
             call.error = "upstream_failed"
             raise ProxyError(502, "The upstream vLLM server closed the connection without answering.", type="upstream_error", code="502")
-        except ResponseFailed:  # after its subclass ResponseNeverReceived
-            # The upstream's answer could not be parsed (e.g. a header line
-            # over the HTTP client's limit).
+        except UpstreamMalformed:
+            # The upstream's answer could not be parsed, or its head is over
+            # the limit.
             call.error = "upstream_bad_response"
             raise ProxyError(502, "The upstream vLLM server sent a malformed answer.", type="upstream_error", code="502")
         finally:
@@ -367,31 +381,29 @@ class Passthrough:
 
     async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress") -> None:
         call.status = response.code
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        content_type = _header(response.headers, b"content-type") or b""
         sse = content_type.lower().startswith(b"text/event-stream")
         if sse:
             call.stream = True
         if request.client_gone:
-            response.deliverBody(_Discard())
+            response.stopProducing()
             return
-        if _head_size(response.headers) > self._max_response_head:
-            response.deliverBody(_Discard())
-            call.error = "upstream_bad_response"
-            call.status = 502
-            raise ProxyError(502, "The upstream vLLM server sent oversized response headers.", type="upstream_error", code="502")
         meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
         progress.meter = meter
         hold = isinstance(meter, JSONUsageMeter) and (
-            response.length is UNKNOWN_LENGTH or response.length <= ResponseRelay.HOLD_LIMIT
-        )
-        head = lambda extra=(): _write_response_head(request, response, call, extra, rewritten=sse and progress.strip_usage)
+            response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
+        ) and request.method != b"HEAD"
+        rewritten = sse and progress.strip_usage
+        head = lambda extra=(), length=None: _write_response_head(request, response, call, extra, rewritten, length)
         if not hold:
             head()
         relay = ResponseRelay(self._reactor, request, call, deployment, sse, meter, None if not hold else head)
-        response.deliverBody(relay)
         gone = request.on_client_gone(relay.abort)
         self.streams_in_flight += sse
         try:
+            request.registerProducer(response, True)
+            relay.started(response)
+            response.deliver(relay)
             await relay.done
         finally:
             self.streams_in_flight -= sse
@@ -412,7 +424,7 @@ def _too_large(config: ProxyConfig) -> ProxyError:
     )
 
 
-def _write_response_head(request, response, call: Call, extra=(), rewritten: bool = False) -> None:
+def _write_response_head(request, response, call: Call, extra=(), rewritten: bool = False, length=None) -> None:
     """
     Copy the upstream's status and headers to the client, minus hop-by-hop
     headers, plus the proxy's own.
@@ -420,25 +432,24 @@ def _write_response_head(request, response, call: Call, extra=(), rewritten: boo
     :param extra: more C{(name, value)} headers, e.g. the response cost.
     :param rewritten: the body is altered on the way (usage chunk
         stripped), so the upstream's Content-Length no longer holds.
+    :param length: the length of a body held whole, or L{None} to take
+        the upstream's.
     """
-    request.setResponseCode(response.code, response.phrase)
-    drop = _NOT_RELAYED | _connection_tokens(response.headers)
-    out = request.responseHeaders
-    for name, values in response.headers.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, values)
+    upstream = response.headers
+    drop = _NOT_RELAYED | _connection_tokens(upstream) if _header(upstream, b"connection") else _NOT_RELAYED
+    headers = [(name, value) for name, value in upstream if name.lower() not in drop]
     if rewritten:
-        pass
-    elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-        out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
-    elif request.method == b"HEAD":
-        length = response.headers.getRawHeaders(b"content-length")
-        if length:
-            out.setRawHeaders(b"content-length", length)
-    out.setRawHeaders(b"x-dheera-call-id", [call.call_id.encode("ascii")])
-    out.setRawHeaders(b"x-dheera-overhead-duration-ms", [b"%.3f" % (call.overhead_ms,)])
-    for name, value in extra:
-        out.setRawHeaders(name, [value])
+        length = None
+    elif length is None:
+        if request.method == b"HEAD":
+            declared = _header(upstream, b"content-length")
+            length = int(declared) if declared is not None and declared.isdigit() else None
+        else:
+            length = response.length
+    headers.append((b"x-dheera-call-id", call.call_id.encode("ascii")))
+    headers.append((b"x-dheera-overhead-duration-ms", b"%.3f" % (call.overhead_ms,)))
+    headers.extend(extra)
+    request.write_head(response.code, response.phrase or None, headers, length)
 
 
 def _answer_error(request, error: ProxyError, call: Call) -> None:
@@ -453,34 +464,16 @@ def _answer_error(request, error: ProxyError, call: Call) -> None:
     if request.startedWriting:
         request.abort_response()
         return
-    body = error.body()
-    request.setResponseCode(error.status)
-    headers = request.responseHeaders
-    headers.setRawHeaders(b"content-type", [b"application/json"])
-    headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
-    headers.setRawHeaders(b"x-dheera-call-id", [call.call_id.encode("ascii")])
-    for name, value in error.headers.items():
-        headers.setRawHeaders(name.encode("ascii"), [str(value).encode("ascii")])
-    request.write(body)
-    call.bytes_out += len(body)
-    request.finish()
+    call.bytes_out += request.answer_error(error, ((b"x-dheera-call-id", call.call_id.encode("ascii")),))
 
 
-class _Discard(Protocol):
+class ResponseRelay:
     """
-    Swallows a response nobody is waiting for.
-    """
+    Writes an upstream response body to the client as each chunk arrives
+    (the sink of L{dheera_tx.upstream_client.UpstreamResponse.deliver}).
 
-    def connectionMade(self):
-        self.transport.stopProducing()
-
-
-class ResponseRelay(Protocol):
-    """
-    Writes an upstream response body to the client as each chunk arrives.
-
-    The upstream transport is registered as the client request's producer,
-    so a slow client pauses the upstream read instead of growing memory.
+    The upstream response is registered as the client's producer, so a
+    slow client pauses the upstream read instead of growing memory.
     Silence longer than the deployment's C{stream_timeout}, or a call longer
     than its C{timeout}, aborts the upstream.  Every chunk passes through
     the call's usage meter, which may hold back or drop the usage chunk the
@@ -488,11 +481,17 @@ class ResponseRelay(Protocol):
     is held until complete, so that its head can carry the response cost.
 
     :param write_head: for a held answer, writes the response head with
-        extra headers; L{None} when the head was already written.
+        extra headers and the body's length; L{None} when the head was
+        already written.
     :ivar done: fires when the relay has ended (never fails).
     """
 
     HOLD_LIMIT = 8 * 1024 * 1024
+
+    __slots__ = (
+        "_reactor", "_request", "_call", "_deployment", "_sse", "_meter", "_write_head", "_held",
+        "_held_bytes", "_stream_timeout", "_deadline", "_silence", "_failure_kind", "_response", "done",
+    )
 
     def __init__(self, reactor, request, call: Call, deployment: Deployment, sse: bool, meter=None, write_head=None):
         self._reactor = reactor
@@ -509,12 +508,16 @@ class ResponseRelay(Protocol):
         self._deadline = reactor.callLater(max(remaining, 0.001), self._timed_out, "upstream_timeout")
         self._silence = reactor.callLater(self._stream_timeout, self._timed_out, "stream_timeout")
         self._failure_kind: Optional[str] = None
+        self._response = None
         self.done: Deferred = Deferred()
 
-    def connectionMade(self) -> None:
-        self._request.registerProducer(self.transport, True)
+    def started(self, response) -> None:
+        """
+        The relay is attached to C{response} (to stop it on a timeout).
+        """
+        self._response = response
 
-    def dataReceived(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         call = self._call
         if call.first_byte_at is None:
             call.first_byte_at = self._reactor.seconds()
@@ -533,9 +536,9 @@ class ResponseRelay(Protocol):
             call.bytes_out += len(data)
             self._request.write(data)
 
-    def _release_held(self, extra=()) -> None:
+    def _release_held(self, extra=(), complete: bool = False) -> None:
         held, self._held = self._held, None
-        self._write_head(extra)
+        self._write_head(extra, self._held_bytes if complete else None)
         for chunk in held:
             self._call.bytes_out += len(chunk)
             self._request.write(chunk)
@@ -551,29 +554,30 @@ class ResponseRelay(Protocol):
 
     def _timed_out(self, kind: str) -> None:
         self._failure_kind = kind
-        self.transport.stopProducing()
+        if self._response is not None:
+            self._response.stopProducing()
 
     def abort(self) -> None:
         """
         The client went away: close the upstream connection now.
         """
         self._failure_kind = "client_disconnected"
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self._response is not None:
+            self._response.stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def body_ended(self, reason: Optional[Failure]) -> None:
         for timer in (self._deadline, self._silence):
             if timer.active():
                 timer.cancel()
         request = self._request
-        clean = reason.check(ResponseDone, PotentialDataLoss) and self._failure_kind is None
+        clean = reason is None and self._failure_kind is None
         if not clean:
             self._call.error = self._failure_kind or "upstream_reset"
         if not request.client_gone and not request.finished:
             request.unregisterProducer()
             if clean:
                 if self._held is not None:
-                    self._release_held(self._cost_header())
+                    self._release_held(self._cost_header(), complete=True)
                 elif self._meter is not None:
                     tail = self._meter.flush() if hasattr(self._meter, "flush") else b""
                     if tail:
@@ -584,20 +588,13 @@ class ResponseRelay(Protocol):
                 # Nothing was written yet: the client gets a proper error.
                 self._call.status = 502
                 _answer_error(request, _early_end(self._call.error), self._call)
-            elif self._sse and not request.responseHeaders.hasHeader(b"content-length"):
+            elif self._sse and request.open_ended:
                 # An SSE client sees why its stream ended, and no [DONE].
                 request.write(b"event: error\ndata: " + _early_end(self._call.error).body() + b"\n\n")
                 request.finish()
             else:
                 request.abort_response()
         self.done.callback(None)
-
-
-def _head_size(headers: Headers) -> int:
-    """
-    :return: the bytes of a response head's header lines.
-    """
-    return sum(len(name) + len(value) + 4 for name, values in headers.getAllRawHeaders() for value in values)
 
 
 def _early_end(kind: str) -> ProxyError:

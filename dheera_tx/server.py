@@ -1,35 +1,34 @@
 """
-The listening side: one twisted.web Site serving both planes on one port.
+The listening side: one lean HTTP/1.1 connection protocol serving both
+planes on one port.
 
-Stock twisted.web reads a whole request body before anything sees the
-request.  L{ProxyRequest} instead dispatches a C{/vllm} call as soon as its
-headers have arrived and streams the body on through a L{StreamingBody};
-every other route (the Klein control plane) is handled the usual way.
-L{ProxyChannel} adds what the proxy needs on the connection: a deadline for
-request headers (and for an idle keep-alive connection), size and count
-limits on the head answered 431, strict framing (one Transfer-Encoding,
-plain C{chunked}; no folded header lines; no second copy of a header the
-proxy and vLLM could read differently), body backpressure that
-HTTPChannel's own pause/resume does not undo, and a guard for answers sent
-before the body has been read.  L{ProxySite} caps the open connections.
+L{GatewayConnection} parses requests with httptools (llhttp, strict: no
+Content-Length with Transfer-Encoding, no second Content-Length, no folded
+or malformed header lines, no bad chunk framing).  A C{/vllm} call becomes
+a L{ClientExchange} as soon as its headers have arrived and is served by
+the data plane (L{dheera_tx.forwarding.Passthrough}) while its body streams
+on; every other request is read whole and handed to the Klein control
+plane through L{dheera_tx.control_bridge}.  On top of the parser the
+connection enforces what the proxy needs: a deadline for request headers
+(and for an idle keep-alive connection), size and count limits on the
+head (414/431), one Transfer-Encoding (plain C{chunked}), no second copy of
+a header the proxy and vLLM could read differently, the body size limit
+(413) and the body's pace (408).  L{GatewaySite} caps the open connections.
 
-Every answer the listening side makes itself is in the OpenAI error shape.
-The limits, the framing rules, those answers and the watch on a body's
-pace (L{dheera_tx.listener_limits.BodyPace}) are in
-L{dheera_tx.listener_limits}; this module applies them.
-
-This leans on HTTPChannel internals (C{_command}, C{_path}, C{_version},
-C{_networkProducer}, C{_receivedHeaderSize}, C{_receivedHeaderCount},
-LineReceiver's C{_buffer}); setup.py pins the Twisted range the tests run
-on.
+Every answer the listening side makes itself is in the OpenAI error shape
+(L{dheera_tx.listener_limits}).
 """
 
-from typing import Callable, Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
+import httptools
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server as webserver
 
+from dheera_tx.client_exchange import ClientExchange
+from dheera_tx.control_bridge import ControlBridge
 from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.listener_limits import (
     CHUNKED,
@@ -46,450 +45,560 @@ from dheera_tx.listener_limits import (
 )
 from dheera_tx.model_choice import MultipartModelWatch, multipart_boundary
 from dheera_tx.paths import is_passthrough
-from dheera_tx.request_body import BodyAborted, BodyTooLarge, StreamingBody
+from dheera_tx.request_body import BodyTooLarge, StreamingBody
 
 log = Logger()
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MALFORMED = "The request is malformed (request line, headers or body framing)."
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
-class ProxyChannel(http.HTTPChannel):
+
+class _Stop(Exception):
     """
-    An HTTPChannel with head limits and deadlines and body backpressure.
+    Raised from a parser callback to stop parsing a refused request.
     """
 
-    _header_timer = None
-    _close_timer = None
-    _body_held = False
-    _refused = False
-    _counted = False
+
+_STARTING = object()
+
+
+class _ControlRequest:
+    """
+    A control-plane request being read whole.
+    """
+
+    __slots__ = ("method", "target", "version", "headers", "chunks", "size", "complete")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.complete = False
+
+
+class HeadDeadlines:
+    """
+    The deadlines for request heads of all of a site's connections, checked
+    by one timer (a connection costs a dict entry, not a DelayedCall).
+
+    :param reactor: an C{IReactorTime}.
+    :param timeout: C{header_timeout}, in seconds.
+    """
+
+    def __init__(self, reactor, timeout: float):
+        self._reactor = reactor
+        self._timeout = timeout
+        self._tick = min(1.0, max(timeout / 8, 0.01))
+        self._due: Dict["GatewayConnection", float] = {}
+        self._timer = None
+
+    def watch(self, connection: "GatewayConnection") -> None:
+        """
+        Start (or restart) C{connection}'s deadline.
+        """
+        self._due[connection] = self._reactor.seconds() + self._timeout
+        if self._timer is None:
+            self._timer = self._reactor.callLater(self._tick, self._check)
+
+    def forget(self, connection: "GatewayConnection") -> None:
+        """
+        Stop watching C{connection}.
+        """
+        self._due.pop(connection, None)
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        late = [c for c, at in self._due.items() if at <= now]
+        for connection in late:
+            del self._due[connection]
+        for connection in late:
+            connection.head_too_slow()
+        if self._due and self._timer is None:
+            self._timer = self._reactor.callLater(self._tick, self._check)
+
+    def stop(self) -> None:
+        """
+        Cancel the timer (the site stopped).
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class GatewayConnection(Protocol):
+    """
+    One client connection: requests parsed in order, answered in order.
+    """
+
+    def __init__(self, site: "GatewaySite"):
+        self.site = site
+        self._limits: ListenerLimits = site.limits
+        self._parser = httptools.HttpRequestParser(self)
+        self._counted = False
+        self._refused = False
+        self._closing = False
+        self._lost = False
+        self._close_timer = None
+        self._held: set = set()
+        # The request being parsed.
+        self._incoming = None
+        self._in_head = False
+        self._head_bytes = 0
+        self._url: List[bytes] = []
+        self._headers: List[Tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._seen: set = set()
+        self._body_limit = self._limits.max_request_body_bytes
+        self._pace: Optional[BodyPace] = None
+        self._form_watch: Optional[MultipartModelWatch] = None
+        self._to_dispatch = None
+        # The start of a request line not yet checked, or None.
+        self._line: Optional[bytes] = b""
+        # The request being answered, and those waiting for their turn.
+        self._active = None
+        self._queue: list = []
+
+    # Connection events.
 
     def connectionMade(self) -> None:
-        super().connectionMade()
-        if isinstance(self.factory, ProxySite):
-            self._counted = True
-            self.factory.connection_opened()
-        self._start_header_deadline()
+        self._counted = True
+        self.site.connection_opened()
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.site.deadlines.watch(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._header_timer is None and self._awaiting_headers():
-            self._start_header_deadline()
-        super().dataReceived(data)
-
-    def _awaiting_headers(self) -> bool:
-        return not self._handlingRequest and getattr(self, "_command", None) is None and self.line_mode
-
-    def _in_head(self) -> bool:
-        return getattr(self, "_command", None) is not None and self.line_mode
-
-    # Deadlines.
-
-    def _start_header_deadline(self) -> None:
-        self._cancel_header_deadline()
-        self._header_timer = self.callLater(self.site.limits.header_timeout, self._headers_too_slow)
-
-    def _cancel_header_deadline(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self.transport is None or self._refused:
-            return
-        if not self._buffer and getattr(self, "_command", None) is None:
-            # Nothing of a request arrived: an idle (keep-alive) connection
-            # is closed without an answer.
-            self.persistent = False
-            self._close()
-            return
-        log.info("Dropping a client that did not send request headers in time")
-        self.refuse(request_timeout("The request headers did not arrive in time."))
-
-    def allHeadersReceived(self) -> None:
-        self._cancel_header_deadline()
-        super().allHeadersReceived()
-
-    def allContentReceived(self) -> None:
-        # A request answered before its body was read has left the queue.
-        if not self.requests:
-            return
-        super().allContentReceived()
-
-    # Limits and framing of the request head.
-
-    def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._head_too_large()
+        if self._incoming is None or self._in_head:
+            self._head_bytes += len(data)
+            if self._incoming is None:
+                # A request starts with this read: check its request line.
+                self._line = b""
+            if self._line is not None and not self._check_request_line(data):
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # Upgrades are not supported: the request was answered as a
+            # plain one; parse what follows it.
+            offset = e.args[0] if e.args else len(data)
+            if offset < len(data):
+                self.dataReceived(data[offset:])
             return
-        if self._in_head() and line[:1] in (b" ", b"\t"):
-            self.refuse(bad_request("Folded header lines (obs-fold) are not accepted."))
+        except httptools.HttpParserCallbackError as e:
+            self._to_dispatch = None
+            if not isinstance(e.__context__, _Stop):
+                log.failure("Request parsing failed", Failure(e.__context__ or e))
+                self._malformed()
             return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._head_too_large()
-
-    def _head_too_large(self) -> None:
-        if getattr(self, "_command", None) is None:
-            self.refuse(head_too_large(f"The request line is longer than {self.totalHeadersSize} bytes.", status=414))
-        else:
-            self.refuse(head_too_large(f"The request headers are larger than {self.totalHeadersSize} bytes."))
-
-    def headerReceived(self, line: bytes) -> bool:
-        if self._refused:
-            return False
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self.refuse(head_too_large(f"The request has more than {self.maxHeaders} headers."))
-            return False
-        name, _, value = line.partition(b":")
-        lower = name.lower()
-        if lower in SINGLE_HEADERS and self.requests and self.requests[-1].requestHeaders.hasHeader(lower):
-            self.refuse(bad_request(f"The {name.decode('latin-1')} header appears more than once."))
-            return False
-        if lower == b"transfer-encoding" and not CHUNKED.fullmatch(value):
-            self.refuse(bad_request("The only Transfer-Encoding accepted is 'chunked'."))
-            return False
-        return super().headerReceived(line)
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # HTTPChannel answers a malformed request (request line with NUL,
-        # control bytes or spaces in the target, bad headers, Content-Length
-        # with Transfer-Encoding, two Content-Lengths, bad chunking) with a
-        # bare "400 Bad Request" and no body; errors the proxy makes use the
-        # OpenAI shape.  A call already dispatched answers through its
-        # request, which also fails the body it is streaming upstream.
-        error = bad_request("The request is malformed (request line, headers or body framing).")
-        request = self.requests[-1] if self.requests else None
-        if isinstance(request, ProxyRequest) and request.dispatched and not request.finished:
-            request.refuse(error)
-        else:
-            self.refuse(error)
-
-    def refuse(self, error: ProxyError) -> None:
-        """
-        Answer C{error} on the raw connection (unless an answer has started)
-        and close it: for a request that cannot be parsed or may not go on.
-        """
-        if self.transport is None or self._refused:
+        except httptools.HttpParserError:
+            self._to_dispatch = None
+            self._malformed()
             return
-        self._refused = True
-        self._cancel_header_deadline()
-        if not any(getattr(r, "startedWriting", False) for r in self.requests):
-            self.transport.write(raw_answer(error))
-        self.persistent = False
-        self._close()
-
-    def _close(self) -> None:
-        self.loseConnection()
-        if self._close_timer is None and self.transport is not None:
-            self._close_timer = self.callLater(CLOSE_GRACE, self._cut_off)
-
-    def _cut_off(self) -> None:
-        self._close_timer = None
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def _send100Continue(self) -> None:
-        if self.requests and (self.requests[-1].rejection is not None or self._refused):
+        if self._to_dispatch is not None:
+            exchange, self._to_dispatch = self._to_dispatch, None
+            if not self._refused:
+                self.site.passthrough.serve(exchange)
+        incoming = self._incoming
+        if incoming is None:
             return
-        super()._send100Continue()
+        if self._in_head:
+            if self._head_bytes > self._limits.max_header_bytes:
+                self._head_too_large(request_line=not self._headers)
+        elif self._pace is None and not self._refused:
+            self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
 
-    # Body backpressure.
-
-    def hold_body(self) -> None:
-        """
-        Stop reading the request body: the upstream cannot take more.
-        """
-        self._body_held = True
-        self._networkProducer.pauseProducing()
-
-    def release_body(self) -> None:
-        """
-        Read the request body again.
-        """
-        if self._body_held:
-            self._body_held = False
-            if not self._waitingForTransport:
-                self._networkProducer.resumeProducing()
-
-    def resumeProducing(self) -> None:
-        # HTTPChannel resumes reading whenever the client drains our writes;
-        # it must not resume a body the upstream asked to hold.
-        self._waitingForTransport = False
-        if self._requestProducer is not None:
-            self._requestProducer.resumeProducing()
-        if not self._handlingRequest and not self._body_held:
-            self._networkProducer.resumeProducing()
-
-    def requestDone(self, request) -> None:
-        self._body_held = False
-        super().requestDone(request)
-        # Between requests the connection gets the header deadline too, so
-        # an idle keep-alive connection does not hold its place for ever.
-        if (
-            self.persistent
-            and self.transport is not None
-            and not self.transport.disconnecting
-            and self._header_timer is None
-            and self._awaiting_headers()
-        ):
-            self._start_header_deadline()
-
-    def connectionLost(self, reason) -> None:
-        self._cancel_header_deadline()
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        self.site.deadlines.forget(self)
+        self._stop_pace()
         if self._close_timer is not None:
             if self._close_timer.active():
                 self._close_timer.cancel()
             self._close_timer = None
         if self._counted:
             self._counted = False
-            self.factory.connection_closed()
-        super().connectionLost(reason)
+            self.site.connection_closed()
+        waiting = [self._active, self._incoming] + self._queue
+        self._active = self._incoming = None
+        self._queue = []
+        for exchange in waiting:
+            if isinstance(exchange, ClientExchange):
+                exchange.connection_lost()
+            elif exchange is not None and hasattr(exchange, "connection_lost"):
+                exchange.connection_lost(reason)
 
+    def _check_request_line(self, data: bytes) -> bool:
+        """
+        llhttp accepts runs of spaces between the parts of a request line
+        (C{GET /a  HTTP/1.1} is C{/a}); the proxy reads the target as the
+        client wrote it, so the request line must have exactly two single
+        spaces.
 
-class ProxyRequest(server.Request):
-    """
-    A request that dispatches C{/vllm} calls when their headers arrive.
+        :return: whether parsing may go on.
+        """
+        line = self._line + data if self._line else data
+        end = line.find(b"\n", 0, self._limits.max_header_bytes + 2)
+        if end < 0:
+            self._line = line if len(line) <= self._limits.max_header_bytes else None
+            return True
+        start = 0
+        while line.startswith(b"\r\n", start):
+            start += 2
+        if start:
+            end = line.find(b"\n", start)
+            if end < 0:
+                self._line = line[start:]
+                return True
+        self._line = None
+        if line.count(b" ", start, end) != 2:
+            self._refuse(bad_request(_MALFORMED))
+            return False
+        return True
 
-    :ivar body: the streaming body of a pass-through call, or L{None} when
-        it has none.
-    :ivar rejection: an error to answer without reading the body (too
-        large, a target that is not a path), or L{None}.
-    :ivar client_gone: the client connection was lost.
-    :ivar dispatched: the call was handed to the pass-through.
-    :ivar received_at: reactor time at which the headers had arrived.
-    """
+    # Parser callbacks.
 
-    channel = None
-    body: Optional[StreamingBody] = None
-    rejection: Optional[ProxyError] = None
-    client_gone = False
-    dispatched = False
-    received_at = 0.0
-    _passthrough = False
-    _refused = False
-    _pace: Optional[BodyPace] = None
-    _form_watch: Optional[MultipartModelWatch] = None
-    _control_bytes = 0
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = []
+        self._headers = []
+        self._header_bytes = 0
+        self._seen = set()
+        self._incoming = True
 
-    def __init__(self, channel, queued=None):
-        super().__init__(channel)
-        self._gone_callbacks: Dict[int, Callable[[], None]] = {}
-        self._next_token = 0
+    def on_url(self, fragment: bytes) -> None:
+        self._url.append(fragment)
 
-    def gotLength(self, length: Optional[int]) -> None:
-        channel = self.channel
-        site = channel.site
-        self.received_at = site.reactor.seconds()
-        limit = site.limits.max_request_body_bytes
-        target = channel._path
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            raise _Stop()
+        limits = self._limits
+        if not self._headers:
+            url_size = sum(len(f) for f in self._url)
+            if url_size > limits.max_header_bytes:
+                self._head_too_large(request_line=True)
+                raise _Stop()
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > limits.max_header_bytes:
+            self._head_too_large(request_line=False)
+            raise _Stop()
+        if len(self._headers) >= limits.max_headers:
+            self._refuse(head_too_large(f"The request has more than {limits.max_headers} headers."))
+            raise _Stop()
+        lower = name.lower()
+        if lower in SINGLE_HEADERS:
+            if lower in self._seen:
+                self._refuse(bad_request(f"The {name.decode('latin-1')} header appears more than once."))
+                raise _Stop()
+            self._seen.add(lower)
+            if lower == b"transfer-encoding" and not CHUNKED.fullmatch(value):
+                self._refuse(bad_request("The only Transfer-Encoding accepted is 'chunked'."))
+                raise _Stop()
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            raise _Stop()
+        self._in_head = False
+        self._head_bytes = 0
+        self.site.deadlines.forget(self)
+        parser = self._parser
+        target = b"".join(self._url)
+        if len(target) > self._limits.max_header_bytes:
+            self._head_too_large(request_line=True)
+            raise _Stop()
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self._refuse(bad_request("Only HTTP/1.0 and HTTP/1.1 are served."))
+            raise _Stop()
+        method = parser.get_method()
+        headers = self._headers
+        length, chunked, expect = _framing(headers)
+        rejection = None
         if not target.startswith(b"/") and target != b"*":
             # Absolute-form ("http://host/...") and other targets that are
             # not a path: the host comes from config only.
-            self.rejection = bad_request("The request target must be a path (origin-form), not a URL.")
-        elif length is not None and length > limit:
-            self.rejection = too_large(limit)
-        if not is_passthrough(target) or site.passthrough is None:
-            if self.rejection is not None:
-                self._prepare(target)
-                site.reactor.callLater(0, self._answer_rejection)
+            rejection = bad_request("The request target must be a path (origin-form), not a URL.")
+        elif length is not None and length > self._body_limit:
+            rejection = too_large(self._body_limit)
+        has_body = chunked or bool(length)
+        keep_alive = parser.should_keep_alive()
+        site = self.site
+        if is_passthrough(target) and site.passthrough is not None:
+            exchange = ClientExchange(self, method, target, version, headers, site.reactor.seconds(), keep_alive)
+            exchange.rejection = rejection
+            if has_body and rejection is None:
+                try:
+                    boundary = multipart_boundary(exchange.getHeader(b"content-type"))
+                except ProxyError as e:
+                    exchange.rejection = rejection = e
+                else:
+                    if boundary is not None:
+                        self._form_watch = MultipartModelWatch(boundary)
+                    exchange.body = StreamingBody(
+                        None if chunked else length, self._hold_body, self._release_body, self._body_limit
+                    )
+            self._incoming = exchange
+            if expect and rejection is None and version == b"HTTP/1.1":
+                self.transport.write(_CONTINUE)
+            if self._active is None:
+                self._active = exchange
+                self._to_dispatch = exchange
             else:
-                super().gotLength(length)
-                if length != 0:
-                    self._watch_body()
+                self._queue.append(exchange)
+                self._hold(b"queue")
             return
-        self._passthrough = True
-        self._prepare(target)
-        self.defaultContentType = None
-        if length != 0 and self.rejection is None:
-            try:
-                boundary = multipart_boundary(self.requestHeaders.getRawHeaders(b"content-type", [None])[0])
-            except ProxyError as e:
-                self.rejection = e
-            else:
-                if boundary is not None:
-                    self._form_watch = MultipartModelWatch(boundary)
-                self.body = StreamingBody(length, self._hold_body, self._release_body, limit)
-                self._watch_body()
-        # The call outlives the idle timeout while the upstream works;
-        # requestDone restores it for the next request on this connection.
-        if channel.timeOut:
-            channel._savedTimeOut = channel.setTimeout(None)
-        self.dispatched = True
-        site.reactor.callLater(0, site.passthrough.serve, self)
+        if rejection is not None:
+            self._refuse(rejection)
+            raise _Stop()
+        self._incoming = _ControlRequest(method, target, version, headers)
+        if expect and has_body and version == b"HTTP/1.1":
+            self.transport.write(_CONTINUE)
 
-    def _watch_body(self) -> None:
-        site = self.channel.site
-        self._pace = BodyPace(site.reactor, site.limits.body_timeout, self._body_too_slow)
-
-    def _stop_watching(self) -> None:
-        if self._pace is not None:
-            self._pace.stop()
-
-    def _prepare(self, target: bytes) -> None:
-        channel = self.channel
-        self.method = channel._command
-        self.uri = target
-        self.clientproto = channel._version
-        self.path = target.split(b"?", 1)[0]
-        self.args = {}
-        if self.content is not None:
-            self.content.close()
-        self.content = None
-
-    def _answer_rejection(self) -> None:
-        if self.client_gone or self.finished or self._refused:
-            return
-        self._answer(self.rejection)
-
-    def _answer(self, error: ProxyError) -> None:
-        body = error.body()
-        self.setResponseCode(error.status)
-        self.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        self.write(body)
-        self.finish()
-
-    def refuse(self, error: ProxyError) -> None:
-        """
-        End this request with C{error} whatever stage it is at (body too
-        large, too slow, malformed): fail the body being streamed upstream,
-        answer C{error} if no answer has started (else cut the answer
-        short), and close the connection.
-        """
-        if self._refused:
-            return
-        self._refused = True
-        self._stop_watching()
-        if self.body is not None:
-            self.body.fail(Failure(error))
-        if self.finished or self.client_gone or self.channel is None:
-            return
-        self.channel.persistent = False
-        if self.startedWriting:
-            self.abort_response()
-            return
-        if not self._passthrough:
-            self._prepare(self.channel._path)
-        self._answer(error)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused or self.finished:
-            return
-        limit = self.channel.site.limits.max_request_body_bytes
+    def on_body(self, data: bytes) -> None:
+        incoming = self._incoming
         if self._pace is not None:
             self._pace.arrived(len(data))
             if self._refused:
+                raise _Stop()
+        if isinstance(incoming, ClientExchange):
+            if incoming.rejection is not None or incoming.finished or incoming.body is None:
                 return
-        if self._form_watch is not None:
-            try:
-                self._form_watch.feed(data)
-            except ProxyError as e:
-                # Refused before this chunk goes on: vLLM never gets the
-                # whole form.
-                self.refuse(e)
-                return
-        if self.body is not None:
-            # Failing the body can end the call (and this request) at once.
-            self.body.receive(data)
-            failure = self.body.failure
-            if failure is not None:
-                self._stop_watching()
-                if failure.check(BodyTooLarge):
-                    self.refuse(too_large(limit))
-        elif not self._passthrough and self.rejection is None:
-            self._control_bytes += len(data)
-            if self._control_bytes > limit:
-                self.refuse(too_large(limit))
+            if self._form_watch is not None:
+                try:
+                    self._form_watch.feed(data)
+                except ProxyError as e:
+                    # Refused before this chunk goes on: vLLM never gets the
+                    # whole form.
+                    self._form_watch = None
+                    incoming.refuse(e)
+                    return
+            body = incoming.body
+            body.receive(data)
+            failure = body.failure
+            if failure is not None and failure.check(BodyTooLarge):
+                self._stop_pace()
+                incoming.refuse(too_large(self._body_limit))
+        elif isinstance(incoming, _ControlRequest):
+            incoming.size += len(data)
+            if incoming.size > self._body_limit:
+                self._refuse(too_large(self._body_limit))
+                raise _Stop()
+            incoming.chunks.append(data)
+
+    def on_message_complete(self) -> None:
+        self._stop_pace()
+        self._form_watch = None
+        incoming, self._incoming = self._incoming, None
+        self._in_head = False
+        self._head_bytes = 0
+        # Only a request line that starts a read is checked; one that
+        # follows in the same read (pipelining) is llhttp's alone.
+        self._line = None
+        if isinstance(incoming, ClientExchange):
+            if incoming.body is not None:
+                incoming.body.end()
+        elif isinstance(incoming, _ControlRequest):
+            incoming.complete = True
+            if self._active is None:
+                self._start_control(incoming)
             else:
-                super().handleContentChunk(data)
+                self._queue.append(incoming)
+                self._hold(b"queue")
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self._stop_watching()
-        if self._passthrough:
-            if self.body is not None:
-                self.body.end()
-            return
-        if self.rejection is not None or self._refused:
-            return
-        super().requestReceived(command, path, version)
+    # Answers done, next requests.
 
-    @property
-    def body_complete(self) -> bool:
+    def _start_control(self, request: _ControlRequest) -> None:
+        # The answer may be complete before serve() returns.
+        self._active = _STARTING
+        exchange = self.site.control.serve(
+            self, request.method, request.target, request.version, request.headers, b"".join(request.chunks)
+        )
+        if self._active is _STARTING:
+            self._active = exchange
+
+    def exchange_done(self, exchange: ClientExchange) -> None:
         """
-        :return: whether the whole request body has been read.
+        A pass-through call's answer is complete.
         """
-        return self.body is None or self.body.complete
+        self._answer_done(exchange.keep_alive)
+
+    def control_done(self, keep_alive: bool) -> None:
+        """
+        A control-plane request's answer is complete.
+        """
+        self._answer_done(keep_alive)
+
+    def _answer_done(self, keep_alive: bool) -> None:
+        self._active = None
+        if self._lost or self._closing:
+            return
+        if not keep_alive or self._refused:
+            self._close()
+            return
+        if self._queue:
+            self.site.reactor.callLater(0, self._start_next)
+        elif self._incoming is None:
+            # Between requests the connection gets the header deadline too,
+            # so an idle keep-alive connection does not hold its place.
+            self.site.deadlines.watch(self)
+
+    def _start_next(self) -> None:
+        if self._active is not None or not self._queue or self._closing or self._lost:
+            return
+        request = self._queue.pop(0)
+        if not self._queue:
+            self._release(b"queue")
+        if isinstance(request, ClientExchange):
+            self._active = request
+            self.site.passthrough.serve(request)
+        else:
+            self._start_control(request)
+        if self._active is None and self._incoming is None and not self._queue:
+            self.site.deadlines.watch(self)
+
+    # Refusals and closing.
+
+    def head_too_slow(self) -> None:
+        """
+        The request head did not arrive in time (called by L{HeadDeadlines}).
+        """
+        if self._lost or self._refused or self._active is not None:
+            return
+        if self._incoming is None and self._head_bytes == 0:
+            # Nothing of a request arrived: an idle (keep-alive) connection
+            # is closed without an answer.
+            self._close()
+            return
+        log.info("Dropping a client that did not send request headers in time")
+        self._refuse(request_timeout("The request headers did not arrive in time."))
+
+    def _head_too_large(self, request_line: bool) -> None:
+        limit = self._limits.max_header_bytes
+        if request_line:
+            self._refuse(head_too_large(f"The request line is longer than {limit} bytes.", status=414))
+        else:
+            self._refuse(head_too_large(f"The request headers are larger than {limit} bytes."))
+
+    def _malformed(self) -> None:
+        error = bad_request(_MALFORMED)
+        incoming = self._incoming
+        if isinstance(incoming, ClientExchange) and incoming is self._active and not incoming.finished:
+            # A call already dispatched answers itself, and fails the body
+            # it is streaming upstream.
+            self._refused = True
+            self._stop_pace()
+            incoming.refuse(error)
+            return
+        self._refuse(error)
+
+    def _body_too_slow(self, message: str) -> None:
+        log.info("Dropping a client whose request body is too slow: {why}", why=message)
+        error = BodyStalled(message)
+        incoming = self._incoming
+        self._pace = None
+        if isinstance(incoming, ClientExchange) and incoming is self._active:
+            self._refused = True
+            incoming.refuse(error)
+            return
+        self._refuse(error)
+
+    def _refuse(self, error: ProxyError) -> None:
+        """
+        Answer C{error} on the raw connection (unless an answer has started)
+        and close it: for a request that cannot be parsed or may not go on.
+        """
+        if self._lost or self._refused:
+            return
+        self._refused = True
+        self.site.deadlines.forget(self)
+        self._stop_pace()
+        active = self._active
+        if active is None or (isinstance(active, ClientExchange) and not active.startedWriting):
+            if isinstance(active, ClientExchange):
+                active.refuse(error)
+                return
+            self.transport.write(raw_answer(error))
+            self._close()
+        # Otherwise the answer in progress ends and the connection closes.
+
+    def _close(self) -> None:
+        self._closing = True
+        self.site.deadlines.forget(self)
+        self.transport.loseConnection()
+        if self._close_timer is None:
+            self._close_timer = self.site.reactor.callLater(CLOSE_GRACE, self._cut_off)
+
+    def _cut_off(self) -> None:
+        self._close_timer = None
+        if not self._lost:
+            self.transport.abortConnection()
+
+    # Reading pace and backpressure.
+
+    def _stop_pace(self) -> None:
+        if self._pace is not None:
+            self._pace.stop()
+            self._pace = None
+
+    def _hold(self, reason: bytes) -> None:
+        if not self._held:
+            self.transport.pauseProducing()
+        self._held.add(reason)
+
+    def _release(self, reason: bytes) -> None:
+        if reason in self._held:
+            self._held.discard(reason)
+            if not self._held and not self._lost and not self._closing:
+                self.transport.resumeProducing()
 
     def _hold_body(self) -> None:
         if self._pace is not None:
             self._pace.pause()
-        if self.channel is not None:
-            self.channel.hold_body()
+        self._hold(b"body")
 
     def _release_body(self) -> None:
-        if self.channel is not None:
-            self.channel.release_body()
-            if self._pace is not None:
-                self._pace.resume()
-
-    def _body_too_slow(self, message: str) -> None:
-        log.info("Dropping a client whose request body is too slow: {why}", why=message)
-        self.refuse(BodyStalled(message))
-
-    def finish(self) -> None:
-        self._stop_watching()
-        if self.channel is not None and (not self.body_complete or self.rejection is not None or self._refused):
-            # The rest of the body would be read as the next request.
-            self.channel.persistent = False
-        super().finish()
-
-    def abort_response(self) -> None:
-        """
-        End a response that cannot be completed well-formed: drop the
-        connection so the client sees it was cut short.
-        """
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.abortConnection()
-
-    def on_client_gone(self, callback: Callable[[], None]) -> int:
-        """
-        Call C{callback} if the client connection is lost.
-
-        :return: a token for L{forget_client_gone}.
-        """
-        self._next_token += 1
-        self._gone_callbacks[self._next_token] = callback
-        return self._next_token
-
-    def forget_client_gone(self, token: int) -> None:
-        """
-        Cancel a callback registered with L{on_client_gone}.
-        """
-        self._gone_callbacks.pop(token, None)
-
-    def connectionLost(self, reason) -> None:
-        self._stop_watching()
-        self.client_gone = True
-        if self.body is not None and not self.body.complete:
-            self.body.fail(Failure(BodyAborted()))
-        super().connectionLost(reason)
-        callbacks, self._gone_callbacks = self._gone_callbacks, {}
-        for callback in callbacks.values():
-            try:
-                callback()
-            except Exception:
-                log.failure("client-gone callback failed")
+        self._release(b"body")
+        if self._pace is not None:
+            self._pace.resume()
 
 
-class ProxySite(server.Site):
+def _framing(headers) -> Tuple[Optional[int], bool, bool]:
     """
-    The Site both planes share.
+    :return: the Content-Length (or L{None}), whether the body is chunked,
+        and whether the client expects C{100 Continue}.
+    """
+    length = None
+    chunked = expect = False
+    for name, value in headers:
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            length = int(value)
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            chunked = True
+        elif size == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+            expect = True
+    if chunked:
+        length = None
+    return length, chunked, expect
 
-    :param control: the control-plane resource (Klein).
-    :param passthrough: the data plane (L{dheera_tx.forwarding.Passthrough}).
+
+class GatewaySite(Factory):
+    """
+    The listening factory both planes share.
+
+    :param control: the control-plane resource (Klein, under
+        L{dheera_tx.control.ControlRoot}).
+    :param passthrough: the data plane (L{dheera_tx.forwarding.Passthrough}),
+        or L{None} to serve the control plane only.
     :param limits: a L{ListenerLimits}.
     :ivar open_connections: connections open now (in this process:
         C{max_connections} holds per worker).
@@ -497,15 +606,19 @@ class ProxySite(server.Site):
         limit.
     """
 
-    protocol = ProxyChannel
-    requestFactory = ProxyRequest
+    protocol = GatewayConnection
 
     def __init__(self, control, passthrough, limits: ListenerLimits, reactor):
-        super().__init__(control, reactor=reactor)
         self.passthrough = passthrough
         self.limits = limits
         self.reactor = reactor
-        self.displayTracebacks = False
+        self.control_site = webserver.Site(control, reactor=reactor)
+        self.control_site.displayTracebacks = False
+        # Pass-through calls are logged as call records (dheera_tx.call);
+        # the stock access log would print URIs with secrets in queries.
+        self.control_site.log = lambda request: None
+        self.control = ControlBridge(self.control_site)
+        self.deadlines = HeadDeadlines(reactor, limits.header_timeout)
         self.open_connections = 0
         self.refused_connections = 0
         self._at_limit = False
@@ -519,28 +632,24 @@ class ProxySite(server.Site):
             protocol = ConnectionLimitReached()
             protocol.factory = self
             return protocol
-        channel = super().buildProtocol(addr)
-        channel.totalHeadersSize = self.limits.max_header_bytes
-        channel.MAX_LENGTH = self.limits.max_header_bytes
-        channel.maxHeaders = self.limits.max_headers
-        return channel
+        return self.protocol(self)
+
+    def doStop(self) -> None:
+        super().doStop()
+        if not self.numPorts:
+            self.deadlines.stop()
 
     def connection_opened(self) -> None:
         """
-        A channel of this site connected.
+        A connection of this site opened.
         """
         self.open_connections += 1
 
     def connection_closed(self) -> None:
         """
-        A channel of this site closed.
+        A connection of this site closed.
         """
         self.open_connections -= 1
         if self._at_limit and self.open_connections < self.limits.max_connections:
             self._at_limit = False
             log.info("Accepting connections again")
-
-    def log(self, request) -> None:
-        # Pass-through calls are logged as call records (dheera_tx.call);
-        # the stock access log would print URIs with secrets in queries.
-        pass

@@ -22,7 +22,6 @@ from twisted.application import service, strports
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
 
 from dheera_tx.accounting import CallAccounting
 from dheera_tx.auth import Authenticator
@@ -38,7 +37,8 @@ from dheera_tx.limits import CallLimiter
 from dheera_tx.listener_limits import ListenerLimits
 from dheera_tx.metrics import ProxyMetrics
 from dheera_tx.routing import Router
-from dheera_tx.server import ProxySite
+from dheera_tx.server import GatewaySite
+from dheera_tx.upstream_client import UpstreamPool
 from dheera_tx.spend import SpendLedger
 
 log = Logger()
@@ -108,8 +108,8 @@ class Gateway:
     started and stopped with it.
     """
 
-    site: ProxySite
-    pool: HTTPConnectionPool
+    site: GatewaySite
+    pool: UpstreamPool
     passthrough: Passthrough
     router: Router
     metrics: ProxyMetrics
@@ -128,9 +128,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     :raise ConfigError: for bad log-sink settings.
     """
     prefix = config.general.redis_key_prefix
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 128
-    pool.retryAutomatically = False
+    pool = UpstreamPool(reactor, max_idle_per_endpoint=128)
     router = Router(config, now=reactor.seconds)
     key_store = ledger = limiter = None
     probes = {}
@@ -174,7 +172,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         ledger=ledger,
     )
     root = ControlRoot(control.app.resource(), branches)
-    site = ProxySite(root, passthrough, ListenerLimits(config.general), reactor)
+    site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor)
     return Gateway(site, pool, passthrough, router, metrics, call_log, prober, key_store, ledger)
 
 
@@ -369,7 +367,7 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
         _Step("metrics refresh", start=lambda: refresh.start(1.0), stop=lambda: refresh.running and refresh.stop()).setServiceParent(top)
     health_start = (lambda: gateway.prober.start_background(general.health_check_interval)) if general.background_health_checks else None
     _Step("accounting", start=health_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
-    _Step("upstream pool", stop=gateway.pool.closeCachedConnections).setServiceParent(top)
+    _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
     listeners = service.MultiService()
     listeners.setServiceParent(top)

@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 
 from dheera_tx.config import config_from_dict
 from dheera_tx.request_body import BytesBody
-from dheera_tx.server import ProxyChannel
+from dheera_tx.server import GatewayConnection
 from dheera_tx.tap import build_gateway
 from tests.fake_vllm import FakeVLLM
 
@@ -209,7 +209,7 @@ class ProxyHarness:
         open_channels = set()
         self.proxy_channels = open_channels
 
-        class TrackedChannel(ProxyChannel):
+        class TrackedChannel(GatewayConnection):
             """
             The proxy's channel, remembered while open so cleanup can wait
             for (or force) its close.
@@ -241,7 +241,7 @@ class ProxyHarness:
                 channel.transport.abortConnection()
         while open_channels:
             await sleep(0.01)
-        await pool.closeCachedConnections()
+        await pool.close()
         # Let the upstream side see its connections close.
         await sleep(0)
 

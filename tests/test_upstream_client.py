@@ -1,0 +1,1161 @@
+"""
+Tests of L{dheera_tx.upstream_client}: over real loopback sockets against
+scripted raw servers (which make the edge cases reachable) and the fake
+vLLM, plus a few in-memory checks of what goes on the wire.
+"""
+
+import json
+import socket
+from typing import Callable, List, Optional
+
+from httptools import HttpRequestParser
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from dheera_tx.request_body import BodyTooLarge, BytesBody
+from dheera_tx.upstream_client import (
+    UpstreamFailed,
+    UpstreamMalformed,
+    UpstreamPool,
+    UpstreamUnreachable,
+)
+from tests.fake_vllm import FakeVLLM
+
+OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Answer: yes\r\n\r\nhello"
+
+
+def sleep(seconds: float) -> Deferred:
+    """
+    :return: a Deferred firing after C{seconds} of real time.
+    """
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_until(ready: Callable[[], bool], timeout: float = 5.0) -> None:
+    """
+    Poll C{ready} until it is true; fail after C{timeout} seconds.
+    """
+    waited = 0.0
+    while not ready():
+        if waited >= timeout:
+            raise AssertionError("condition not reached in time")
+        await sleep(0.01)
+        waited += 0.01
+
+
+class RequestRecord:
+    """
+    One request as a scripted server parsed it.
+    """
+
+    def __init__(self):
+        self.method = b""
+        self.target = b""
+        self.headers: List[tuple] = []
+        self.pieces: List[bytes] = []
+        self.complete = False
+
+    @property
+    def body(self) -> bytes:
+        """
+        :return: the body received so far (chunked framing removed).
+        """
+        return b"".join(self.pieces)
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        """
+        :return: the last value of header C{name} (any case), or L{None}.
+        """
+        values = [v for n, v in self.headers if n.lower() == name.lower()]
+        return values[-1] if values else None
+
+
+class ScriptedConnection(Protocol):
+    """
+    A server connection that parses requests and lets the test answer
+    them with raw bytes.
+    """
+
+    def __init__(self, server: "ScriptedServer"):
+        self.server = server
+        self.received: List[bytes] = []
+        self.requests: List[RequestRecord] = []
+        self.current: Optional[RequestRecord] = None
+        self.lost = False
+        self.parser = HttpRequestParser(self)
+
+    def connectionMade(self) -> None:
+        self.server.connections.append(self)
+        if self.server.hold_reading:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        self.parser.feed_data(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost = True
+
+    @property
+    def raw(self) -> bytes:
+        """
+        :return: every byte received.
+        """
+        return b"".join(self.received)
+
+    def write(self, data: bytes) -> None:
+        """
+        Write raw bytes to the client.
+        """
+        self.transport.write(data)
+
+    def on_message_begin(self) -> None:
+        self.current = RequestRecord()
+        self.requests.append(self.current)
+
+    def on_url(self, url: bytes) -> None:
+        self.current.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.current.method = self.parser.get_method()
+        if self.server.answer_at_head:
+            self.server.respond(self, self.current)
+
+    def on_body(self, data: bytes) -> None:
+        self.current.pieces.append(data)
+
+    def on_message_complete(self) -> None:
+        self.current.complete = True
+        if not self.server.answer_at_head:
+            self.server.respond(self, self.current)
+
+
+class ScriptedServer:
+    """
+    A loopback HTTP server whose answers the test scripts.
+
+    :param respond: called with C{(connection, request)} when a request
+        has arrived (at its head if C{answer_at_head}).
+    """
+
+    def __init__(self, respond: Callable, answer_at_head: bool = False, hold_reading: bool = False):
+        self.respond = respond
+        self.answer_at_head = answer_at_head
+        self.hold_reading = hold_reading
+        self.connections: List[ScriptedConnection] = []
+        self.port = 0
+        self._listening = None
+
+    def start(self, case: TestCase) -> "ScriptedServer":
+        """
+        Listen on 127.0.0.1 (a free port); C{case} stops it in cleanup.
+        """
+        factory = Factory.forProtocol(lambda: ScriptedConnection(self))
+        factory.noisy = False
+        self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.port = self._listening.getHost().port
+        case.addCleanup(self.stop)
+        return self
+
+    async def stop(self) -> None:
+        """
+        Stop listening and abort every connection.
+        """
+        await self._listening.stopListening()
+        for connection in self.connections:
+            if not connection.lost:
+                connection.transport.abortConnection()
+        await wait_until(lambda: all(c.lost for c in self.connections))
+
+    @property
+    def requests(self) -> List[RequestRecord]:
+        """
+        :return: every request received, in order.
+        """
+        return [r for c in self.connections for r in c.requests]
+
+
+class Sink:
+    """
+    Collects a response body; C{done} fires with the sink once it ended.
+    """
+
+    def __init__(self, pause_after: Optional[int] = None):
+        self.chunks: List[bytes] = []
+        self.reason = "not ended"
+        self.ended = 0
+        self.done: Deferred = Deferred()
+        self.response = None
+        self._pause_after = pause_after
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self._pause_after is not None and len(self.chunks) >= self._pause_after:
+            self.response.pauseProducing()
+
+    def body_ended(self, reason) -> None:
+        self.ended += 1
+        self.reason = reason
+        self.done.callback(self)
+
+    @property
+    def body(self) -> bytes:
+        """
+        :return: the body received so far.
+        """
+        return b"".join(self.chunks)
+
+
+async def read_body(response) -> Sink:
+    """
+    :return: the sink holding C{response}'s whole body.
+    """
+    sink = Sink()
+    sink.response = response
+    response.deliver(sink)
+    return await sink.done
+
+
+@implementer(IBodyProducer)
+class ScriptedBody:
+    """
+    A request body the test writes piece by piece.
+
+    :param length: the declared length, or L{UNKNOWN_LENGTH}.
+    """
+
+    def __init__(self, length=UNKNOWN_LENGTH):
+        self.length = length
+        self.consumer = None
+        self.finished: Optional[Deferred] = None
+        self.events: List[str] = []
+
+    def startProducing(self, consumer) -> Deferred:
+        self.consumer = consumer
+        self.finished = Deferred()
+        return self.finished
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
+@implementer(IBodyProducer)
+class FloodBody:
+    """
+    A chunked body that writes 256 KiB each reactor turn while it is not
+    paused, until C{total} bytes are out.
+    """
+
+    PIECE = 256 * 1024
+
+    def __init__(self, total: int):
+        self.length = UNKNOWN_LENGTH
+        self.total = total
+        self.written = 0
+        self.paused = False
+        self.pauses = 0
+        self.resumes = 0
+        self._consumer = None
+        self._finished: Optional[Deferred] = None
+        self._call = None
+
+    def startProducing(self, consumer) -> Deferred:
+        self._consumer = consumer
+        self._finished = Deferred()
+        self._schedule()
+        return self._finished
+
+    def _schedule(self) -> None:
+        if self._call is None and self._finished is not None:
+            self._call = reactor.callLater(0, self._produce)
+
+    def _produce(self) -> None:
+        self._call = None
+        if self.paused or self._finished is None:
+            return
+        size = min(self.PIECE, self.total - self.written)
+        self.written += size
+        self._consumer.write(b"x" * size)
+        if self.written == self.total:
+            finished, self._finished = self._finished, None
+            finished.callback(None)
+        else:
+            self._schedule()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.resumes += 1
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        self._finished = None
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+def refused_port() -> int:
+    """
+    :return: a loopback port that was bound and closed again.
+    """
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class _PoolCase(TestCase):
+    """
+    Gives each test a pool, closed in cleanup.
+    """
+
+    idle_timeout = 4.0
+    max_idle = 128
+    timeout = 20
+
+    def setUp(self):
+        self.pool = UpstreamPool(reactor, max_idle_per_endpoint=self.max_idle, idle_timeout=self.idle_timeout)
+        self.addCleanup(self.pool.close)
+
+    def get(self, server, method=b"GET", target=b"/x", headers=(), body=None, **kw) -> Deferred:
+        """
+        :return: the response Deferred of a request to C{server}.
+        """
+        return self.pool.request("127.0.0.1", server.port, 5.0, method, target, list(headers), body, **kw)
+
+
+class ResponseFramingTests(_PoolCase):
+    """
+    Response bodies delimited every way HTTP/1.1 allows.
+    """
+
+    async def test_content_length(self):
+        """
+        A Content-Length body arrives whole, with the head as received, and
+        the connection goes back to the pool.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        response = await self.get(server)
+        self.assertEqual((response.code, response.phrase, response.version), (200, b"OK", (1, 1)))
+        self.assertEqual(response.headers, [(b"Content-Length", b"5"), (b"X-Answer", b"yes")])
+        self.assertEqual(response.length, 5)
+        self.assertEqual(response.head_bytes, len(b"Content-Length5") + 4 + len(b"X-Answeryes") + 4)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason, sink.ended), (b"hello", None, 1))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_chunked(self):
+        """
+        A chunked body arrives without its framing, length None, and the
+        connection is reused.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n5;ext=1\r\ndefgh\r\n0\r\n\r\n"
+        )).start(self)
+        response = await self.get(server)
+        self.assertIsNone(response.length)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"abcdefgh", None))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_close_delimited(self):
+        """
+        A body without Content-Length or chunking ends cleanly when the
+        server closes the connection, which is not reused.
+        """
+        def respond(c, r):
+            c.write(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+            reactor.callLater(0.05, c.write, b"part two")
+            reactor.callLater(0.1, c.transport.loseConnection)
+
+        server = ScriptedServer(respond).start(self)
+        response = await self.get(server)
+        self.assertIsNone(response.length)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"part one, part two", None))
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_close_delimited_reset(self):
+        """
+        A close-delimited body cut by a reset ends with a Failure.
+        """
+        def respond(c, r):
+            c.write(b"HTTP/1.1 200 OK\r\n\r\npart one")
+            reactor.callLater(0.05, c.transport.abortConnection)
+
+        server = ScriptedServer(respond).start(self)
+        sink = await read_body(await self.get(server))
+        self.assertEqual(sink.body, b"part one")
+        self.assertTrue(sink.reason.check(ConnectionLost))
+
+    async def test_truncated_content_length(self):
+        """
+        A Content-Length body cut short by a clean close ends with a
+        Failure, not as complete.
+        """
+        def respond(c, r):
+            c.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            c.transport.loseConnection()
+
+        server = ScriptedServer(respond).start(self)
+        sink = await read_body(await self.get(server))
+        self.assertEqual(sink.body, b"abc")
+        self.assertIsInstance(sink.reason, Failure)
+
+    async def test_head_with_content_length(self):
+        """
+        The answer to HEAD has no body even with a Content-Length, and the
+        connection carries the next request.
+        """
+        def respond(c, r):
+            if r.method == b"HEAD":
+                c.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+            else:
+                c.write(OK_HELLO)
+
+        server = ScriptedServer(respond).start(self)
+        response = await self.get(server, method=b"HEAD")
+        self.assertEqual(response.length, 0)
+        self.assertIn((b"Content-Length", b"1234"), response.headers)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"", None))
+        self.assertEqual(self.pool.idle_connections(), 1)
+        sink = await read_body(await self.get(server))
+        self.assertEqual((sink.body, sink.reason), (b"hello", None))
+        self.assertEqual(len(server.connections), 1)
+
+    async def test_head_with_trailing_bytes(self):
+        """
+        Bytes after the head of a HEAD answer (a body the server should not
+        send) make the connection unusable: it is not reused.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        )).start(self)
+        sink = await read_body(await self.get(server, method=b"HEAD"))
+        self.assertEqual((sink.body, sink.reason), (b"", None))
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_no_content(self):
+        """
+        A 204 has no body (length 0) and keeps the connection.
+        """
+        server = ScriptedServer(lambda c, r: c.write(b"HTTP/1.1 204 No Content\r\n\r\n")).start(self)
+        response = await self.get(server, method=b"DELETE")
+        self.assertEqual((response.code, response.length), (204, 0))
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"", None))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_interim_responses_skipped(self):
+        """
+        100 and 103 interim responses are skipped: the Deferred fires with
+        the final response and its own headers only.
+        """
+        def respond(c, r):
+            c.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            c.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+            reactor.callLater(0.02, c.write, OK_HELLO)
+
+        server = ScriptedServer(respond).start(self)
+        response = await self.get(server)
+        self.assertEqual(response.code, 200)
+        self.assertEqual([n for n, _ in response.headers], [b"Content-Length", b"X-Answer"])
+        sink = await read_body(response)
+        self.assertEqual(sink.body, b"hello")
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_switching_protocols_not_reused(self):
+        """
+        A 101 is a complete response without a body, and its connection is
+        closed rather than reused.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframes"
+        )).start(self)
+        response = await self.get(server)
+        self.assertEqual((response.code, response.length), (101, 0))
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"", None))
+        self.assertEqual(self.pool.idle_connections(), 0)
+        await wait_until(lambda: server.connections[0].lost)
+
+
+class KeepAliveTests(_PoolCase):
+    """
+    The pool of persistent connections.
+    """
+
+    def small_pool(self, **kw) -> UpstreamPool:
+        """
+        :return: a pool with other settings, closed in cleanup.
+        """
+        pool = UpstreamPool(reactor, **kw)
+        self.addCleanup(pool.close)
+        return pool
+
+    async def test_reuse(self):
+        """
+        Two sequential requests go over one connection.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        for _ in range(2):
+            sink = await read_body(await self.get(server))
+            self.assertEqual(sink.body, b"hello")
+        self.assertEqual(len(server.connections), 1)
+        self.assertEqual(len(server.connections[0].requests), 2)
+
+    async def test_connection_close_not_reused(self):
+        """
+        A response with Connection: close leaves nothing in the pool.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )).start(self)
+        sink = await read_body(await self.get(server))
+        self.assertEqual((sink.body, sink.reason), (b"ok", None))
+        self.assertEqual(self.pool.idle_connections(), 0)
+        await wait_until(lambda: server.connections[0].lost)
+
+    async def test_bytes_after_response_not_reused(self):
+        """
+        Bytes after the end of a response (nothing asked for them) keep the
+        connection out of the pool.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO + b"HTTP/1.1 200 OK\r\n")).start(self)
+        sink = await read_body(await self.get(server))
+        self.assertEqual((sink.body, sink.reason), (b"hello", None))
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_unsolicited_bytes_on_idle_connection(self):
+        """
+        An idle connection that receives bytes is dropped from the pool.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        await read_body(await self.get(server))
+        self.assertEqual(self.pool.idle_connections(), 1)
+        server.connections[0].write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        await wait_until(lambda: server.connections[0].lost, timeout=1.0)
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_idle_timeout(self):
+        """
+        An idle connection is closed after idle_timeout.
+        """
+        self.pool = self.small_pool(idle_timeout=0.3)
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        await read_body(await self.get(server))
+        await sleep(0.1)
+        self.assertEqual(self.pool.idle_connections(), 1)
+        self.assertFalse(server.connections[0].lost)
+        await wait_until(lambda: server.connections[0].lost, timeout=1.0)
+        self.assertEqual(self.pool.idle_connections(), 0)
+        sink = await read_body(await self.get(server))
+        self.assertEqual(sink.body, b"hello")
+        self.assertEqual(len(server.connections), 2)
+
+    async def test_server_closes_idle(self):
+        """
+        An idle connection the server closes leaves the pool; the next
+        request gets a new connection and succeeds.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        await read_body(await self.get(server))
+        server.connections[0].transport.loseConnection()
+        await wait_until(lambda: self.pool.idle_connections() == 0, timeout=1.0)
+        sink = await read_body(await self.get(server))
+        self.assertEqual((sink.body, sink.reason), (b"hello", None))
+        self.assertEqual(len(server.connections), 2)
+
+    async def test_max_idle_per_endpoint(self):
+        """
+        At most max_idle_per_endpoint connections stay idle; the oldest
+        extra one is closed.
+        """
+        self.pool = self.small_pool(max_idle_per_endpoint=2)
+        held = []
+        server = ScriptedServer(lambda c, r: held.append(c)).start(self)
+        ds = [self.get(server) for _ in range(3)]
+        await wait_until(lambda: len(held) == 3)
+        for c in held:
+            c.write(OK_HELLO)
+        for d in ds:
+            await read_body(await d)
+        self.assertEqual(self.pool.idle_connections(), 2)
+        await wait_until(lambda: sum(c.lost for c in held) == 1)
+
+
+class RequestBodyTests(_PoolCase):
+    """
+    What the upstream receives, and how the body producer is driven.
+    """
+
+    async def test_request_head(self):
+        """
+        The request line, a Host header, the given headers in order and
+        the framing arrive as written; a bytes body gets a Content-Length.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        headers = [(b"X-One", b"1"), (b"Content-Type", b"application/json"), (b"X-One", b"2")]
+        await read_body(await self.get(server, b"POST", b"/v1/a?b=c", headers, b'{"a":1}'))
+        request = server.requests[0]
+        self.assertEqual((request.method, request.target, request.body), (b"POST", b"/v1/a?b=c", b'{"a":1}'))
+        self.assertEqual(request.headers, [
+            (b"Host", b"127.0.0.1:%d" % (server.port,)), *headers, (b"Content-Length", b"7"),
+        ])
+
+    async def test_empty_post(self):
+        """
+        A POST without a body says Content-Length: 0; a GET says nothing.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        await read_body(await self.get(server, b"POST"))
+        await read_body(await self.get(server, b"GET"))
+        post, get = server.requests
+        self.assertEqual(post.header(b"content-length"), b"0")
+        self.assertEqual([n for n, _ in get.headers], [b"Host"])
+
+    async def test_header_injection_refused(self):
+        """
+        A header value with a line break is refused before anything is sent.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        d = self.get(server, headers=[(b"X-A", b"1\r\nX-Evil: 1")])
+        await self.assertFailure(d, ValueError)
+        self.assertEqual(server.connections, [])
+
+    async def test_bytes_body_producer(self):
+        """
+        A BytesBody is sent with its Content-Length, and the connection is
+        reused.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        for _ in range(2):
+            await read_body(await self.get(server, b"POST", body=BytesBody(b"0123456789")))
+        self.assertEqual([r.body for r in server.requests], [b"0123456789"] * 2)
+        self.assertEqual(server.requests[0].header(b"content-length"), b"10")
+        self.assertEqual(len(server.connections), 1)
+
+    async def test_chunked_upload(self):
+        """
+        An UNKNOWN_LENGTH producer is sent chunked: the server sees the
+        exact bytes, empty writes do not end the body, and the connection
+        is reused afterwards.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        body = ScriptedBody()
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: body.consumer is not None)
+        body.consumer.write(b"first ")
+        body.consumer.write(b"")
+        await sleep(0.02)
+        body.consumer.write(b"second")
+        body.finished.callback(None)
+        sink = await read_body(await d)
+        self.assertEqual(sink.body, b"hello")
+        request = server.requests[0]
+        self.assertEqual((request.body, request.header(b"transfer-encoding")), (b"first second", b"chunked"))
+        self.assertTrue(server.connections[0].raw.endswith(b"6\r\nfirst \r\n6\r\nsecond\r\n0\r\n\r\n"))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_sized_producer(self):
+        """
+        A producer with an int length is streamed with that Content-Length.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        body = ScriptedBody(length=8)
+        d = self.get(server, b"PUT", body=body)
+        await wait_until(lambda: body.consumer is not None)
+        body.consumer.write(b"1234")
+        await sleep(0.02)
+        body.consumer.write(b"5678")
+        body.finished.callback(None)
+        await read_body(await d)
+        self.assertEqual((server.requests[0].body, server.requests[0].header(b"content-length")), (b"12345678", b"8"))
+
+    async def test_upload_backpressure(self):
+        """
+        A server that stops reading pauses the body producer; once it reads
+        again the producer resumes and every byte arrives.
+        """
+        total = 64 * 1024 * 1024
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO), hold_reading=True).start(self)
+        body = FloodBody(total)
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: body.paused, timeout=20)
+        written = body.written
+        await sleep(0.2)
+        self.assertTrue(body.paused)
+        self.assertEqual(body.written, written)
+        self.assertLess(written, total)
+        server.connections[0].transport.resumeProducing()
+        sink = await read_body(await d)
+        self.assertEqual(sink.body, b"hello")
+        self.assertGreater(body.resumes, 0)
+        self.assertEqual(len(server.requests[0].body), total)
+
+    async def test_early_answer(self):
+        """
+        An upstream that answers before the body is complete: the body
+        producer is stopped and the connection is not reused.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!"
+        ), answer_at_head=True).start(self)
+        body = ScriptedBody()
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: body.consumer is not None)
+        body.consumer.write(b"some of it")
+        response = await d
+        self.assertEqual(response.code, 413)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"big!", None))
+        self.assertIn("stop", body.events)
+        self.assertEqual(self.pool.idle_connections(), 0)
+        await wait_until(lambda: server.connections[0].lost)
+
+    async def test_producer_failure_before_head(self):
+        """
+        A body producer that fails fails the request with that same
+        failure, and the upstream connection is aborted.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        body = ScriptedBody(length=100)
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: body.consumer is not None)
+        body.consumer.write(b"partial")
+        failure = Failure(BodyTooLarge())
+        body.finished.errback(failure)
+        caught = []
+        d.addErrback(caught.append)
+        await d
+        self.assertIs(caught[0], failure)
+        await wait_until(lambda: len(server.connections) == 1 and server.connections[0].lost)
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_producer_failed_before_start(self):
+        """
+        A body that has already failed fails the request with its failure
+        without writing anything, and the connection stays usable.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        await read_body(await self.get(server))
+
+        @implementer(IBodyProducer)
+        class Failed(ScriptedBody):
+            def startProducing(self, consumer):
+                d = Deferred()
+                d.errback(BodyTooLarge())
+                return d
+
+        await self.assertFailure(self.get(server, b"POST", body=Failed(5)), BodyTooLarge)
+        self.assertEqual(self.pool.idle_connections(), 1)
+        sink = await read_body(await self.get(server))
+        self.assertEqual(sink.body, b"hello")
+        self.assertEqual(len(server.connections), 1)
+        self.assertEqual(len(server.requests), 2)
+
+    async def test_producer_failure_after_head(self):
+        """
+        A body producer failing after the response head arrived ends the
+        response body with that failure.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        ), answer_at_head=True).start(self)
+        body = ScriptedBody()
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: body.consumer is not None)
+        body.consumer.write(b"start")
+        response = await d
+        sink = Sink()
+        response.deliver(sink)
+        await wait_until(lambda: sink.body == b"abc")
+        failure = Failure(BodyTooLarge())
+        body.finished.errback(failure)
+        await sink.done
+        self.assertIs(sink.reason, failure)
+        self.assertEqual(sink.ended, 1)
+
+    async def test_producer_overrun(self):
+        """
+        A producer writing more than its declared length fails the request
+        instead of sending bytes the server would take as the next request.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        body = ScriptedBody(length=3)
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: body.consumer is not None)
+        body.consumer.write(b"abcdef")
+        await self.assertFailure(d, ValueError)
+        self.assertIn("stop", body.events)
+
+
+class ResponseFlowTests(_PoolCase):
+    """
+    Delivering the response body: buffering, backpressure, stopping.
+    """
+
+    async def test_buffered_before_deliver(self):
+        """
+        Body bytes that arrive before deliver() are kept and delivered
+        first, in order.
+        """
+        def respond(c, r):
+            c.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+            reactor.callLater(0.05, c.write, b"3\r\ndef\r\n")
+            reactor.callLater(0.1, c.write, b"0\r\n\r\n")
+
+        server = ScriptedServer(respond).start(self)
+        response = await self.get(server)
+        await sleep(0.2)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"abcdef", None))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_response_backpressure(self):
+        """
+        A paused response delivers nothing more and stops reading, so the
+        upstream's producer stalls; resuming delivers the rest.
+        """
+        fake = FakeVLLM(reactor)
+        await fake.start()
+        self.addCleanup(fake.stop)
+        total = 64 * 1024 * 1024
+        response = await self.pool.request(
+            "127.0.0.1", fake.port, 5.0, b"GET", b"/v1/models", [(b"x-fake-fault", b"big_body=%d" % (total,))], None
+        )
+        self.assertEqual(response.length, total)
+        sink = Sink(pause_after=1)
+        sink.response = response
+        response.deliver(sink)
+        await wait_until(lambda: sink.chunks)
+        await sleep(0.3)
+        self.assertEqual(len(sink.chunks), 1)
+        written = fake.big_body_written
+        await sleep(0.2)
+        self.assertEqual(fake.big_body_written, written)
+        self.assertLess(written, total)
+        sink._pause_after = None
+        response.resumeProducing()
+        await sink.done
+        self.assertEqual((len(sink.body), sink.reason), (total, None))
+
+    async def test_stop_producing(self):
+        """
+        stopProducing mid-body aborts the connection; the sink gets
+        body_ended(Failure) once, and nothing is pooled.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome"
+        )).start(self)
+        response = await self.get(server)
+        sink = Sink()
+        response.deliver(sink)
+        await wait_until(lambda: sink.chunks)
+        response.stopProducing()
+        await sink.done
+        self.assertTrue(sink.reason.check(ConnectionAborted))
+        await wait_until(lambda: server.connections[0].lost)
+        self.assertEqual((sink.ended, self.pool.idle_connections()), (1, 0))
+
+
+class FailureTests(_PoolCase):
+    """
+    How a request fails.
+    """
+
+    async def test_connect_refused(self):
+        """
+        A refused connection fails with UpstreamUnreachable.
+        """
+        d = self.pool.request("127.0.0.1", refused_port(), 5.0, b"GET", b"/", [], None)
+        e = await self.assertFailure(d, UpstreamUnreachable)
+        self.assertIn("refused", e.reason.lower())
+
+    async def test_reset_before_head(self):
+        """
+        A connection lost before the head fails with UpstreamFailed, with
+        reused False on a new connection and True on a pooled one.
+        """
+        answers = [OK_HELLO, None]
+
+        def respond(c, r):
+            answer = answers.pop(0)
+            if answer is None:
+                c.transport.abortConnection()
+            else:
+                c.write(answer)
+
+        server = ScriptedServer(respond).start(self)
+        await read_body(await self.get(server))
+        e = await self.assertFailure(self.get(server), UpstreamFailed)
+        self.assertTrue(e.reused)
+        server.respond = lambda c, r: c.transport.abortConnection()
+        e = await self.assertFailure(self.get(server), UpstreamFailed)
+        self.assertFalse(e.reused)
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_oversized_head(self):
+        """
+        Response header lines over max_head_bytes fail with
+        UpstreamMalformed and the connection is aborted.
+        """
+        big = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(10)) + b"\r\n"
+        server = ScriptedServer(lambda c, r: c.write(big)).start(self)
+        await self.assertFailure(self.get(server, max_head_bytes=4000), UpstreamMalformed)
+        await wait_until(lambda: server.connections[0].lost)
+        response = await self.get(server, max_head_bytes=20000)
+        self.assertEqual(len(response.headers), 10)
+        response.stopProducing()
+
+    async def test_endless_header_line(self):
+        """
+        One header line that never ends is cut off once it passes the
+        head limit.
+        """
+        server = ScriptedServer(lambda c, r: c.write(b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 50000)).start(self)
+        await self.assertFailure(self.get(server, max_head_bytes=1000), UpstreamMalformed)
+
+    async def test_garbage_head(self):
+        """
+        A head that is not HTTP fails with UpstreamMalformed.
+        """
+        server = ScriptedServer(lambda c, r: c.write(b"SSH-2.0-OpenSSH\r\n\r\n")).start(self)
+        await self.assertFailure(self.get(server), UpstreamMalformed)
+
+    async def test_bad_chunk_framing(self):
+        """
+        A body that breaks its chunked framing ends with a Failure.
+        """
+        server = ScriptedServer(lambda c, r: c.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
+        )).start(self)
+        sink = await read_body(await self.get(server))
+        self.assertTrue(sink.reason.check(UpstreamMalformed))
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_cancel_before_head(self):
+        """
+        Cancelling before the head fails with CancelledError, aborts the
+        connection and stops the body; nothing is pooled.
+        """
+        server = ScriptedServer(lambda c, r: None).start(self)
+        body = ScriptedBody()
+        d = self.get(server, b"POST", body=body)
+        await wait_until(lambda: server.requests)
+        d.cancel()
+        await self.assertFailure(d, CancelledError)
+        self.assertIn("stop", body.events)
+        await wait_until(lambda: server.connections[0].lost)
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_cancel_while_connecting(self):
+        """
+        Cancelling while the connection is being made stops the attempt.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO)).start(self)
+        d = self.get(server)
+        d.cancel()
+        await self.assertFailure(d, CancelledError)
+        await sleep(0.05)
+        self.assertEqual(server.requests, [])
+        self.assertEqual(self.pool.idle_connections(), 0)
+
+    async def test_close(self):
+        """
+        close() aborts requests in flight, closes idle connections, fails
+        later requests, and fires once every connection is gone.
+        """
+        server = ScriptedServer(lambda c, r: c.write(OK_HELLO) if r.target == b"/fast" else None).start(self)
+        await read_body(await self.get(server, target=b"/fast"))
+        waiting = self.get(server, target=b"/slow")
+        await wait_until(lambda: len(server.requests) == 2)
+        connecting = self.get(server, target=b"/slow")
+        await self.pool.close()
+        await self.assertFailure(waiting, UpstreamFailed)
+        await self.assertFailure(connecting, UpstreamUnreachable, UpstreamFailed)
+        self.assertEqual(self.pool.idle_connections(), 0)
+        await self.assertFailure(self.get(server), UpstreamUnreachable)
+        await wait_until(lambda: all(c.lost for c in server.connections))
+
+
+class FakeVLLMTests(_PoolCase):
+    """
+    Real vLLM-shaped answers from the fake upstream.
+    """
+
+    async def _fake(self) -> FakeVLLM:
+        fake = FakeVLLM(reactor, served_model="tiny")
+        await fake.start()
+        self.addCleanup(fake.stop)
+        return fake
+
+    async def test_chat_completion(self):
+        """
+        A chat completion comes back as JSON with its usage, and a second
+        one reuses the connection.
+        """
+        fake = await self._fake()
+        document = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        for _ in range(2):
+            response = await self.pool.request(
+                "127.0.0.1", fake.port, 5.0, b"POST", b"/v1/chat/completions",
+                [(b"Content-Type", b"application/json")], json.dumps(document).encode(),
+            )
+            self.assertEqual(response.code, 200)
+            sink = await read_body(response)
+            self.assertIsNone(sink.reason)
+            self.assertEqual(len(sink.body), response.length)
+            answer = json.loads(sink.body)
+            self.assertEqual(answer["object"], "chat.completion")
+            self.assertEqual(answer["usage"]["completion_tokens"], 4)
+        self.assertEqual(fake.received[0].json, document)
+        self.assertEqual(len(fake.connections_lost), 0)
+        self.assertEqual(fake.open_connections, 1)
+
+    async def test_sse_stream(self):
+        """
+        A streamed chat completion arrives as SSE events ending in [DONE].
+        """
+        fake = await self._fake()
+        document = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "stream": True}
+        response = await self.pool.request(
+            "127.0.0.1", fake.port, 5.0, b"POST", b"/v1/chat/completions",
+            [(b"Content-Type", b"application/json")], BytesBody(json.dumps(document).encode()),
+        )
+        content_type = dict((n.lower(), v) for n, v in response.headers)[b"content-type"]
+        self.assertTrue(content_type.startswith(b"text/event-stream"))
+        sink = await read_body(response)
+        self.assertIsNone(sink.reason)
+        events = [e for e in sink.body.split(b"\n\n") if e]
+        self.assertEqual(events[-1], b"data: [DONE]")
+        chunks = [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+        self.assertTrue(all(c["object"] == "chat.completion.chunk" for c in chunks))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+
+class _RecordingTransport(StringTransport):
+    """
+    An in-memory transport that records each write and TCP_NODELAY.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.writes: List[bytes] = []
+        self.no_delay = False
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
+class WireTests(SynchronousTestCase):
+    """
+    What goes on the wire, checked in memory with a fake clock.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.pool = UpstreamPool(self.reactor, idle_timeout=4.0)
+
+    def connect(self, d_ignored=None):
+        """
+        Complete the latest connection attempt over a recording transport.
+
+        :return: the protocol and its transport.
+        """
+        host, port, factory, timeout, _ = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(None)
+        transport = _RecordingTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_one_write_and_no_delay(self):
+        """
+        The head and an in-memory body go out in one write, with
+        TCP_NODELAY set and the connect timeout passed on.
+        """
+        self.pool.request("10.1.2.3", 8000, 7.5, b"POST", b"/v1/x", [(b"A", b"b")], b"body")
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("10.1.2.3", 8000))
+        self.assertEqual(self.reactor.tcpClients[0][3], 7.5)
+        _, transport = self.connect()
+        self.assertTrue(transport.no_delay)
+        self.assertEqual(transport.writes, [
+            b"POST /v1/x HTTP/1.1\r\nHost: 10.1.2.3:8000\r\nA: b\r\nContent-Length: 4\r\n\r\nbody"
+        ])
+        bytes_body = BytesBody(b"json")
+        self.pool.request("10.1.2.3", 8001, 7.5, b"POST", b"/v1/x", [], bytes_body)
+        _, transport = self.connect()
+        self.assertEqual(transport.writes, [b"POST /v1/x HTTP/1.1\r\nHost: 10.1.2.3:8001\r\nContent-Length: 4\r\n\r\njson"])
+        self.assertIsNone(transport.producer)
+
+    def test_idle_timeout(self):
+        """
+        An idle connection is reused before idle_timeout and closed at it.
+        """
+        d = self.pool.request("10.1.2.3", 8000, 1.0, b"GET", b"/", [], None)
+        protocol, transport = self.connect()
+        protocol.dataReceived(OK_HELLO)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(self.pool.idle_connections(), 1)
+        self.reactor.advance(3.9)
+        self.pool.request("10.1.2.3", 8000, 1.0, b"GET", b"/", [], None)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        protocol.dataReceived(OK_HELLO)
+        self.reactor.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.pool.idle_connections(), 0)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.successResultOf(self.pool.close()), None)
+
+    def test_body_before_deliver_pauses(self):
+        """
+        Body bytes with no sink yet pause the transport; deliver() resumes
+        it after handing them over.
+        """
+        d = self.pool.request("10.1.2.3", 8000, 1.0, b"GET", b"/", [], None)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+        response = self.successResultOf(d)
+        self.assertEqual(transport.producerState, "paused")
+        sink = Sink()
+        response.deliver(sink)
+        self.assertEqual((sink.body, transport.producerState), (b"abc", "producing"))
+        response.pauseProducing()
+        protocol.dataReceived(b"def")
+        self.assertEqual(sink.body, b"abc")
+        self.assertEqual(self.pool.idle_connections(), 1)
+        self.assertEqual(sink.ended, 0)
+        response.resumeProducing()
+        self.assertEqual((sink.body, sink.reason, sink.ended), (b"abcdef", None, 1))
