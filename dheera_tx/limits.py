@@ -17,9 +17,10 @@ Redis keys (all under the configured prefix):
   crashed proxy cannot leak slots forever.
 """
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import attr
+from twisted.internet.defer import Deferred
 
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
 
@@ -99,6 +100,71 @@ end
 return {0}
 """
 
+_KEYS_PER_CALL = 5
+_ARGS_PER_CALL = 7
+
+# The admissions of one reactor tick in one script run: KEYS and ARGV are
+# those of ADMIT_SCRIPT for each call in turn; returns one reply per call.
+ADMIT_BATCH_SCRIPT = (
+    "local function admit(KEYS, ARGV)\n"
+    + ADMIT_SCRIPT
+    + "\nend\nlocal out = {}\n"
+    + f"for i = 0, #KEYS / {_KEYS_PER_CALL} - 1 do\n"
+    + "  local k, a = {}, {}\n"
+    + f"  for j = 1, {_KEYS_PER_CALL} do k[j] = KEYS[i * {_KEYS_PER_CALL} + j] end\n"
+    + f"  for j = 1, {_ARGS_PER_CALL} do a[j] = ARGV[i * {_ARGS_PER_CALL} + j] end\n"
+    + "  out[i + 1] = admit(k, a)\n"
+    + "end\nreturn out\n"
+)
+
+
+class AdmissionBatch:
+    """
+    Gathers the admissions asked for during one reactor tick and runs them
+    in one script: one Redis round trip (and one script run) for all the
+    calls that arrived together, still one round trip before each call.
+
+    :param redis: a L{dheera_tx.redis_client.RedisClient}.
+    :param reactor: an C{IReactorTime}.
+    """
+
+    def __init__(self, redis, reactor):
+        self._redis = redis
+        self._reactor = reactor
+        self._pending: List[Tuple[tuple, tuple, Deferred]] = []
+
+    def admit(self, keys: tuple, args: tuple) -> Deferred:
+        """
+        :return: a Deferred firing with this admission's script reply, or
+            failing as the Redis call failed.
+        """
+        d = Deferred()
+        if not self._pending:
+            self._reactor.callLater(0, self._flush)
+        self._pending.append((keys, args, d))
+        return d
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        keys: list = []
+        args: list = []
+        for k, a, _ in batch:
+            keys.extend(k)
+            args.extend(a)
+        Deferred.fromCoroutine(self._redis.eval(ADMIT_BATCH_SCRIPT, keys, args)).addCallbacks(
+            self._answered, self._failed, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
+
+    @staticmethod
+    def _answered(replies, batch) -> None:
+        for (_, _, d), reply in zip(batch, replies):
+            d.callback(reply)
+
+    @staticmethod
+    def _failed(failure, batch) -> None:
+        for _, _, d in batch:
+            d.errback(failure)
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Admission:
@@ -127,13 +193,16 @@ class CallLimiter:
     :param now: epoch seconds.
     :param stale_after: seconds after which a parallel slot is forgotten
         (longer than any call may last).
+    :param reactor: when given, the admissions of one reactor tick share
+        one script run (L{AdmissionBatch}).
     """
 
-    def __init__(self, redis, prefix: str, now, stale_after: float):
+    def __init__(self, redis, prefix: str, now, stale_after: float, reactor=None):
         self._redis = redis
         self._prefix = prefix
         self._now = now
         self._stale_after = stale_after
+        self._batch = AdmissionBatch(redis, reactor) if reactor is not None else None
 
     def key_names(self, token: Optional[str], end_user: Optional[str]):
         """
@@ -186,12 +255,13 @@ class CallLimiter:
             return admission
         if record is None and not end_user:
             return admission
+        keys = self.key_names(token, end_user)
+        args = (repr(self._now()), call_id, rpm, tpm, parallel, self._stale_after, WINDOW_MS)
         try:
-            result = await self._redis.eval(
-                ADMIT_SCRIPT,
-                self.key_names(token, end_user),
-                [repr(self._now()), call_id, rpm, tpm, parallel, self._stale_after, WINDOW_MS],
-            )
+            if self._batch is not None:
+                result = await self._batch.admit(keys, args)
+            else:
+                result = await self._redis.eval(ADMIT_SCRIPT, keys, args)
         except Exception:
             if record is None:
                 # The master key keeps working while Redis is away.

@@ -139,7 +139,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         stored_keys = RedisKeyStore(redis, prefix, now=now)
         key_store = CachedKeyStore(stored_keys, redis, reactor)
         stale_after = max([d.timeout for d in config.deployments] + [600.0]) + 60
-        limiter = CallLimiter(redis, prefix, now, stale_after=stale_after)
+        limiter = CallLimiter(redis, prefix, now, stale_after=stale_after, reactor=reactor)
         ledger = SpendLedger(redis, prefix, limiter, reactor)
 
         async def redis_answers() -> bool:

@@ -55,7 +55,8 @@ class LimitsTests(TestCase):
         self.redis = connect(reactor, self.server.url)
         self.addCleanup(self.redis.disconnect)
         self.now = [1_800_000_000.0]
-        self.limiter = CallLimiter(self.redis, PREFIX, lambda: self.now[0], stale_after=660)
+        # As the proxy runs it: the admissions of one reactor tick batched.
+        self.limiter = CallLimiter(self.redis, PREFIX, lambda: self.now[0], stale_after=660, reactor=reactor)
         self.ledger = SpendLedger(self.redis, PREFIX, self.limiter, reactor)
 
     def _store(self, record):
@@ -78,6 +79,44 @@ class LimitsTests(TestCase):
         return self.ledger.settle(
             Settlement(admission, cost, prompt, completion, record_user, "red" if record_user else None, model, self.now[0])
         )
+
+    def test_admissions_of_one_tick_share_one_script_run(self):
+        """
+        Calls asked to be admitted in the same reactor tick are judged in
+        one script run, each against its own key's limits: of six calls on
+        a key with rpm_limit 2, two pass; calls of a key without room
+        (budget spent) get 429, calls of the master key with an end user
+        pass; one EVALSHA/EVAL runs for all of them.
+        """
+        limited = self._store(_record(token="a" * 64, rpm_limit=2))
+        broke = self._store(_record(token="b" * 64, max_budget=0.000001, spend_nanos=5000))
+        self.server.command("CONFIG", "RESETSTAT")
+
+        async def go():
+            calls = [self.limiter.admit(Principal(False, limited), None, f"a-{i}") for i in range(6)]
+            calls += [self.limiter.admit(Principal(False, broke), None, f"b-{i}") for i in range(2)]
+            calls += [self.limiter.admit(MASTER, "bob", f"m-{i}") for i in range(2)]
+            outcomes = []
+            for d in [ensureDeferred(c) for c in calls]:
+                try:
+                    outcomes.append(await d)
+                except ProxyError as e:
+                    outcomes.append(e)
+            kinds = [o.type if isinstance(o, ProxyError) else "ok" for o in outcomes]
+            self.assertEqual(kinds[:6].count("ok"), 2)
+            self.assertEqual(kinds[:6].count("rate_limit_error"), 4)
+            self.assertEqual(kinds[6:8], ["budget_exceeded"] * 2)
+            self.assertEqual(kinds[8:], ["ok", "ok"])
+            stats = self.server.command("INFO", "commandstats")
+            runs = sum(
+                int(line.split("calls=")[1].split(",")[0])
+                for line in stats.splitlines()
+                if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:"))
+            )
+            # An EVALSHA answered NOSCRIPT is followed by an EVAL: at most 2.
+            self.assertIn(runs, (1, 2))
+
+        return ensureDeferred(go())
 
     def test_rpm_limit(self):
         """
