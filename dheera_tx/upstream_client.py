@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from httptools import HttpParserError, HttpResponseParser
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -304,6 +304,9 @@ class _UpstreamConnection:
     # IProtocol
 
     def makeConnection(self, transport) -> None:
+        """
+        Connected: send the request this connection was made for.
+        """
         self.transport = transport
         self.connectionMade()
 
@@ -313,6 +316,9 @@ class _UpstreamConnection:
         self._pool._connected(self, attempt)
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        Parse the response; bytes on an idle connection drop it.
+        """
         if not self.busy:
             # Bytes nobody asked for: this connection cannot be trusted.
             self._pool._forget_idle(self)
@@ -320,20 +326,24 @@ class _UpstreamConnection:
             return
         if self._is_head and self._response is None:
             self._feed_lines(data)
+        else:
+            try:
+                self._parser.feed_data(data)
+            except HttpParserError as e:
+                self._parse_stopped(e)
+        if self._aborted:
             return
-        try:
-            self._parser.feed_data(data)
-        except HttpParserError as e:
-            if not self._parse_stopped(e):
-                return
         if self._complete:
             self._message_done()
-        elif self._response is None and not self._aborted:
+        elif self._response is None:
             self._head_seen += len(data)
             if self._head_seen > self._max_head + HEAD_SLACK:
                 self._malformed("The response head is too large.")
 
     def connectionLost(self, reason: Failure) -> None:
+        """
+        Fail the request or end the response body, unless already done.
+        """
         self._aborted = True
         self._stop_body()
         failure = self._failure
@@ -449,11 +459,18 @@ class _UpstreamConnection:
             self.transport.abortConnection()
 
     def pause_reading(self) -> None:
+        """
+        Stop reading from the upstream (the response is paused, or has no
+        sink yet).
+        """
         if not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
+        """
+        Read from the upstream again.
+        """
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
@@ -521,19 +538,11 @@ class _UpstreamConnection:
             try:
                 self._parser.feed_data(piece)
             except HttpParserError as e:
-                if not self._parse_stopped(e):
-                    return
-                if self._complete and (i < last - 1 or (i < last and lines[last])):
+                if self._parse_stopped(e) and (i < last - 1 or (i < last and lines[last])):
                     self._keep_alive = False  # bytes after a HEAD response's head
-                break
+                return
             if self._aborted:
                 return
-        if self._complete:
-            self._message_done()
-        elif self._response is None and not self._aborted:
-            self._head_seen += len(data)
-            if self._head_seen > self._max_head + HEAD_SLACK:
-                self._malformed("The response head is too large.")
 
     def _parse_stopped(self, e: HttpParserError) -> bool:
         """
@@ -566,7 +575,12 @@ class _UpstreamConnection:
         if d is not None:
             d.errback(UpstreamMalformed(why))
 
+    # The parser's callbacks.
+
     def on_message_begin(self) -> None:
+        """
+        A response (interim or final) begins.
+        """
         if self._complete or self._aborted:
             raise _Stop()
         self._headers = []
@@ -576,9 +590,15 @@ class _UpstreamConnection:
         self._chunked = False
 
     def on_status(self, status: bytes) -> None:
+        """
+        A piece of the reason phrase.
+        """
         self._phrase += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """
+        One whole header line; the framing headers are noted.
+        """
         self._headers.append((name, value))
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
@@ -591,6 +611,10 @@ class _UpstreamConnection:
             self._chunked = value.rstrip().lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
+        """
+        The head is complete: skip an interim response, or fire the
+        request Deferred with the final one.
+        """
         if self._aborted:
             raise _Stop()
         parser = self._parser
@@ -622,6 +646,9 @@ class _UpstreamConnection:
             raise _Stop()
 
     def on_body(self, data: bytes) -> None:
+        """
+        A piece of the body, without chunked framing.
+        """
         response = self._response
         if response._flowing:
             response._sink.data_received(data)
@@ -629,6 +656,9 @@ class _UpstreamConnection:
             response._hold(data)
 
     def on_message_complete(self) -> None:
+        """
+        A response ended (an interim one is ignored).
+        """
         if self._interim:
             self._interim = False
             return
@@ -688,7 +718,7 @@ class _Connecting:
         """
         try:
             self.connector.stopConnecting()
-        except Exception:
+        except NotConnectingError:
             pass
 
     # The client factory interface, as tcp.Connector uses it.
@@ -800,14 +830,20 @@ class UpstreamPool:
         attempt = _Connecting(self, key, head, body, is_head, max_head_bytes)
         d = attempt.deferred = Deferred(attempt.cancel)
         self._attempts.add(attempt)
-        if tls:
-            from twisted.internet.ssl import optionsForClientTLS
+        try:
+            if tls:
+                from twisted.internet.ssl import optionsForClientTLS
 
-            attempt.connector = self._reactor.connectSSL(
-                host, port, attempt, optionsForClientTLS(host), timeout=connect_timeout
-            )
-        else:
-            attempt.connector = self._reactor.connectTCP(host, port, attempt, timeout=connect_timeout)
+                attempt.connector = self._reactor.connectSSL(
+                    host, port, attempt, optionsForClientTLS(host), timeout=connect_timeout
+                )
+            else:
+                attempt.connector = self._reactor.connectTCP(host, port, attempt, timeout=connect_timeout)
+        except Exception as e:
+            # e.g. no TLS support installed, or a host name that is not text.
+            self._attempts.discard(attempt)
+            attempt.deferred = None
+            return fail(UpstreamUnreachable("Cannot connect: {}".format(type(e).__name__)))
         return d
 
     def idle_connections(self) -> int:
