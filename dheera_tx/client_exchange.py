@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 
 from dheera_tx.errors import ProxyError
 from dheera_tx.request_body import BodyAborted, StreamingBody
+from dheera_tx.socket_write import write_now
 
 log = Logger()
 
@@ -64,6 +65,7 @@ class ClientExchange:
         "_transport",
         "_chunked",
         "_has_length",
+        "_head",
         "_no_body",
         "_gone_callbacks",
         "_next_token",
@@ -100,6 +102,7 @@ class ClientExchange:
         self.keep_alive = keep_alive
         self._chunked = False
         self._has_length = False
+        self._head: Optional[bytes] = None
         self._no_body = method == b"HEAD"
         self._gone_callbacks: Optional[Dict[int, Callable[[], None]]] = None
         self._next_token = 0
@@ -177,18 +180,23 @@ class ClientExchange:
         elif self.version != b"HTTP/1.1":
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(_CRLF)
-        self._transport.write(b"".join(lines))
+        # Sent with the first part of the body (one send for both).
+        self._head = b"".join(lines)
 
     def write(self, data: bytes) -> None:
         """
         Write part of the response body.
         """
-        if self.finished or self.client_gone or self._no_body or not data:
+        if self.finished or self.client_gone:
+            return
+        head, self._head = self._head, None
+        if self._no_body or not data:
+            if head is not None:
+                write_now(self._transport, head)
             return
         if self._chunked:
-            self._transport.writeSequence((b"%x\r\n" % (len(data),), data, _CRLF))
-        else:
-            self._transport.write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        write_now(self._transport, head + data if head is not None else data)
 
     def finish(self) -> None:
         """
@@ -199,8 +207,11 @@ class ClientExchange:
         self.finished = True
         if self.client_gone:
             return
+        head, self._head = self._head, None
         if self._chunked:
-            self._transport.write(_LAST_CHUNK)
+            write_now(self._transport, head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
+        elif head is not None:
+            write_now(self._transport, head)
         if not self.body_complete:
             self.keep_alive = False
         self._connection.exchange_done(self)
@@ -228,6 +239,7 @@ class ClientExchange:
         connection so the client sees it was cut short.
         """
         self.finished = True
+        self._head = None
         if not self.client_gone:
             self._transport.abortConnection()
 

@@ -25,6 +25,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from dheera_tx.socket_write import write_now
+
 # Bytes of a response head (status line, interim heads, line ends) allowed
 # beyond max_head_bytes before the head is declared malformed, so that a
 # server cannot grow one header line forever.
@@ -391,10 +393,10 @@ class _UpstreamConnection:
             self._new_parser = False
         transport = self.transport
         if body is None:
-            transport.write(head)
+            write_now(transport, head)
             return
         if isinstance(body, bytes):
-            transport.write(head + body)
+            write_now(transport, head + body)
             return
         chunked = body.length is UNKNOWN_LENGTH
         writer = _BodyWriter(self, chunked, body.length)

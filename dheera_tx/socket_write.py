@@ -1,0 +1,43 @@
+"""
+Writing to a TCP transport without waiting for the next reactor turn.
+
+Twisted's C{transport.write} only queues: it asks epoll to report the
+socket writable (one C{epoll_ctl}), sends when the next poll says so, and
+stops watching again (another C{epoll_ctl}).  A relayed SSE chunk or a
+small answer therefore costs two system calls and a reactor pass more than
+the send itself.  L{write_now} sends at once when nothing is queued on the
+transport, and hands whatever the kernel did not take to C{write}, which
+keeps ordering, buffering and producer backpressure as Twisted does them.
+
+This reads Twisted's C{FileDescriptor} internals (C{socket}, C{dataBuffer},
+C{offset}, C{_tempDataBuffer}, C{_writeDisconnected}); setup.py pins the
+Twisted range the tests run on.  Transports without a plain socket (TLS)
+take the ordinary path.
+"""
+
+
+def write_now(transport, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, sending it at once if nothing is queued.
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or transport._tempDataBuffer
+        or len(transport.dataBuffer) != transport.offset
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # Let the transport meet the error on its own write.
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
