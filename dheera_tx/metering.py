@@ -232,6 +232,10 @@ class SSEUsageMeter:
 
 
 def _last_event_end(data: bytes) -> int:
+    if data.endswith(b"\n\n") and data[-3:-2] not in b"\r\n":
+        # What vLLM writes: whole events, each ending with a blank line
+        # after a line of data (no match can end later or overlap it).
+        return len(data)
     end = 0
     for match in _EVENT_END.finditer(data):
         end = match.end()

@@ -3,11 +3,12 @@ Tests for L{dheera_tx.metering}: usage read off JSON and SSE answers.
 """
 
 import json
+import re
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.metering import JSONUsageMeter, SSEUsageMeter, Usage, cost_nanos
+from dheera_tx.metering import JSONUsageMeter, SSEUsageMeter, Usage, _last_event_end, cost_nanos
 
 
 def _chat_stream(tokens, include_usage, newline=b"\n\n", prompt=9):
@@ -182,3 +183,31 @@ class CostTests(SynchronousTestCase):
         self.assertEqual(cost_nanos(Usage(1000, 500), 0.0000002, 0.0000006), 200_000 + 300_000)
         self.assertEqual(cost_nanos(Usage(3, 7), 1e-9, 3e-9), 3 + 21)
         self.assertEqual(cost_nanos(Usage(0, 0), 0.1, 0.1), 0)
+
+
+class EventEndTests(SynchronousTestCase):
+    """
+    The end of the last complete SSE event in a buffer, with its shortcut
+    for the common case (a buffer ending in a blank line after data).
+    """
+
+    @settings(max_examples=3000)
+    @given(st.binary(max_size=16).map(lambda b: bytes(b"ab\r\n:"[x % 5] for x in b)))
+    def test_shortcut_agrees_with_the_scan(self, data):
+        """
+        For any mix of CR, LF and other bytes, the end found equals the end
+        of the last event delimiter a left-to-right scan finds.
+        """
+        scan = 0
+        for match in re.finditer(rb"\r\n\r\n|\n\n|\r\r", data):
+            scan = match.end()
+        self.assertEqual(_last_event_end(data), scan)
+
+    def test_common_case(self):
+        """
+        Two whole vLLM events: the end is the end of the buffer; a partial
+        event after them is not included.
+        """
+        events = b'data: {"a":1}\n\ndata: {"b":2}\n\n'
+        self.assertEqual(_last_event_end(events), len(events))
+        self.assertEqual(_last_event_end(events + b"data: {"), len(events))
