@@ -33,6 +33,7 @@ from dheera_tx.model_choice import (
     encode_document,
 )
 from dheera_tx.paths import path_problem, split_target
+from dheera_tx.relay_watch import RelayWatch
 from dheera_tx.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.routing import Route, Router
 from dheera_tx.upstream_client import UpstreamFailed, UpstreamMalformed
@@ -126,6 +127,7 @@ class Passthrough:
         self._auth = authenticator
         self._pool = pool
         self._upstreams: Dict[str, _Upstream] = {}
+        self._relay_watch = RelayWatch(reactor)
         self._accounting = accounting or CallAccounting()
         self._on_call_end = on_call_end
         self.in_flight = 0
@@ -397,7 +399,9 @@ class Passthrough:
         head = lambda extra=(), length=None: _write_response_head(request, response, call, extra, rewritten, length)
         if not hold:
             head()
-        relay = ResponseRelay(self._reactor, request, call, deployment, sse, meter, None if not hold else head)
+        relay = ResponseRelay(
+            self._reactor, request, call, deployment, sse, meter, None if not hold else head, self._relay_watch
+        )
         gone = request.on_client_gone(relay.abort)
         self.streams_in_flight += sse
         try:
@@ -490,10 +494,12 @@ class ResponseRelay:
 
     __slots__ = (
         "_reactor", "_request", "_call", "_deployment", "_sse", "_meter", "_write_head", "_held",
-        "_held_bytes", "_stream_timeout", "_deadline", "_silence", "_failure_kind", "_response", "done",
+        "_held_bytes", "stream_timeout", "deadline", "last_heard", "_watch", "_failure_kind", "_response", "done",
     )
 
-    def __init__(self, reactor, request, call: Call, deployment: Deployment, sse: bool, meter=None, write_head=None):
+    def __init__(
+        self, reactor, request, call: Call, deployment: Deployment, sse: bool, meter=None, write_head=None, watch=None
+    ):
         self._reactor = reactor
         self._request = request
         self._call = call
@@ -503,10 +509,11 @@ class ResponseRelay:
         self._write_head = write_head
         self._held: Optional[List[bytes]] = [] if write_head is not None else None
         self._held_bytes = 0
-        self._stream_timeout = deployment.stream_timeout
-        remaining = deployment.timeout - (reactor.seconds() - call.started_at)
-        self._deadline = reactor.callLater(max(remaining, 0.001), self._timed_out, "upstream_timeout")
-        self._silence = reactor.callLater(self._stream_timeout, self._timed_out, "stream_timeout")
+        self.stream_timeout = deployment.stream_timeout
+        self.deadline = call.started_at + deployment.timeout
+        self.last_heard = reactor.seconds()
+        self._watch = watch or RelayWatch(reactor)
+        self._watch.watch(self)
         self._failure_kind: Optional[str] = None
         self._response = None
         self.done: Deferred = Deferred()
@@ -519,9 +526,9 @@ class ResponseRelay:
 
     def data_received(self, data: bytes) -> None:
         call = self._call
+        self.last_heard = now = self._reactor.seconds()
         if call.first_byte_at is None:
-            call.first_byte_at = self._reactor.seconds()
-        self._silence.reset(self._stream_timeout)
+            call.first_byte_at = now
         if self._request.client_gone:
             return
         if self._meter is not None:
@@ -552,7 +559,11 @@ class ResponseRelay:
         usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
         return ((b"x-dheera-response-cost", usd),)
 
-    def _timed_out(self, kind: str) -> None:
+    def timed_out(self, kind: str) -> None:
+        """
+        The call's deadline passed or the upstream fell silent for too
+        long (called by L{RelayWatch}): close the upstream connection.
+        """
         self._failure_kind = kind
         if self._response is not None:
             self._response.stopProducing()
@@ -566,9 +577,7 @@ class ResponseRelay:
             self._response.stopProducing()
 
     def body_ended(self, reason: Optional[Failure]) -> None:
-        for timer in (self._deadline, self._silence):
-            if timer.active():
-                timer.cancel()
+        self._watch.forget(self)
         request = self._request
         clean = reason is None and self._failure_kind is None
         if not clean:
