@@ -36,29 +36,36 @@ log = Logger()
 GROUPS = ("key", "user", "team", "end_user", "model")
 COUNTERS = ("spend_nanos", "prompt_tokens", "completion_tokens", "requests")
 
-# KEYS: 1 the batch's "settled" marker, then per settlement: 1 key hash,
+# KEYS: 1 the batch's "settled" marker, then per entry: 1 key hash,
 #       2 user spend, 3 team spend, 4 end-user hash, 5 model spend, 6 tpm
 #       counter, 7 parallel set, 8 daily hash (a key of "" is skipped)
-# ARGV: 1 marker TTL, then per settlement: 1 cost nanos, 2 prompt,
-#       3 completion, 4 call id, 5 window ms, 6..10 ids of key, user, team,
-#       end user, model (for daily fields), 11 daily TTL seconds,
-#       12 "1" to bill, "0" to only release the parallel slot
+# ARGV: 1 marker TTL, then per entry: 1 cost nanos, 2 prompt,
+#       3 completion, 4 call ids ("," between them), 5 window ms, 6..10 ids
+#       of key, user, team, end user, model (for daily fields), 11 daily TTL
+#       seconds, 12 "1" to bill, "0" to only release the parallel slots,
+#       13 the number of calls
+# An entry sums the calls of a batch that bill the same key, user, team,
+# end user and model on the same day.
 SETTLE_SCRIPT = r"""
 -- A batch retried after a lost reply was already applied: apply it once.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 local groups = {'key', 'user', 'team', 'end_user', 'model'}
+local function release(set, ids)
+  for id in string.gmatch(ids, '[^,]+') do redis.call('ZREM', set, id) end
+end
 for n = 0, (#KEYS - 1) / 8 - 1 do
-  local K, A = 1 + n * 8, 1 + n * 12
+  local K, A = 1 + n * 8, 1 + n * 13
   local cost, prompt, completion = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
+  local calls = tonumber(ARGV[A + 13])
   if ARGV[A + 12] == '0' then
-    -- Only release the parallel slot of a call whose admission was lost.
-    if KEYS[K + 7] ~= '' then redis.call('ZREM', KEYS[K + 7], ARGV[A + 4]) end
+    -- Only release the parallel slots of calls whose admission was lost.
+    if KEYS[K + 7] ~= '' then release(KEYS[K + 7], ARGV[A + 4]) end
   else
   local function add(hash)
     redis.call('HINCRBY', hash, 'spend_nanos', cost)
     redis.call('HINCRBY', hash, 'prompt_tokens', prompt)
     redis.call('HINCRBY', hash, 'completion_tokens', completion)
-    redis.call('HINCRBY', hash, 'requests', 1)
+    redis.call('HINCRBY', hash, 'requests', calls)
   end
   if KEYS[K + 1] ~= '' and redis.call('EXISTS', KEYS[K + 1]) == 1 then
     redis.call('HINCRBY', KEYS[K + 1], 'spend_nanos', cost)
@@ -80,7 +87,7 @@ for n = 0, (#KEYS - 1) / 8 - 1 do
       end
     end
   end
-  if KEYS[K + 7] ~= '' then redis.call('ZREM', KEYS[K + 7], ARGV[A + 4]) end
+  if KEYS[K + 7] ~= '' then release(KEYS[K + 7], ARGV[A + 4]) end
   for g = 1, 5 do
     local id = ARGV[A + 5 + g]
     if id ~= '' then
@@ -88,7 +95,7 @@ for n = 0, (#KEYS - 1) / 8 - 1 do
       redis.call('HINCRBY', KEYS[K + 8], base .. 'spend_nanos', cost)
       redis.call('HINCRBY', KEYS[K + 8], base .. 'prompt_tokens', prompt)
       redis.call('HINCRBY', KEYS[K + 8], base .. 'completion_tokens', completion)
-      redis.call('HINCRBY', KEYS[K + 8], base .. 'requests', 1)
+      redis.call('HINCRBY', KEYS[K + 8], base .. 'requests', calls)
     end
   end
   redis.call('EXPIRE', KEYS[K + 8], ARGV[A + 11])
@@ -159,6 +166,7 @@ class SpendLedger:
         self._queued = 0
         self._max_backlog = max_backlog
         self.dropped = 0
+        self._days: Dict[int, str] = {}
         self._retry = LoopingCall(self._drain)
         self._retry.clock = clock
         self._draining = False
@@ -285,17 +293,49 @@ class SpendLedger:
     async def _write(self, batch: "_Batch") -> None:
         keys: List[str] = [f"{self._prefix}settled:{batch.id}"]
         args: List = [self.SETTLED_MARKER_TTL]
-        for s in batch.settlements:
-            k, a = self._script_arguments(s)
+        for entry in self._entries(batch.settlements):
+            k, a = self._script_arguments(*entry)
             keys.extend(k)
             args.extend(a)
         await self._redis.eval(SETTLE_SCRIPT, keys, args)
 
-    def _script_arguments(self, s: Settlement):
+    def _entries(self, settlements: List[Settlement]):
+        """
+        Sum the settlements that bill the same key, user, team, end user
+        and model on the same day: Redis does the work once per entry, not
+        once per call.
+
+        :return: C{[settlement, day, cost, prompt, completion, call ids]}
+            lists, the settlement standing for its entry's identity.
+        """
+        entries: Dict[tuple, list] = {}
+        days = self._days
+        for s in settlements:
+            a = s.admission
+            epoch_day = int(s.at // 86400)
+            day = days.get(epoch_day)
+            if day is None:
+                day = days[epoch_day] = datetime.datetime.fromtimestamp(
+                    epoch_day * 86400, datetime.timezone.utc
+                ).strftime("%Y-%m-%d")
+            identity = (
+                a.token, a.end_user, a.counts_tokens, a.holds_parallel_slot,
+                s.user_id, s.team_id, s.model_name, day, s.billable,
+            )
+            entry = entries.get(identity)
+            if entry is None:
+                entries[identity] = [s, day, s.cost_nanos, s.prompt_tokens, s.completion_tokens, [a.call_id]]
+            else:
+                entry[2] += s.cost_nanos
+                entry[3] += s.prompt_tokens
+                entry[4] += s.completion_tokens
+                entry[5].append(a.call_id)
+        return entries.values()
+
+    def _script_arguments(self, s: Settlement, day: str, cost: int, prompt: int, completion: int, call_ids: List[str]):
         a = s.admission
         p = self._prefix
         key, end_user, _rpm, tpm, par = self._limiter.key_names(a.token, a.end_user)
-        day = datetime.datetime.fromtimestamp(s.at, datetime.timezone.utc).strftime("%Y-%m-%d")
         model = s.model_name or ""
         keys = [
             key,
@@ -308,10 +348,10 @@ class SpendLedger:
             f"{p}spend:daily:{day}",
         ]
         args = [
-            s.cost_nanos,
-            s.prompt_tokens,
-            s.completion_tokens,
-            a.call_id,
+            cost,
+            prompt,
+            completion,
+            ",".join(call_ids) if a.holds_parallel_slot else "",
             WINDOW_MS,
             a.token or "",
             s.user_id or "",
@@ -320,6 +360,7 @@ class SpendLedger:
             model,
             self._daily_ttl,
             "1" if s.billable else "0",
+            len(call_ids),
         ]
         return keys, args
 

@@ -258,6 +258,50 @@ class LimitsTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_batch_sums_calls_of_the_same_identity(self):
+        """
+        Calls settled in one batch are summed per key, user, team, end user
+        and model before they reach Redis: totals stay exact for each of
+        two keys, two models and their shared user and team, every parallel slot is released, a call
+        of the next day lands on that day, and Redis runs far fewer
+        HINCRBYs than one set per call (30 calls, 3 entries).
+        """
+        one = self._store(_record(token="c" * 64, max_parallel_requests=100, tpm_limit=10**9))
+        two = self._store(_record(token="d" * 64))
+
+        async def go():
+            first = await self._admit_many(Principal(False, one), 20)
+            second = await self._admit_many(Principal(False, two), 10)
+            self.assertEqual(int(self.server.command("ZCARD", f"{PREFIX}rl:par:{one.token}")), 20)
+            self.server.command("CONFIG", "RESETSTAT")
+            settled = [self._settle(a, cost=7, prompt=1, completion=2, model="m") for a in first[:15]]
+            # The same key, the next day: its own entry and its own day.
+            self.now[0] += 86400
+            settled += [self._settle(a, cost=7, prompt=1, completion=2, model="m") for a in first[15:]]
+            settled += [self._settle(a, cost=5, prompt=3, completion=4, model="n") for a in second]
+            await gatherResults(settled)
+            c = self.server.command
+            self.assertEqual(int(c("HGET", f"{PREFIX}key:{one.token}", "spend_nanos")), 20 * 7)
+            self.assertEqual(int(c("HGET", f"{PREFIX}key:{two.token}", "spend_nanos")), 10 * 5)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:model:m", "requests")), 20)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:model:n", "prompt_tokens")), 30)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:team:red", "completion_tokens")), 20 * 2 + 10 * 4)
+            self.assertEqual(int(c("HGET", f"{PREFIX}spend:user:alice", "requests")), 30)
+            self.assertEqual(int(c("GET", f"{PREFIX}rl:tpm:{one.token}")), 20 * 3)
+            self.assertEqual(int(c("ZCARD", f"{PREFIX}rl:par:{one.token}")), 0)
+            day = datetime.datetime.fromtimestamp(self.now[0], datetime.timezone.utc).date()
+            rows = {r["id"]: r for r in await self.ledger.report("key", day - datetime.timedelta(days=1), day - datetime.timedelta(days=1))}
+            self.assertEqual(rows[one.token]["requests"], 15)
+            rows = {r["id"]: r for r in await self.ledger.report("key", day, day)}
+            self.assertEqual(rows[one.token]["requests"], 5)
+            stats = c("INFO", "commandstats")
+            hincrby = [line for line in stats.splitlines() if line.startswith("cmdstat_hincrby:")]
+            calls = int(hincrby[0].split("calls=")[1].split(",")[0])
+            # One set per entry: 2 key fields + 3 hashes x 4 + 4 daily groups x 4 = 30 at most.
+            self.assertLessEqual(calls, 3 * 30)
+
+        return ensureDeferred(go())
+
     def test_deleted_key_refused(self):
         """
         A key deleted after it was cached is refused by the admission
