@@ -6,17 +6,27 @@ stream end) and handed to the log sinks and the spend ledger when it ends,
 whatever way it ends.
 """
 
-import uuid
+import itertools
+import os
 from typing import Optional
 
 import attr
 
+_ids = {"pid": None, "prefix": "", "counter": None}
+
 
 def new_call_id() -> str:
     """
-    :return: a fresh call id (also sent as C{x-dheera-call-id}).
+    :return: a fresh call id (also sent as C{x-dheera-call-id}): 32 hex
+        digits, 64 random bits drawn once per process and a 64-bit counter,
+        unique across processes without a system call per call.
     """
-    return uuid.uuid4().hex
+    pid = os.getpid()
+    if _ids["pid"] != pid:
+        _ids["pid"] = pid
+        _ids["prefix"] = os.urandom(8).hex()
+        _ids["counter"] = itertools.count(int.from_bytes(os.urandom(4), "big"))
+    return "%s%016x" % (_ids["prefix"], next(_ids["counter"]))
 
 
 @attr.s(slots=True, auto_attribs=True)

@@ -13,19 +13,26 @@ Connections are kept per C{(host, port)} in a LIFO stack of idle ones and
 reused only after a complete response with keep-alive to a completely sent
 request.  Idle connections are closed after C{idle_timeout} seconds (below
 uvicorn's 5 s, so that the proxy does not reuse one the server is closing).
+
+This module holds the pool, the connection protocol (sending the head,
+parsing the response) and connecting; the response and the delivery of
+its body are in L{dheera_tx.upstream_response}, the writing of a request
+body from its producer in L{dheera_tx.upstream_request_body}.
 """
 
 from typing import Dict, List, Optional, Set, Tuple
 
 from httptools import HttpParserError, HttpResponseParser
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionAborted, ConnectionDone, NotConnectingError
-from twisted.internet.interfaces import IProtocol, IPushProducer
+from twisted.internet.error import ConnectionDone, NotConnectingError
+from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from dheera_tx.socket_write import write_now
+from dheera_tx.upstream_request_body import _BodyWriter
+from dheera_tx.upstream_response import UpstreamResponse
 
 # Bytes of a response head (status line, interim heads, line ends) allowed
 # beyond max_head_bytes before the head is declared malformed, so that a
@@ -34,7 +41,6 @@ HEAD_SLACK = 8192
 
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-_OPEN = object()  # an UpstreamResponse body that has not ended yet
 
 
 class UpstreamUnreachable(Exception):
@@ -81,194 +87,6 @@ class _Stop(Exception):
     """
 
 
-@implementer(IPushProducer)
-class UpstreamResponse:
-    """
-    A response whose head has arrived; its body follows through
-    L{deliver}.
-
-    :ivar code: the status code.
-    :ivar phrase: the reason phrase (may be empty).
-    :ivar version: the HTTP version, e.g. C{(1, 1)}.
-    :ivar headers: C{(name, value)} pairs as received, in order.
-    :ivar length: the Content-Length when the body is not chunked, 0 when
-        there is no body (HEAD, 204, 304, 101), L{None} when unknown.
-    :ivar head_bytes: the sum of C{len(name) + len(value) + 4} over the
-        header lines.
-    """
-
-    __slots__ = (
-        "code", "phrase", "version", "headers", "length", "head_bytes",
-        "_connection", "_sink", "_buffer", "_flowing", "_paused", "_stopped", "_ended", "_told",
-    )
-
-    def __init__(self, connection, code: int, phrase: bytes, version: tuple, headers: list, length, head_bytes: int):
-        self.code = code
-        self.phrase = phrase
-        self.version = version
-        self.headers = headers
-        self.length = length
-        self.head_bytes = head_bytes
-        self._connection = connection
-        self._sink = None
-        self._buffer: List[bytes] = []
-        self._flowing = False  # sink set, not paused, nothing buffered, not stopped
-        self._paused = False
-        self._stopped = False
-        self._ended = _OPEN
-        self._told = False
-
-    def deliver(self, sink) -> None:
-        """
-        Send the body to C{sink}: C{sink.data_received(data)} per chunk,
-        then C{sink.body_ended(reason)} exactly once, with L{None} for a
-        complete body or a L{Failure}.  Chunks that arrived earlier were
-        buffered (with the connection paused) and come first.
-
-        :param sink: an object with C{data_received} and C{body_ended}.
-        """
-        if self._sink is not None:
-            raise RuntimeError("The response body is already being delivered.")
-        self._sink = sink
-        self._drain()
-
-    def pauseProducing(self) -> None:
-        """
-        Stop reading from the upstream (and delivering) until
-        L{resumeProducing}.
-        """
-        self._paused = True
-        self._flowing = False
-        connection = self._connection
-        if connection is not None:
-            connection.pause_reading()
-
-    def resumeProducing(self) -> None:
-        """
-        Deliver what was held back and read from the upstream again.
-        """
-        self._paused = False
-        self._drain()
-
-    def stopProducing(self) -> None:
-        """
-        Abort the upstream connection; the sink then gets C{body_ended}
-        with a L{Failure} (after the connection is gone, or at once if the
-        whole response had already arrived).
-        """
-        if self._told or self._stopped:
-            return
-        self._stopped = True
-        self._flowing = False
-        self._buffer = []
-        connection = self._connection
-        if connection is not None:
-            connection.abort()
-        else:
-            self._ended = Failure(ConnectionAborted("The response was stopped."))
-            self._drain()
-
-    # Called by the connection.
-
-    def _hold(self, data: bytes) -> None:
-        if self._stopped:
-            return
-        self._buffer.append(data)
-        connection = self._connection
-        if connection is not None:
-            connection.pause_reading()
-
-    def _end(self, reason: Optional[Failure]) -> None:
-        if self._ended is not _OPEN:
-            return
-        self._connection = None
-        self._ended = reason
-        self._flowing = False
-        self._drain()
-
-    def _drain(self) -> None:
-        sink = self._sink
-        if sink is None or self._told:
-            return
-        while self._buffer and not self._paused:
-            sink.data_received(self._buffer.pop(0))
-        if self._buffer:
-            return
-        if self._ended is not _OPEN:
-            self._told = True
-            sink.body_ended(self._ended)
-        elif not self._paused and not self._stopped:
-            self._flowing = True
-            connection = self._connection
-            if connection is not None:
-                connection.resume_reading()
-
-
-class _BodyWriter:
-    """
-    The consumer a request body producer writes to: frames the bytes
-    (chunked when the length is unknown), holds what is written while
-    L{_UpstreamConnection.start} builds its single first write, and ignores
-    anything written once the body is over.
-    """
-
-    __slots__ = ("_connection", "chunked", "remaining", "pending", "open", "outcome", "registered")
-
-    def __init__(self, connection, chunked: bool, length):
-        self._connection = connection
-        self.chunked = chunked
-        self.remaining = 0 if chunked else length
-        self.pending: Optional[List[bytes]] = None
-        self.open = True
-        self.outcome = _OPEN
-        self.registered = False
-
-    def write(self, data: bytes) -> None:
-        """
-        Send C{data} (a part of the body).
-        """
-        if not self.open or not data:
-            return
-        if self.chunked:
-            size = b"%x\r\n" % (len(data),)
-            if self.pending is not None:
-                self.pending += (size, data, b"\r\n")
-            else:
-                self._connection.transport.writeSequence((size, data, b"\r\n"))
-            return
-        self.remaining -= len(data)
-        if self.remaining < 0:
-            self._fail(Failure(ValueError("The request body is longer than its declared length.")))
-        elif self.pending is not None:
-            self.pending.append(data)
-        else:
-            self._connection.transport.write(data)
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        """
-        Part of C{IConsumer}; the connection registers the body itself.
-        """
-
-    def unregisterProducer(self) -> None:
-        """
-        Part of C{IConsumer}.
-        """
-
-    def _done(self, _) -> None:
-        if self.pending is not None:
-            if self.outcome is _OPEN:
-                self.outcome = None
-        else:
-            self._connection.body_done(self)
-
-    def _fail(self, failure: Failure) -> None:
-        if self.pending is not None:
-            if self.outcome is _OPEN:
-                self.outcome = failure
-        else:
-            self._connection.body_failed(self, failure)
-
-
 @implementer(IProtocol)
 class _UpstreamConnection:
     """
@@ -281,7 +99,7 @@ class _UpstreamConnection:
         "_deferred", "_response", "_reused", "_is_head", "_max_head", "_head_seen",
         "_headers", "_head_bytes", "_phrase", "_content_length", "_chunked",
         "_interim", "_stop_after_head", "_complete", "_keep_alive",
-        "_body", "_writer", "_sent", "_failure",
+        "_writer", "_sent", "_failure",
     )
 
     def __init__(self, pool: "UpstreamPool", key: tuple, attempt):
@@ -298,7 +116,6 @@ class _UpstreamConnection:
         self._reading_paused = False
         self._deferred = None
         self._response = None
-        self._body = None
         self._writer = None
         self._failure = None
         self._sent = True
@@ -398,34 +215,22 @@ class _UpstreamConnection:
         if isinstance(body, bytes):
             write_now(transport, head + body)
             return
-        chunked = body.length is UNKNOWN_LENGTH
-        writer = _BodyWriter(self, chunked, body.length)
-        writer.pending = pending = [head]
+        writer = _BodyWriter(self, body)
         self._writer = writer
-        self._body = body
         self._sent = False
-        try:
-            finished = body.startProducing(writer)
-        except BaseException:
-            finished = fail()
-        finished.addCallbacks(writer._done, writer._fail)
-        writer.pending = None
+        held = writer.start(head)
         outcome = writer.outcome
         if isinstance(outcome, Failure):
             # Nothing was written: the connection stays as good as it was.
-            writer.open = False
-            self._writer = self._body = None
+            self._writer = None
             self.busy = False
             self._deferred = None
             self._sent = True
-            body.stopProducing()
+            writer.stop()
             self._pool._release(self, True)
             d.errback(outcome)
             return
-        if outcome is _OPEN:
-            writer.registered = True
-            transport.registerProducer(body, True)
-        transport.write(b"".join(pending) if len(pending) > 1 else head)
+        writer.send_held(held)
         if outcome is None:
             self.body_done(writer)
 
@@ -485,15 +290,12 @@ class _UpstreamConnection:
         """
         if writer is not self._writer:
             return
-        if writer.remaining:
-            self.body_failed(writer, Failure(ValueError("The request body is shorter than its declared length.")))
+        short = writer.shortfall()
+        if short is not None:
+            self.body_failed(writer, short)
             return
-        writer.open = False
-        self._writer = self._body = None
-        if writer.registered:
-            self.transport.unregisterProducer()
-        if writer.chunked:
-            self.transport.write(b"0\r\n\r\n")
+        self._writer = None
+        writer.finish()
         self._sent = True
 
     def body_failed(self, writer: _BodyWriter, failure: Failure) -> None:
@@ -516,12 +318,8 @@ class _UpstreamConnection:
         writer = self._writer
         if writer is None:
             return
-        writer.open = False
-        body = self._body
-        self._writer = self._body = None
-        if writer.registered:
-            self.transport.unregisterProducer()
-        body.stopProducing()
+        self._writer = None
+        writer.stop()
 
     # Parsing the response.
 

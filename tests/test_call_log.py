@@ -660,3 +660,21 @@ class CanaryTests(TestCase):
         for where, text in written.items():
             self.assertNotIn(CANARY, text, where)
             self.assertNotIn(CANARY[3:], text, where)
+
+
+class CallIdTests(SynchronousTestCase):
+    """
+    L{dheera_tx.call.new_call_id}.
+    """
+
+    def test_unique_hex(self):
+        """
+        Call ids are 32 lower-case hex digits and do not repeat (100,000
+        in a row).
+        """
+        from dheera_tx.call import new_call_id
+
+        ids = [new_call_id() for _ in range(100_000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        for call_id in ids[:100]:
+            self.assertRegex(call_id, r"^[0-9a-f]{32}$")
