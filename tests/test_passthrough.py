@@ -94,6 +94,59 @@ class MethodAndPathTests(ProxyTestCase):
         self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/health", b"/v1/models", b"/version"])
         self.assertLess(raw.index(b'"version"'), raw.index(b'"object":"list"'))
 
+    async def test_pipelined_bodies_and_planes(self):
+        """
+        Pipelined requests of both planes, with bodies, sent in one write
+        are answered in order, each body reaching its own call: a JSON
+        call, a control-plane probe, a second JSON call, a GET.
+        """
+        await self._start()
+        client = await self.raw_connect()
+        key = MASTER_KEY.encode()
+
+        def post(path: bytes, body: bytes) -> bytes:
+            return (
+                b"POST /vllm" + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key
+                + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+
+        first = b'{"model":"alpha","prompt":"one two"}'
+        second = b'{"model":"alpha","prompt":"three"}'
+        client.transport.write(
+            post(b"/tokenize", first)
+            + b"GET /health/liveliness HTTP/1.1\r\nHost: x\r\n\r\n"
+            + post(b"/tokenize", second)
+            + b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key + b"\r\nConnection: close\r\n\r\n"
+        )
+        raw = await client.closed()
+        self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 4)
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/tokenize", b"/tokenize", b"/version"])
+        self.assertEqual([r.body for r in self.upstream.received[:2]], [first, second])
+        positions = [raw.index(b'"tokens"'), raw.index(b'"alive"'), raw.rindex(b'"tokens"'), raw.index(b'"version"')]
+        self.assertEqual(positions, sorted(positions))
+        self.assertEqual(len(set(positions)), 4)
+
+    async def test_request_head_split_across_reads(self):
+        """
+        A request line and headers (values with spaces) arriving a few
+        bytes at a time, for a first request and for one pipelined after
+        it, are read as sent.
+        """
+        await self._start()
+        client = await self.raw_connect()
+        key = MASTER_KEY.encode()
+        pieces = [
+            b"GET /vl", b"lm/version HT", b"TP/1.1\r\nHost: x\r\nX-Note: a b c\r\nAuthorization: Bearer " + key + b"\r\n\r\n"
+            b"GET /vllm/v1/mo", b"dels HTTP/1.1\r\nX-Note: d e", b" f g\r\nAuthorization: Bearer " + key,
+            b"\r\nConnection: close\r\n\r\n",
+        ]
+        for piece in pieces:
+            client.transport.write(piece)
+            await sleep(0.02)
+        raw = await client.closed()
+        self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
+
     async def test_head_keeps_content_length(self):
         """
         A HEAD answer keeps the upstream's Content-Length and has no body.
