@@ -184,29 +184,14 @@ class GatewayConnection(Protocol):
                 self._line = b""
             if self._line is not None and not self._check_request_line(data):
                 return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            # Upgrades are not supported: the request was answered as a
-            # plain one; parse what follows it.
-            offset = e.args[0] if e.args else len(data)
-            if offset < len(data):
-                self.dataReceived(data[offset:])
-            return
-        except httptools.HttpParserCallbackError as e:
-            self._to_dispatch = None
-            if not isinstance(e.__context__, _Stop):
-                log.failure("Request parsing failed", Failure(e.__context__ or e))
-                self._malformed()
-            return
-        except httptools.HttpParserError:
-            self._to_dispatch = None
-            self._malformed()
-            return
+        rest = self._feed(data)
         if self._to_dispatch is not None:
             exchange, self._to_dispatch = self._to_dispatch, None
             if not self._refused:
                 self.site.passthrough.serve(exchange)
+        if rest:
+            self.dataReceived(rest)
+            return
         incoming = self._incoming
         if incoming is None:
             return
@@ -215,6 +200,26 @@ class GatewayConnection(Protocol):
                 self._head_too_large(request_line=not self._headers)
         elif self._pace is None and not self._refused:
             self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
+
+    def _feed(self, data: bytes) -> bytes:
+        """
+        Parse C{data}.
+
+        :return: bytes left to parse after an upgrade request (answered as
+            a plain request: upgrades are not supported), else C{b""}.
+        """
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args else len(data)
+            return data[offset:]
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _Stop):
+                log.failure("Request parsing failed", Failure(e.__context__ or e))
+                self._malformed()
+        except httptools.HttpParserError:
+            self._malformed()
+        return b""
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True

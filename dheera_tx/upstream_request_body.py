@@ -11,11 +11,12 @@ head and those bytes go out in one write, and registers the producer with
 the transport for backpressure.
 
 The connection that owns the writer is passed in (C{_UpstreamConnection}
-in L{dheera_tx.upstream_client}); the writer uses only its C{transport}
+in L{dheera_tx.upstream_connection}); the writer uses only its C{transport}
 and tells it that the producer finished or failed with C{body_done} and
 C{body_failed}, so this module imports nothing from the client.  The
 leading underscores mark names used only by the upstream client modules
-(C{upstream_client}, C{upstream_response}, C{upstream_request_body}).
+(C{upstream_client}, C{upstream_connection}, C{upstream_response},
+C{upstream_request_body}).
 """
 
 from typing import List, Optional

@@ -10,12 +10,13 @@ or before it has a sink, are held and the upstream connection stops
 reading until they are delivered.
 
 The connection reading the response (C{_UpstreamConnection} in
-L{dheera_tx.upstream_client}) is passed in; the response uses only its
+L{dheera_tx.upstream_connection}) is passed in; the response uses only its
 C{pause_reading}, C{resume_reading} and C{abort}, so this module imports
 nothing from the client.  The connection in turn drives the response
 through C{_hold}, C{_end}, C{_flowing} and C{_sink}: the leading
 underscores mark names used only by the upstream client modules
-(C{upstream_client}, C{upstream_response}, C{upstream_request_body}).
+(C{upstream_client}, C{upstream_connection}, C{upstream_response},
+C{upstream_request_body}).
 """
 
 from typing import List, Optional

@@ -147,6 +147,23 @@ class MethodAndPathTests(ProxyTestCase):
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
         self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
 
+    async def test_upgrade_request_answered_plainly(self):
+        """
+        A request asking to upgrade the connection (WebSocket) is answered
+        as a plain request (upgrades are not relayed, the Upgrade header is
+        hop-by-hop), and a request pipelined after it is served too.
+        """
+        await self._start()
+        key = MASTER_KEY.encode()
+        raw = await self.raw(
+            b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Authorization: Bearer " + key + b"\r\n\r\n"
+            b"GET /vllm/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key + b"\r\nConnection: close\r\n\r\n"
+        )
+        self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
+        self.assertNotIn("upgrade", self.upstream.received[0].headers)
+
     async def test_head_keeps_content_length(self):
         """
         A HEAD answer keeps the upstream's Content-Length and has no body.
