@@ -12,11 +12,13 @@ made here, in the OpenAI error shape; L{raw_answer} writes one on a
 connection that has no request to answer through, as
 L{ConnectionLimitReached} does for a connection over C{max_connections}.
 
-L{dheera_tx.server} applies all of these to its connections and requests.
+L{HeadDeadlines} enforces C{header_timeout} on all of a site's connections
+with one timer.  L{dheera_tx.server} applies all of these to its
+connections and requests.
 """
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from twisted.internet.protocol import Protocol
 from twisted.web import http
@@ -201,3 +203,54 @@ class ConnectionLimitReached(Protocol):
         error = service_unavailable("The proxy has too many open connections; try again shortly.")
         self.transport.write(raw_answer(error))
         self.transport.loseConnection()
+
+
+class HeadDeadlines:
+    """
+    The deadlines for request heads of all of a site's connections, checked
+    by one timer (a connection costs a dict entry, not a DelayedCall).
+
+    :param reactor: an C{IReactorTime}.
+    :param timeout: C{header_timeout}, in seconds.
+    """
+
+    def __init__(self, reactor, timeout: float):
+        self._reactor = reactor
+        self._timeout = timeout
+        self._tick = min(1.0, max(timeout / 8, 0.01))
+        self._due: Dict[object, float] = {}
+        self._timer = None
+
+    def watch(self, connection) -> None:
+        """
+        Start (or restart) C{connection}'s deadline: past it, its
+        C{head_too_slow()} is called once.
+        """
+        self._due[connection] = self._reactor.seconds() + self._timeout
+        if self._timer is None:
+            self._timer = self._reactor.callLater(self._tick, self._check)
+
+    def forget(self, connection) -> None:
+        """
+        Stop watching C{connection}.
+        """
+        self._due.pop(connection, None)
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        late = [c for c, at in self._due.items() if at <= now]
+        for connection in late:
+            del self._due[connection]
+        for connection in late:
+            connection.head_too_slow()
+        if self._due and self._timer is None:
+            self._timer = self._reactor.callLater(self._tick, self._check)
+
+    def stop(self) -> None:
+        """
+        Cancel the timer (the site stopped).
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

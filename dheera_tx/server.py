@@ -19,7 +19,7 @@ Every answer the listening side makes itself is in the OpenAI error shape
 (L{dheera_tx.listener_limits}).
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import httptools
 from twisted.internet.protocol import Factory, Protocol
@@ -31,14 +31,12 @@ from dheera_tx.client_exchange import ClientExchange
 from dheera_tx.control_bridge import ControlBridge
 from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.listener_limits import (
-    CHUNKED,
     CLOSE_GRACE,
-    SINGLE_HEADERS,
     BodyPace,
     BodyStalled,
     ConnectionLimitReached,
+    HeadDeadlines,
     ListenerLimits,
-    head_too_large,
     raw_answer,
     request_timeout,
     too_large,
@@ -46,11 +44,11 @@ from dheera_tx.listener_limits import (
 from dheera_tx.model_choice import MultipartModelWatch, multipart_boundary
 from dheera_tx.paths import is_passthrough
 from dheera_tx.request_body import BodyTooLarge, StreamingBody
+from dheera_tx.request_head import MALFORMED, RequestHead, RequestLine, framing, headers_too_large, request_line_too_long
 
 log = Logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_MALFORMED = "The request is malformed (request line, headers or body framing)."
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
 
@@ -80,56 +78,6 @@ class _ControlRequest:
         self.complete = False
 
 
-class HeadDeadlines:
-    """
-    The deadlines for request heads of all of a site's connections, checked
-    by one timer (a connection costs a dict entry, not a DelayedCall).
-
-    :param reactor: an C{IReactorTime}.
-    :param timeout: C{header_timeout}, in seconds.
-    """
-
-    def __init__(self, reactor, timeout: float):
-        self._reactor = reactor
-        self._timeout = timeout
-        self._tick = min(1.0, max(timeout / 8, 0.01))
-        self._due: Dict["GatewayConnection", float] = {}
-        self._timer = None
-
-    def watch(self, connection: "GatewayConnection") -> None:
-        """
-        Start (or restart) C{connection}'s deadline.
-        """
-        self._due[connection] = self._reactor.seconds() + self._timeout
-        if self._timer is None:
-            self._timer = self._reactor.callLater(self._tick, self._check)
-
-    def forget(self, connection: "GatewayConnection") -> None:
-        """
-        Stop watching C{connection}.
-        """
-        self._due.pop(connection, None)
-
-    def _check(self) -> None:
-        self._timer = None
-        now = self._reactor.seconds()
-        late = [c for c, at in self._due.items() if at <= now]
-        for connection in late:
-            del self._due[connection]
-        for connection in late:
-            connection.head_too_slow()
-        if self._due and self._timer is None:
-            self._timer = self._reactor.callLater(self._tick, self._check)
-
-    def stop(self) -> None:
-        """
-        Cancel the timer (the site stopped).
-        """
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-
 class GatewayConnection(Protocol):
     """
     One client connection: requests parsed in order, answered in order.
@@ -149,16 +97,12 @@ class GatewayConnection(Protocol):
         self._incoming = None
         self._in_head = False
         self._head_bytes = 0
-        self._url: List[bytes] = []
-        self._headers: List[Tuple[bytes, bytes]] = []
-        self._header_bytes = 0
-        self._seen: set = set()
+        self._head = RequestHead(self._limits)
         self._body_limit = self._limits.max_request_body_bytes
         self._pace: Optional[BodyPace] = None
         self._form_watch: Optional[MultipartModelWatch] = None
         self._to_dispatch = None
-        # The start of a request line not yet checked, or None.
-        self._line: Optional[bytes] = b""
+        self._line = RequestLine(self._limits.max_header_bytes)
         # The request being answered, and those waiting for their turn.
         self._active = None
         self._queue: list = []
@@ -181,8 +125,9 @@ class GatewayConnection(Protocol):
             self._head_bytes += len(data)
             if self._incoming is None:
                 # A request starts with this read: check its request line.
-                self._line = b""
-            if self._line is not None and not self._check_request_line(data):
+                self._line.start()
+            if self._line.checking and not self._line.feed(data):
+                self._refuse(bad_request(MALFORMED))
                 return
         rest = self._feed(data)
         if self._to_dispatch is not None:
@@ -197,7 +142,8 @@ class GatewayConnection(Protocol):
             return
         if self._in_head:
             if self._head_bytes > self._limits.max_header_bytes:
-                self._head_too_large(request_line=not self._headers)
+                limit = self._limits.max_header_bytes
+                self._refuse(headers_too_large(limit) if self._head.headers else request_line_too_long(limit))
         elif self._pace is None and not self._refused:
             self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
 
@@ -241,73 +187,24 @@ class GatewayConnection(Protocol):
             elif exchange is not None and hasattr(exchange, "connection_lost"):
                 exchange.connection_lost(reason)
 
-    def _check_request_line(self, data: bytes) -> bool:
-        """
-        llhttp accepts runs of spaces between the parts of a request line
-        (C{GET /a  HTTP/1.1} is C{/a}); the proxy reads the target as the
-        client wrote it, so the request line must have exactly two single
-        spaces.
-
-        :return: whether parsing may go on.
-        """
-        line = self._line + data if self._line else data
-        end = line.find(b"\n", 0, self._limits.max_header_bytes + 2)
-        if end < 0:
-            self._line = line if len(line) <= self._limits.max_header_bytes else None
-            return True
-        start = 0
-        while line.startswith(b"\r\n", start):
-            start += 2
-        if start:
-            end = line.find(b"\n", start)
-            if end < 0:
-                self._line = line[start:]
-                return True
-        self._line = None
-        if line.count(b" ", start, end) != 2:
-            self._refuse(bad_request(_MALFORMED))
-            return False
-        return True
-
     # Parser callbacks.
 
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._url = []
-        self._headers = []
-        self._header_bytes = 0
-        self._seen = set()
+        self._head = RequestHead(self._limits)
         self._incoming = True
 
     def on_url(self, fragment: bytes) -> None:
-        self._url.append(fragment)
+        self._head.url.append(fragment)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._refused:
             raise _Stop()
-        limits = self._limits
-        if not self._headers:
-            url_size = sum(len(f) for f in self._url)
-            if url_size > limits.max_header_bytes:
-                self._head_too_large(request_line=True)
-                raise _Stop()
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > limits.max_header_bytes:
-            self._head_too_large(request_line=False)
+        try:
+            self._head.add_header(name, value)
+        except ProxyError as e:
+            self._refuse(e)
             raise _Stop()
-        if len(self._headers) >= limits.max_headers:
-            self._refuse(head_too_large(f"The request has more than {limits.max_headers} headers."))
-            raise _Stop()
-        lower = name.lower()
-        if lower in SINGLE_HEADERS:
-            if lower in self._seen:
-                self._refuse(bad_request(f"The {name.decode('latin-1')} header appears more than once."))
-                raise _Stop()
-            self._seen.add(lower)
-            if lower == b"transfer-encoding" and not CHUNKED.fullmatch(value):
-                self._refuse(bad_request("The only Transfer-Encoding accepted is 'chunked'."))
-                raise _Stop()
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._refused:
@@ -316,17 +213,18 @@ class GatewayConnection(Protocol):
         self._head_bytes = 0
         self.site.deadlines.forget(self)
         parser = self._parser
-        target = b"".join(self._url)
-        if len(target) > self._limits.max_header_bytes:
-            self._head_too_large(request_line=True)
+        try:
+            target = self._head.target()
+        except ProxyError as e:
+            self._refuse(e)
             raise _Stop()
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             self._refuse(bad_request("Only HTTP/1.0 and HTTP/1.1 are served."))
             raise _Stop()
         method = parser.get_method()
-        headers = self._headers
-        length, chunked, expect = _framing(headers)
+        headers = self._head.headers
+        length, chunked, expect = framing(headers)
         rejection = None
         if not target.startswith(b"/") and target != b"*":
             # Absolute-form ("http://host/...") and other targets that are
@@ -405,9 +303,8 @@ class GatewayConnection(Protocol):
         incoming, self._incoming = self._incoming, None
         self._in_head = False
         self._head_bytes = 0
-        # Only a request line that starts a read is checked; one that
-        # follows in the same read (pipelining) is llhttp's alone.
-        self._line = None
+        # Only a request line that starts a read is checked.
+        self._line.stop()
         if isinstance(incoming, ClientExchange):
             if incoming.body is not None:
                 incoming.body.end()
@@ -486,15 +383,8 @@ class GatewayConnection(Protocol):
         log.info("Dropping a client that did not send request headers in time")
         self._refuse(request_timeout("The request headers did not arrive in time."))
 
-    def _head_too_large(self, request_line: bool) -> None:
-        limit = self._limits.max_header_bytes
-        if request_line:
-            self._refuse(head_too_large(f"The request line is longer than {limit} bytes.", status=414))
-        else:
-            self._refuse(head_too_large(f"The request headers are larger than {limit} bytes."))
-
     def _malformed(self) -> None:
-        error = bad_request(_MALFORMED)
+        error = bad_request(MALFORMED)
         incoming = self._incoming
         if isinstance(incoming, ClientExchange) and incoming is self._active and not incoming.finished:
             # A call already dispatched answers itself, and fails the body
@@ -574,26 +464,6 @@ class GatewayConnection(Protocol):
         self._release(b"body")
         if self._pace is not None:
             self._pace.resume()
-
-
-def _framing(headers) -> Tuple[Optional[int], bool, bool]:
-    """
-    :return: the Content-Length (or L{None}), whether the body is chunked,
-        and whether the client expects C{100 Continue}.
-    """
-    length = None
-    chunked = expect = False
-    for name, value in headers:
-        size = len(name)
-        if size == 14 and name.lower() == b"content-length":
-            length = int(value)
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            chunked = True
-        elif size == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-            expect = True
-    if chunked:
-        length = None
-    return length, chunked, expect
 
 
 class GatewaySite(Factory):
