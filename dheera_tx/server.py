@@ -146,6 +146,8 @@ class GatewayConnection(Protocol):
                 self._refuse(headers_too_large(limit) if self._head.headers else request_line_too_long(limit))
         elif self._pace is None and not self._refused:
             self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
+            if self._held:
+                self._pace.pause()
 
     def _feed(self, data: bytes) -> bytes:
         """
@@ -250,7 +252,9 @@ class GatewayConnection(Protocol):
                         None if chunked else length, self._hold_body, self._release_body, self._body_limit
                     )
             self._incoming = exchange
-            if expect and rejection is None and version == b"HTTP/1.1":
+            # Never before an earlier answer: a request pipelined with
+            # Expect gets no 100 (its client sends the body after waiting).
+            if expect and rejection is None and version == b"HTTP/1.1" and self._active is None:
                 self.transport.write(_CONTINUE)
             if self._active is None:
                 self._active = exchange
@@ -263,7 +267,7 @@ class GatewayConnection(Protocol):
             self._refuse(rejection)
             raise _Stop()
         self._incoming = _ControlRequest(method, target, version, headers)
-        if expect and has_body and version == b"HTTP/1.1":
+        if expect and has_body and version == b"HTTP/1.1" and self._active is None:
             self.transport.write(_CONTINUE)
 
     def on_body(self, data: bytes) -> None:
@@ -445,8 +449,15 @@ class GatewayConnection(Protocol):
             self._pace = None
 
     def _hold(self, reason: bytes) -> None:
+        """
+        Stop reading from the client (the upstream holds the body back, or
+        a pipelined request waits for its turn); the body's pace clock
+        stops too.
+        """
         if not self._held:
             self.transport.pauseProducing()
+            if self._pace is not None:
+                self._pace.pause()
         self._held.add(reason)
 
     def _release(self, reason: bytes) -> None:
@@ -454,16 +465,14 @@ class GatewayConnection(Protocol):
             self._held.discard(reason)
             if not self._held and not self._lost and not self._closing:
                 self.transport.resumeProducing()
+                if self._pace is not None:
+                    self._pace.resume()
 
     def _hold_body(self) -> None:
-        if self._pace is not None:
-            self._pace.pause()
         self._hold(b"body")
 
     def _release_body(self) -> None:
         self._release(b"body")
-        if self._pace is not None:
-            self._pace.resume()
 
 
 class GatewaySite(Factory):

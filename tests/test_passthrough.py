@@ -147,6 +147,31 @@ class MethodAndPathTests(ProxyTestCase):
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
         self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
 
+    async def test_pipelined_body_waits_without_timing_out(self):
+        """
+        A request pipelined behind a call that takes longer than
+        C{body_timeout}, with part of its body sent, is not refused as a
+        slow body while it waits its turn (reading is held, so its pace
+        clock stops); it is served once the first answer is complete.
+        """
+        self.upstream = await self.fake(served_model="alpha")
+        self.proxy([deployment("alpha", "alpha", self.upstream)], general={"body_timeout": 0.3})
+        client = await self.raw_connect()
+        key = MASTER_KEY.encode()
+        body = b'{"model":"alpha","prompt":"later"}'
+        client.transport.write(
+            b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nx-fake-fault: slow_first_byte=1.0\r\nAuthorization: Bearer " + key + b"\r\n\r\n"
+            b"POST /vllm/tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key
+            + b"\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body[:10]
+        )
+        await sleep(1.3)
+        client.transport.write(body[10:])
+        raw = await client.closed()
+        self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:400])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/tokenize"])
+        self.assertEqual(self.upstream.received[1].body, body)
+
     async def test_upgrade_request_answered_plainly(self):
         """
         A request asking to upgrade the connection (WebSocket) is answered
