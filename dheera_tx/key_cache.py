@@ -9,6 +9,8 @@ cache is emptied and bypassed.  Every other method passes through to the
 store; one that changes or removes a key also drops that key's entry.
 """
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dheera_tx.key_store import IKeyStore
@@ -31,6 +33,10 @@ class CachedKeyStore:
 
     Unknown keys are not cached: a key must work everywhere the moment
     /key/generate answers, and a lookup of an unknown key costs one HGETALL.
+    Lookups of one token that miss the cache at the same time share one
+    read (a burst of calls with a fresh key makes one HGETALL, not one
+    each); a lookup that starts after an invalidation does not join a read
+    that started before it.
 
     The C{spend_nanos} of a cached record is stale; budget checks read Redis.
 
@@ -49,6 +55,9 @@ class CachedKeyStore:
         self._max_entries = max_entries
         self._cache = {}
         self._generation = 0
+        # token -> (generation the read started in, Deferreds of the
+        # lookups waiting for it)
+        self._reading = {}
         self.invalidation_channel = store.invalidation_channel
         self.subscription = redis_client.subscribe(self.invalidation_channel, self._invalidate, self._subscription_state)
 
@@ -90,7 +99,25 @@ class CachedKeyStore:
                     return entry[0]
                 del self._cache[token]
         generation = self._generation
-        record = await self._store.get_key(token)
+        reading = self._reading.get(token)
+        if reading is not None and reading[0] == generation:
+            waiter = Deferred()
+            reading[1].append(waiter)
+            return await waiter
+        waiters = []
+        self._reading[token] = (generation, waiters)
+        try:
+            record = await self._store.get_key(token)
+        except BaseException:
+            failure = Failure()
+            for waiter in waiters:
+                waiter.errback(failure)
+            raise
+        finally:
+            if self._reading.get(token, (None, None))[1] is waiters:
+                del self._reading[token]
+        for waiter in waiters:
+            waiter.callback(record)
         if record is not None and self.trusted and generation == self._generation:
             if len(self._cache) >= self._max_entries:
                 del self._cache[next(iter(self._cache))]

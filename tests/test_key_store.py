@@ -903,6 +903,76 @@ class CachedKeyStoreTests(RedisTestMixin, TestCase):
         clock.advance(2)
         self.assertEqual((await a.get_key(record.token)).rpm_limit, 3)
 
+    async def test_concurrent_misses_share_one_read(self):
+        """
+        Fifty lookups of one uncached token made at the same time read
+        Redis once and all get the record; a lookup made after an
+        invalidation does not share the read that started before it.
+        """
+        client = self.client()
+        inner = RedisKeyStore(client, "dheera:")
+        _, record = await inner.create_key({})
+        gate = defer.Deferred()
+        reads = []
+
+        class GatedStore:
+            invalidation_channel = inner.invalidation_channel
+
+            async def get_key(self, token):
+                reads.append(token)
+                found = await inner.get_key(token)
+                if len(reads) == 1:
+                    await gate
+                return found
+
+        cached = CachedKeyStore(GatedStore(), client, reactor)
+        self.addCleanup(cached.close)
+        await cached.subscription.whenActive()
+        lookups = [defer.Deferred.fromCoroutine(cached.get_key(record.token)) for _ in range(50)]
+        await sleep(0.05)
+        self.assertEqual(len(reads), 1)
+        cached._forget(record.token)
+        after = defer.Deferred.fromCoroutine(cached.get_key(record.token))
+        self.assertEqual((await after).token, record.token)
+        self.assertEqual(len(reads), 2)
+        gate.callback(None)
+        found = await defer.gatherResults(lookups)
+        self.assertEqual({r.token for r in found}, {record.token})
+
+    async def test_shared_read_failure_reaches_every_lookup(self):
+        """
+        When the one shared read fails (Redis unavailable), every lookup
+        that waited for it fails the same way, and the next lookup reads
+        again.
+        """
+        client = self.client()
+        inner = RedisKeyStore(client, "dheera:")
+        _, record = await inner.create_key({})
+        gate = defer.Deferred()
+        reads = []
+
+        class FailingStore:
+            invalidation_channel = inner.invalidation_channel
+
+            async def get_key(self, token):
+                reads.append(token)
+                if len(reads) == 1:
+                    await gate
+                    raise RedisUnavailable("down")
+                return await inner.get_key(token)
+
+        cached = CachedKeyStore(FailingStore(), client, reactor)
+        self.addCleanup(cached.close)
+        await cached.subscription.whenActive()
+        lookups = [defer.Deferred.fromCoroutine(cached.get_key(record.token)) for _ in range(10)]
+        gate.callback(None)
+        for lookup in lookups:
+            with self.assertRaises(RedisUnavailable):
+                await lookup
+        self.assertEqual(len(reads), 1)
+        self.assertEqual((await cached.get_key(record.token)).token, record.token)
+        self.assertEqual(len(reads), 2)
+
     async def test_invalidation_during_lookup(self):
         """
         A record read before an invalidation arrived is not cached when the
