@@ -404,11 +404,14 @@ class Passthrough:
         )
         gone = request.on_client_gone(relay.abort)
         self.streams_in_flight += sse
+        # Taken first: the relay lets go of it when the body ends, which
+        # can happen inside deliver().
+        done = relay.done
         try:
             request.registerProducer(response, True)
             relay.started(response)
             response.deliver(relay)
-            await relay.done
+            await done
         finally:
             self.streams_in_flight -= sse
             request.forget_client_gone(gone)
@@ -578,6 +581,9 @@ class ResponseRelay:
 
     def body_ended(self, reason: Optional[Failure]) -> None:
         self._watch.forget(self)
+        # Break the relay's cycles (response, head writer) so that the call
+        # is freed by reference counting, not by the garbage collector.
+        self._response = None
         request = self._request
         clean = reason is None and self._failure_kind is None
         if not clean:
@@ -603,7 +609,9 @@ class ResponseRelay:
                 request.finish()
             else:
                 request.abort_response()
-        self.done.callback(None)
+        self._write_head = None
+        done, self.done = self.done, None
+        done.callback(None)
 
 
 def _early_end(kind: str) -> ProxyError:

@@ -144,6 +144,8 @@ class UpstreamResponse:
             return
         if self._ended is not _OPEN:
             self._told = True
+            # The sink usually holds this response: no cycle outlives the body.
+            self._sink = None
             sink.body_ended(self._ended)
         elif not self._paused and not self._stopped:
             self._flowing = True
