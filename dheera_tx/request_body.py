@@ -2,8 +2,8 @@
 A client's request body, streamed to the upstream while it arrives.
 
 L{StreamingBody} sits between the client connection (which feeds it with
-L{StreamingBody.receive} as chunks arrive) and Agent (which consumes it as an
-C{IBodyProducer}).  When the upstream cannot take more, the client
+L{StreamingBody.receive} as chunks arrive) and the upstream client
+(L{dheera_tx.upstream_client}, which consumes it as an C{IBodyProducer}).  When the upstream cannot take more, the client
 connection is paused; chunks that arrive before the upstream request is
 connected wait in a small buffer, and over a high-water mark the client is
 paused too.  So a 200 MB upload flows through with bounded memory.
@@ -174,7 +174,7 @@ class StreamingBody:
 
     def startProducing(self, consumer) -> Deferred:
         """
-        Agent connected upstream: write what is buffered, then stream.
+        The upstream request started: write what is buffered, then stream.
         """
         self.started = True
         self._consumer = consumer
@@ -234,30 +234,6 @@ class StreamingBody:
         if self._client_paused:
             self._client_paused = False
             self._resume_client()
-
-
-@implementer(IBodyProducer)
-class BytesBody:
-    """
-    A request body that is already in memory (a JSON body read for routing).
-    """
-
-    def __init__(self, data: bytes):
-        self.length = len(data)
-        self._data = data
-
-    def startProducing(self, consumer) -> Deferred:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def _failed(failure: Failure) -> Deferred:

@@ -19,7 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from dheera_tx.config import config_from_dict
-from dheera_tx.request_body import BytesBody
+from tests.scripted_upstream import BytesBody
 from dheera_tx.server import GatewayConnection
 from dheera_tx.tap import build_gateway
 from tests.fake_vllm import FakeVLLM

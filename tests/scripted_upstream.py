@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 
 from httptools import HttpRequestParser
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -304,6 +304,31 @@ class FloodBody:
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """
+    A request body already in memory, for clients that take an
+    C{IBodyProducer} (Agent in the tests; the proxy itself sends bytes).
+    """
+
+    def __init__(self, data: bytes):
+        self.length = len(data)
+        self._data = data
+
+    def startProducing(self, consumer) -> Deferred:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def refused_port() -> int:

@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from dheera_tx.request_body import BytesBody
+from tests.scripted_upstream import BytesBody
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, RawClient, deployment, parse_response, sleep
 
 MB = 1024 * 1024

@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from dheera_tx.request_body import BytesBody
+from tests.scripted_upstream import BytesBody
 from tests.fake_vllm import FakeVLLM
 from tests.passthrough_harness import error_of, sleep
 from tests.proxy_process import ProxyProcess

@@ -14,7 +14,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dheera_tx.request_body import BytesBody
 from dheera_tx.upstream_client import (
     UpstreamFailed,
     UpstreamMalformed,
@@ -23,6 +22,7 @@ from dheera_tx.upstream_client import (
 )
 from tests.fake_vllm import FakeVLLM
 from tests.scripted_upstream import (
+    BytesBody,
     ScriptedBody,
     ScriptedServer,
     Sink,

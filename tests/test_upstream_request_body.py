@@ -12,8 +12,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from dheera_tx.request_body import BodyTooLarge, BytesBody
+from dheera_tx.request_body import BodyTooLarge
 from tests.scripted_upstream import (
+    BytesBody,
     FloodBody,
     ScriptedBody,
     ScriptedServer,
