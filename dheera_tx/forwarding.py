@@ -351,22 +351,12 @@ class Passthrough:
         try:
             return await d
         except _NotConnected as e:
-            if request.client_gone:
-                call.error = "client_disconnected"
-                raise _ClientGone()
-            if timed_out:
-                call.error = "upstream_timeout"
-                raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
+            _raise_if_gone_or_late(request, call, timed_out)
             call.error = "upstream_unreachable"
             log.info("Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.reason)
             raise UpstreamUnreachable()
         except (UpstreamFailed, CancelledError):
-            if request.client_gone:
-                call.error = "client_disconnected"
-                raise _ClientGone()
-            if timed_out:
-                call.error = "upstream_timeout"
-                raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
+            _raise_if_gone_or_late(request, call, timed_out)
             if request.body is not None and request.body.failure is not None:
                 request.body.failure.raiseException()
             call.error = "upstream_failed"
@@ -420,6 +410,19 @@ class Passthrough:
 class _ClientGone(ProxyError):
     def __init__(self):
         super().__init__(499, "client disconnected", type="client_disconnected")
+
+
+def _raise_if_gone_or_late(request, call: Call, timed_out) -> None:
+    """
+    Say why an upstream request ended early when it was the client leaving
+    or the call's deadline passing.
+    """
+    if request.client_gone:
+        call.error = "client_disconnected"
+        raise _ClientGone()
+    if timed_out:
+        call.error = "upstream_timeout"
+        raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
 
 
 def _too_large(config: ProxyConfig) -> ProxyError:
