@@ -5,12 +5,12 @@ logged through twisted.logger, trickling raw clients, and waiting helpers.
 
 from typing import Callable, List
 
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, error_of, parse_response, sleep
+from tests.scripted_upstream import poll
 
 
 def event_text(event: dict) -> str:
@@ -117,9 +117,4 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> boo
     """
     :return: whether C{condition} became true within C{timeout} seconds.
     """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            return False
-        await sleep(0.01)
-    return True
+    return await poll(condition, timeout)

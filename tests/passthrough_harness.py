@@ -13,26 +13,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from dheera_tx.config import config_from_dict
-from tests.scripted_upstream import BytesBody
+from tests.scripted_upstream import BytesBody, sleep
 from dheera_tx.server import GatewayConnection
 from dheera_tx.tap import build_gateway
 from tests.fake_vllm import FakeVLLM
 
 MASTER_KEY = "sk-test-master-key-0123456789"
 UPSTREAM_KEY = "upstream-secret-key"
-
-
-def sleep(seconds: float) -> Deferred:
-    """
-    :return: a Deferred firing after C{seconds} of real time.
-    """
-    return deferLater(reactor, seconds, lambda: None)
 
 
 def deployment(name: str, served: str, fake, **params) -> dict:

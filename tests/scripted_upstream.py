@@ -30,16 +30,27 @@ def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
+async def poll(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """
+    Check C{condition} every 10 ms of real time for up to C{timeout}
+    seconds.
+
+    :return: whether it came true.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            return False
+        await sleep(0.01)
+    return True
+
+
 async def wait_until(ready: Callable[[], bool], timeout: float = 5.0) -> None:
     """
     Poll C{ready} until it is true; fail after C{timeout} seconds.
     """
-    waited = 0.0
-    while not ready():
-        if waited >= timeout:
-            raise AssertionError("condition not reached in time")
-        await sleep(0.01)
-        waited += 0.01
+    if not await poll(ready, timeout):
+        raise AssertionError("condition not reached in time")
 
 
 class RequestRecord:

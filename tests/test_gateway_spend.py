@@ -17,7 +17,6 @@ from typing import Callable, List, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from dheera_tx.accounting import estimate_prompt_tokens
@@ -242,14 +241,7 @@ class GatewayTestCase(ProxyHarness, TestCase):
         Start a streamed chat call on a raw connection (to disconnect
         abruptly mid-stream); aborted at cleanup if still open.
         """
-        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), RawClient())
-
-        async def close():
-            if client.connected:
-                client.transport.abortConnection()
-                await client.closed()
-
-        self.addCleanup(lambda: ensureDeferred(close()))
+        client = await self.raw_connect()
         body = json.dumps(document).encode("utf-8")
         client.transport.write(
             b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"

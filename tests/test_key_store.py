@@ -8,7 +8,7 @@ import os
 import time
 from unittest import SkipTest
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -20,6 +20,7 @@ from dheera_tx.keys import hash_key, validate_end_user_fields, validate_key_fiel
 from dheera_tx.redis_address import RedisAddress, parse_database_url
 from dheera_tx.redis_client import RedisCommandError, RedisUnavailable, connect
 from tests.redis_server import RedisServer, free_port
+from tests.scripted_upstream import sleep
 
 T0 = 1_700_000_000.0
 
@@ -62,13 +63,6 @@ def self_signed_certificate(directory: str):
             )
         )
     return cert_path, key_path
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    """
-    A Deferred that fires after C{seconds} of real time.
-    """
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 async def eventually(check, timeout: float = 5.0, step: float = 0.01):

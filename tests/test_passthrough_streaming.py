@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from tests.scripted_upstream import BytesBody
+from tests.scripted_upstream import BytesBody, poll
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, RawClient, deployment, parse_response, sleep
 
 MB = 1024 * 1024
@@ -218,19 +218,6 @@ class StreamingTests(ProxyHarness, TestCase):
         self.upstream = await self.fake(served_model="alpha")
         self.proxy([deployment("alpha", "alpha", self.upstream, **params)], general={"max_request_body_bytes": 400 * MB})
 
-    async def wait_until(self, condition, timeout: float = 5.0) -> bool:
-        """
-        Poll C{condition} every 10 ms for up to C{timeout} seconds.
-
-        :return: whether it came true.
-        """
-        deadline = reactor.seconds() + timeout
-        while not condition():
-            if reactor.seconds() > deadline:
-                return False
-            await sleep(0.01)
-        return True
-
     async def test_sse_relayed_as_it_arrives(self):
         """
         Each SSE event reaches the client while the upstream is still
@@ -294,7 +281,7 @@ class StreamingTests(ProxyHarness, TestCase):
                 upload,
             )
         )
-        self.assertTrue(await self.wait_until(watch_first_byte, 10))
+        self.assertTrue(await poll(watch_first_byte, 10))
         response, _ = await request
         memory.stop()
         record = self.upstream.received[0]
@@ -334,7 +321,7 @@ class StreamingTests(ProxyHarness, TestCase):
             )
         )
         self.addCleanup(lambda: [sink.transport.abortConnection() for sink in sinks if sink.transport.connected])
-        self.assertTrue(await self.wait_until(lambda: bool(sinks)))
+        self.assertTrue(await poll(lambda: bool(sinks)))
         await sleep(1.0)
         stalled_at = upload.sent
         await sleep(0.3)
@@ -368,7 +355,7 @@ class StreamingTests(ProxyHarness, TestCase):
             b"GET /vllm/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode()
             + b"\r\nx-fake-fault: big_body=%d\r\nConnection: close\r\n\r\n" % total
         )
-        self.assertTrue(await self.wait_until(lambda: self.upstream.big_body_written > 0))
+        self.assertTrue(await poll(lambda: self.upstream.big_body_written > 0))
         await sleep(1.0)
         paused_written = self.upstream.big_body_written
         await sleep(0.3)
@@ -390,7 +377,7 @@ class StreamingTests(ProxyHarness, TestCase):
     async def _abort_and_time(self, client: RawClient) -> float:
         aborted_at = reactor.seconds()
         client.transport.abortConnection()
-        self.assertTrue(await self.wait_until(lambda: self.upstream.open_connections == 0, 3))
+        self.assertTrue(await poll(lambda: self.upstream.open_connections == 0, 3))
         return self.upstream.connections_lost[-1] - aborted_at
 
     async def test_disconnect_mid_stream_aborts_upstream(self):
@@ -406,7 +393,7 @@ class StreamingTests(ProxyHarness, TestCase):
             + b"\r\nContent-Type: application/json\r\nx-fake-fault: slow_chunks=0.3,chunks=30\r\nContent-Length: %d\r\n\r\n%s"
             % (len(body), body)
         )
-        self.assertTrue(await self.wait_until(lambda: b"data: " in client.data))
+        self.assertTrue(await poll(lambda: b"data: " in client.data))
         self.assertEqual(self.upstream.requests_running, 1)
         self.assertLess(await self._abort_and_time(client), 1.0)
         self.assertEqual(self.upstream.requests_running, 0)
@@ -422,7 +409,7 @@ class StreamingTests(ProxyHarness, TestCase):
             b"GET /vllm/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode()
             + b"\r\nx-fake-fault: hang\r\n\r\n"
         )
-        self.assertTrue(await self.wait_until(lambda: self.upstream.received and self.upstream.open_connections == 1))
+        self.assertTrue(await poll(lambda: self.upstream.received and self.upstream.open_connections == 1))
         self.assertLess(await self._abort_and_time(client), 1.0)
 
     async def test_disconnect_during_upload_aborts_upstream(self):
@@ -438,6 +425,6 @@ class StreamingTests(ProxyHarness, TestCase):
             + MASTER_KEY.encode() + b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
             + b"x" * 100000
         )
-        self.assertTrue(await self.wait_until(lambda: self.upstream.received and self.upstream.received[0].body_length > 0))
+        self.assertTrue(await poll(lambda: self.upstream.received and self.upstream.received[0].body_length > 0))
         self.assertLess(await self._abort_and_time(client), 1.0)
         self.assertFalse(self.upstream.received[0].body_done)
