@@ -10,6 +10,11 @@ the upstream pool, flush spend and logs, disconnect from Redis, stop the
 embedded Redis last.
 """
 
+from dheera_tx import event_loop
+
+# Before any import below reaches for the global reactor.
+event_loop.install()
+
 import atexit
 import gc
 import os

@@ -66,7 +66,7 @@ class PluginRunTests(TestCase):
         With no database configured the plugin starts its embedded Redis,
         answers liveliness and readiness (Redis connected), and exits on
         SIGTERM (twistd reports the signal as its exit status) after
-        stopping the embedded Redis.
+        stopping the embedded Redis.  It runs on L{GatewayReactor}.
         """
         proxy = ProxyProcess(
             reactor,
@@ -80,6 +80,8 @@ class PluginRunTests(TestCase):
         response = await treq.get(proxy.url + "/health/liveliness", persistent=False)
         self.assertEqual(response.code, 200)
         self.assertEqual((await response.json())["status"], "alive")
+        # The plugin runs on its own epoll reactor unless told otherwise.
+        self.assertIn("reactor class: dheera_tx.event_loop.GatewayReactor", proxy.log_text())
         response = await treq.get(proxy.url + "/health/readiness", persistent=False)
         self.assertEqual((await response.json())["redis"], "connected")
         socket_path = os.path.join(proxy.directory, "dheera_data", "redis.sock")

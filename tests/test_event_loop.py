@@ -1,0 +1,214 @@
+"""
+Tests for L{dheera_tx.event_loop}: the epoll reactor that dispatches
+socket events without Twisted's per-event log context.
+"""
+
+import errno
+import os
+import select
+import socket
+import subprocess
+import sys
+
+from twisted.internet.error import ConnectionDone
+from twisted.trial.unittest import SynchronousTestCase
+
+from dheera_tx import event_loop
+from dheera_tx.event_loop import GatewayReactor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Selectable:
+    """
+    A selectable that records what the reactor asked of it.
+    """
+
+    def __init__(self, fd: int, fail: bool = False):
+        self._fd = fd
+        self._fail = fail
+        self.reads = 0
+        self.writes = 0
+        self.lost = []
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self):
+        self.reads += 1
+        if self._fail:
+            raise ValueError("handler broke")
+        return None
+
+    def doWrite(self):
+        self.writes += 1
+        return None
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+    def logPrefix(self) -> str:
+        raise AssertionError("the reactor must not ask for a log prefix")
+
+
+class _Poller:
+    """
+    Stands in for the epoll object: answers one scripted poll.
+    """
+
+    def __init__(self, events=(), error=None):
+        self.events = list(events)
+        self.error = error
+        self.polled = []
+
+    def poll(self, timeout, maxevents):
+        self.polled.append((timeout, maxevents))
+        if self.error is not None:
+            raise self.error
+        return self.events
+
+    def unregister(self, fd):
+        pass
+
+    def close(self):
+        pass
+
+
+class GatewayReactorTests(SynchronousTestCase):
+    """
+    L{GatewayReactor.doPoll} hands each ready socket to C{_doReadOrWrite}.
+    """
+
+    def setUp(self):
+        self.reactor = GatewayReactor()
+        real = self.reactor._poller
+        self.addCleanup(real.close)
+        self.addCleanup(self.reactor.waker.connectionLost, None)
+
+    def _poll(self, selectables, events, error=None, timeout=0.5):
+        poller = self.reactor._poller = _Poller(events, error)
+        self.reactor._selectables = {s.fileno(): s for s in selectables}
+        self.reactor._reads = {s.fileno() for s in selectables}
+        self.reactor.doIteration(timeout)
+        return poller
+
+    def test_iteration_is_the_lean_poll(self):
+        """
+        The reactor loop (C{doIteration}) runs L{GatewayReactor.doPoll}, not
+        the base class's (which C{EPollReactor} binds at class creation).
+        """
+        self.assertIs(GatewayReactor.doIteration, GatewayReactor.doPoll)
+
+    def test_read_and_write_events_dispatched(self):
+        """
+        A readable socket gets C{doRead}, a writable one C{doWrite}; no log
+        prefix is asked for; the poll waits the given timeout for at most
+        one event per selectable.
+        """
+        reader, writer = _Selectable(101), _Selectable(102)
+        poller = self._poll([reader, writer], [(101, select.EPOLLIN), (102, select.EPOLLOUT)])
+        self.assertEqual((reader.reads, reader.writes), (1, 0))
+        self.assertEqual((writer.reads, writer.writes), (0, 1))
+        self.assertEqual(poller.polled, [(0.5, 2)])
+
+    def test_no_timeout_waits_indefinitely(self):
+        """
+        A timeout of L{None} polls with -1 (block until an event).
+        """
+        poller = self._poll([], [], timeout=None)
+        self.assertEqual(poller.polled, [(-1, 0)])
+
+    def test_unknown_fd_skipped(self):
+        """
+        An event for a descriptor removed earlier in the same iteration is
+        ignored; the others are still handled.
+        """
+        known = _Selectable(103)
+        self._poll([known], [(999, select.EPOLLIN), (103, select.EPOLLIN)])
+        self.assertEqual(known.reads, 1)
+
+    def test_failing_handler_logged_and_disconnected(self):
+        """
+        A handler that raises is logged and its selectable disconnected,
+        and the next ready socket is still served.
+        """
+        broken, fine = _Selectable(104, fail=True), _Selectable(105)
+        self._poll([broken, fine], [(104, select.EPOLLIN), (105, select.EPOLLIN)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(broken.lost), 1)
+        self.assertEqual(fine.reads, 1)
+        self.assertEqual(fine.lost, [])
+
+    def test_hangup_reported_as_connection_done(self):
+        """
+        A hang-up without data on a reading socket ends it cleanly.
+        """
+        closed = _Selectable(106)
+        self._poll([closed], [(106, select.EPOLLHUP)])
+        self.assertEqual(closed.reads, 0)
+        self.assertEqual(len(closed.lost), 1)
+        closed.lost[0].trap(ConnectionDone)
+
+    def test_interrupted_poll_returns(self):
+        """
+        A poll interrupted by a signal (EINTR) ends the iteration quietly;
+        any other poll error is raised.
+        """
+        self._poll([], [], error=OSError(errno.EINTR, "interrupted"))
+        self.assertRaises(OSError, self._poll, [], [], OSError(errno.EBADF, "bad"))
+
+    def test_real_socket_round_trip(self):
+        """
+        On real sockets, a readable socket's C{doRead} runs when the
+        reactor iterates.
+        """
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        reactor = GatewayReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        got = []
+
+        class Reader(_Selectable):
+            def doRead(self):
+                got.append(right.recv(100))
+
+        reader = Reader(right.fileno())
+        reactor.addReader(reader)
+        left.send(b"ping")
+        reactor.doIteration(1)
+        self.assertEqual(got, [b"ping"])
+        reactor.removeReader(reader)
+
+
+class InstallTests(SynchronousTestCase):
+    """
+    L{event_loop.install} never replaces a reactor already installed.
+    """
+
+    def test_leaves_installed_reactor(self):
+        """
+        With a reactor installed (trial's), L{install} does nothing and says
+        so.
+        """
+        from twisted.internet import reactor
+
+        before = sys.modules["twisted.internet.reactor"]
+        self.assertIs(before, reactor)
+        self.assertFalse(event_loop.install())
+        self.assertIs(sys.modules["twisted.internet.reactor"], before)
+
+    def test_installs_when_none_is(self):
+        """
+        In a fresh process L{install} installs L{GatewayReactor}, and the
+        global reactor imported afterwards is it.
+        """
+        code = (
+            "from dheera_tx import event_loop; print(event_loop.install()); "
+            "from twisted.internet import reactor; print(type(reactor).__name__)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=30
+        ).stdout.split()
+        self.assertEqual(out, ["True", "GatewayReactor"])
