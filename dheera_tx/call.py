@@ -12,7 +12,20 @@ from typing import Optional
 
 import attr
 
-_ids = {"pid": None, "prefix": "", "counter": None}
+_ids = {"prefix": "", "counter": None}
+
+
+def _fresh_ids() -> None:
+    """
+    Draw this process's call id prefix and counter start.
+    """
+    _ids["prefix"] = os.urandom(8).hex()
+    _ids["counter"] = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+_fresh_ids()
+# A forked child (a worker) must not repeat its parent's ids.
+os.register_at_fork(after_in_child=_fresh_ids)
 
 
 def new_call_id() -> str:
@@ -21,11 +34,6 @@ def new_call_id() -> str:
         digits, 64 random bits drawn once per process and a 64-bit counter,
         unique across processes without a system call per call.
     """
-    pid = os.getpid()
-    if _ids["pid"] != pid:
-        _ids["pid"] = pid
-        _ids["prefix"] = os.urandom(8).hex()
-        _ids["counter"] = itertools.count(int.from_bytes(os.urandom(4), "big"))
     return "%s%016x" % (_ids["prefix"], next(_ids["counter"]))
 
 

@@ -678,3 +678,27 @@ class CallIdTests(SynchronousTestCase):
         self.assertEqual(len(set(ids)), len(ids))
         for call_id in ids[:100]:
             self.assertRegex(call_id, r"^[0-9a-f]{32}$")
+
+    def test_forked_child_draws_its_own_prefix(self):
+        """
+        A process forked after ids were drawn (a worker) gets a different
+        id prefix, so parent and child never hand out the same id.
+        """
+        import os
+
+        from dheera_tx.call import new_call_id
+
+        parent_id = new_call_id()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                os.write(write_end, new_call_id().encode("ascii"))
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        child_id = os.read(read_end, 64).decode("ascii")
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        self.assertRegex(child_id, r"^[0-9a-f]{32}$")
+        self.assertNotEqual(child_id[:16], parent_id[:16])
