@@ -28,6 +28,20 @@ def _get(d, *path):
     return d
 
 
+def _runs_note(result: dict, direct) -> str:
+    """
+    :return: "; delay p99 of each run: ..." for a repeated stream run.
+    """
+    runs = (result or {}).get("runs_delay_p99_ms")
+    if not runs:
+        return ""
+    text = "; delay p99 of each run " + ", ".join(_fmt(r, 2) for r in runs) + " ms"
+    direct_runs = (direct or {}).get("runs_delay_p99_ms")
+    if direct_runs:
+        text += " (direct " + ", ".join(_fmt(r, 2) for r in direct_runs) + " ms)"
+    return text
+
+
 def _fmt(value, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -158,7 +172,8 @@ def targets_check(results: dict) -> List[dict]:
         None if added is None else f"{added:.2f} ms",
         None if added is None else (added <= 10 and bool(large.get("ok"))),
         f"{(large.get('streams') or 0) - (large.get('failed') or 0)} of {large.get('streams')} streams complete; gap p99 {_fmt(_get(large, 'gap_ms', 'p99'), 2)} ms "
-        f"vs direct {_fmt(_get(sse, 'direct', 'sse_large', 'gap_ms', 'p99'), 2)} ms",
+        f"vs direct {_fmt(_get(sse, 'direct', 'sse_large', 'gap_ms', 'p99'), 2)} ms"
+        + _runs_note(large, _get(sse, "direct", "sse_large")),
     )
     up, down = _get(tr, VKEY, "upload"), _get(tr, VKEY, "download")
     growth = [g for g in (_get(up, "rss_growth_mb"), _get(down, "rss_growth_mb")) if g is not None]
@@ -254,7 +269,15 @@ def markdown(results: dict) -> str:
         f"Paced vLLM-shaped streams from `bench/upstream.py` (one event per write; streams on one interval share a "
         f"tick, like a batched decode step). Small: {small[0]} streams x {small[1]} chunks every {small[2]:g} ms. "
         f"Large: {large[0]} streams x {large[1]} chunks every {large[2]:g} ms "
-        f"({large[0] * 1000 / large[2]:,.0f} chunks/s offered). Rate: {paced[0]} streams x {paced[1]} chunks every "
+        f"({large[0] * 1000 / large[2]:,.0f} chunks/s offered"
+        + (
+            f"; run {plan['sse_large_runs']} times per target, the run with the median delay p99 is shown, since "
+            "that p99 swings from run to run on a shared VM). "
+            if plan.get("sse_large_runs", 1) > 1
+            else "). "
+        )
+        + 
+        f"Rate: {paced[0]} streams x {paced[1]} chunks every "
         f"{paced[2]:g} ms ({paced[0] * 1000 / paced[2]:,.0f} chunks/s offered): the delivered rate, and whether the "
         f"proxy keeps up (added delay). Saturated: {sat[0]} streams x {sat[1]} chunks every {sat[2]:g} ms, offered "
         "faster than any proxy relays: a proxy that falls behind reads several queued events at once and relays "

@@ -40,6 +40,7 @@ FULL = {
     "load_s": 10,
     "sse_small": (100, 100, 20.0),  # streams, chunks each, ms between chunks
     "sse_large": (1000, 40, 100.0),
+    "sse_large_runs": 3,  # its p99 swings run to run on a shared VM: the median run counts
     "sse_rate": (200, 400, 8.0),  # 25,000 chunks/s offered: keeps up with the 20,000 target?
     "sse_saturate": (200, 300, 1.0),
     "sse_timeout": 120.0,
@@ -53,6 +54,7 @@ SMOKE = {
     "load_s": 1,
     "sse_small": (10, 5, 5.0),
     "sse_large": (50, 5, 10.0),
+    "sse_large_runs": 1,
     "sse_rate": (20, 20, 2.0),
     "sse_saturate": (20, 20, 1.0),
     "sse_timeout": 20.0,
@@ -60,6 +62,25 @@ SMOKE = {
     "transfer_timeout": 30.0,
     "profile_s": 0,
 }
+
+
+def _median_run(results: list) -> dict:
+    """
+    :return: of repeated stream runs, the one with the median chunk delay
+        p99 (a failed run counts as the worst), with every run's p99 listed
+        under C{runs_delay_p99_ms}.
+    """
+    if len(results) == 1:
+        return results[0]
+
+    def p99(result):
+        value = (result.get("chunk_delay_ms") or {}).get("p99")
+        return float("inf") if value is None or not result.get("ok") or result.get("failed") else value
+
+    ordered = sorted(results, key=p99)
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["runs_delay_p99_ms"] = [(r.get("chunk_delay_ms") or {}).get("p99") for r in results]
+    return chosen
 
 
 class Bench:
@@ -230,7 +251,13 @@ class Bench:
         entry = {"label": target.label, "workers": target.workers}
         for name in ("sse_small", "sse_large", "sse_rate", "sse_saturate"):
             count, chunks, interval = plan[name]
-            result = load.streams(target, count, chunks, interval, self.work, plan["sse_timeout"])
+            runs = plan["sse_large_runs"] if name == "sse_large" else 1
+            results = []
+            for _ in range(runs):
+                results.append(load.streams(target, count, chunks, interval, self.work, plan["sse_timeout"]))
+                if runs > 1:
+                    load.wait_idle(0.5)
+            result = _median_run(results)
             entry[name] = result
             if "events" in result:
                 print(

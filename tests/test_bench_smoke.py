@@ -62,3 +62,44 @@ class BenchSmokeTests(SynchronousTestCase):
             markdown = f.read()
         self.assertIn("## Issue 6 targets", markdown)
         self.assertIn("dheera_tx virtual key + metering (1 worker)", markdown)
+
+
+class MedianRunTests(SynchronousTestCase):
+    """
+    C{bench/run.py}'s choice among repeated 1,000-stream runs.
+    """
+
+    def setUp(self):
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        self.addCleanup(sys.path.remove, os.path.join(ROOT, "bench"))
+        import run
+
+        self.median_run = run._median_run
+
+    def _result(self, p99, ok=True, failed=0):
+        return {"ok": ok, "failed": failed, "chunk_delay_ms": {"p99": p99}}
+
+    def test_single_run_unchanged(self):
+        """
+        One run is reported as it is, without a list of runs.
+        """
+        only = self._result(4.0)
+        self.assertIs(self.median_run([only]), only)
+
+    def test_median_of_three_with_every_p99(self):
+        """
+        Of three runs the one with the middle delay p99 is reported, and all
+        three p99s are listed in the order they ran.
+        """
+        chosen = self.median_run([self._result(30.0), self._result(5.0), self._result(12.0)])
+        self.assertEqual(chosen["chunk_delay_ms"]["p99"], 12.0)
+        self.assertEqual(chosen["runs_delay_p99_ms"], [30.0, 5.0, 12.0])
+
+    def test_failed_run_counts_as_worst(self):
+        """
+        A run with failed streams ranks as the worst whatever its p99, so
+        the median is the worse of the two complete runs.
+        """
+        chosen = self.median_run([self._result(1.0, ok=False, failed=3), self._result(8.0), self._result(9.0)])
+        self.assertEqual(chosen["chunk_delay_ms"]["p99"], 9.0)
+        self.assertEqual(chosen["runs_delay_p99_ms"], [1.0, 8.0, 9.0])
