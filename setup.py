@@ -8,7 +8,7 @@ setup(
     package_data={"twisted": ["plugins/dheera_plugin.py"]},
     python_requires=">=3.10",
     install_requires=[
-        "twisted>=24.7,<27",
+        "twisted[tls]>=24.7,<27",  # tls: https api_bases
         "treq>=23.11",
         "klein>=23.5",
         "txredisapi>=1.4.10",

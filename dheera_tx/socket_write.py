@@ -11,18 +11,23 @@ keeps ordering, buffering and producer backpressure as Twisted does them.
 
 This reads Twisted's C{FileDescriptor} internals (C{socket}, C{dataBuffer},
 C{offset}, C{_tempDataBuffer}, C{_writeDisconnected}); setup.py pins the
-Twisted range the tests run on.  Transports without a plain socket (TLS)
-take the ordinary path.
+Twisted range the tests run on.  Only a plain TCP or Unix connection is
+written to directly.  A TLS connection's protocol is given a
+C{TLSMemoryBIOProtocol} as its transport, which forwards unknown
+attributes (C{socket} among them) to the TCP connection underneath: it
+takes the ordinary path, or the bytes would bypass the encryption.
 """
+
+from twisted.internet.tcp import Connection
 
 
 def write_now(transport, data: bytes) -> None:
     """
     Write C{data} to C{transport}, sending it at once if nothing is queued.
     """
-    sock = getattr(transport, "socket", None)
     if (
-        sock is None
+        not isinstance(transport, Connection)
+        or transport.TLS
         or transport._tempDataBuffer
         or len(transport.dataBuffer) != transport.offset
         or not transport.connected
@@ -32,7 +37,7 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data)
         return
     try:
-        sent = sock.send(data)
+        sent = transport.socket.send(data)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:

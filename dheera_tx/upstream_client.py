@@ -30,7 +30,7 @@ from twisted.internet.error import NotConnectingError
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from dheera_tx.upstream_connection import UpstreamFailed, UpstreamMalformed, _UpstreamConnection
+from dheera_tx.upstream_connection import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable, _UpstreamConnection
 from dheera_tx.upstream_response import UpstreamResponse
 
 __all__ = [
@@ -42,19 +42,6 @@ __all__ = [
 ]
 
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
-
-
-class UpstreamUnreachable(Exception):
-    """
-    Nothing was sent: the connection could not be made (refused, timed
-    out, name not found) or the pool is closed.
-
-    :ivar reason: why, in a few words (never a header value).
-    """
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class _Connecting:

@@ -13,8 +13,10 @@ C{UpstreamResponse} (L{dheera_tx.upstream_response}) once the head is
 complete and pass the body on to it.  The answer to a HEAD request is fed
 line by line, since the parser cannot be told that it has no body.  A
 request fails with L{UpstreamFailed} when the connection is lost before
-the response head, with L{UpstreamMalformed} when the head cannot be
-parsed or is too large; L{dheera_tx.upstream_client} re-exports both.
+the response head, with L{UpstreamUnreachable} when it is lost in the TLS
+handshake (no request byte reached the server, so another replica may be
+tried), with L{UpstreamMalformed} when the head cannot be parsed or is too
+large; L{dheera_tx.upstream_client} re-exports all three.
 
 The pool that owns the connection (C{UpstreamPool} in
 L{dheera_tx.upstream_client}) is passed in; the connection uses only its
@@ -29,7 +31,7 @@ from typing import Optional
 from httptools import HttpParserError, HttpResponseParser
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IHandshakeListener, IProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,6 +45,19 @@ from dheera_tx.upstream_response import UpstreamResponse
 HEAD_SLACK = 8192
 
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+
+
+class UpstreamUnreachable(Exception):
+    """
+    Nothing reached the server: the connection could not be made (refused,
+    timed out, name not found, TLS handshake failed) or the pool is closed.
+
+    :ivar reason: why, in a few words (never a header value).
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class UpstreamFailed(Exception):
@@ -76,10 +91,12 @@ class _Stop(Exception):
     """
 
 
-@implementer(IProtocol)
+@implementer(IProtocol, IHandshakeListener)
 class _UpstreamConnection:
     """
     One connection to an upstream, carrying one request at a time.
+
+    :ivar _secured: the TLS handshake is done (always, without TLS).
     """
 
     __slots__ = (
@@ -88,7 +105,7 @@ class _UpstreamConnection:
         "_deferred", "_response", "_reused", "_is_head", "_max_head", "_head_seen",
         "_headers", "_head_bytes", "_phrase", "_content_length", "_chunked",
         "_interim", "_stop_after_head", "_complete", "_keep_alive",
-        "_writer", "_sent", "_failure",
+        "_writer", "_sent", "_failure", "_secured",
     )
 
     def __init__(self, pool, key: tuple, attempt):
@@ -108,6 +125,7 @@ class _UpstreamConnection:
         self._writer = None
         self._failure = None
         self._sent = True
+        self._secured = not key[2]
 
     # IProtocol
 
@@ -159,7 +177,11 @@ class _UpstreamConnection:
         response, self._response = self._response, None
         self.busy = False
         if d is not None:
-            if failure is None:
+            if failure is None and not self._secured:
+                # The request is still encrypted in the TLS buffer.
+                why = "TLS handshake failed ({}: {})".format(reason.type.__name__, reason.getErrorMessage())
+                failure = Failure(UpstreamUnreachable(why))
+            elif failure is None:
                 why = "The upstream closed the connection before the response head ({})".format(
                     reason.type.__name__
                 )
@@ -176,6 +198,14 @@ class _UpstreamConnection:
             else:
                 response._end(failure or reason)
         self._pool._gone(self)
+
+    # IHandshakeListener
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake succeeded: the request can reach the server.
+        """
+        self._secured = True
 
     # Driven by the pool.
 

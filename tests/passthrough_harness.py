@@ -9,12 +9,12 @@ import json
 import socket
 from typing import List, Optional, Tuple
 
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from dheera_tx.config import config_from_dict
@@ -168,7 +168,7 @@ class ProxyHarness:
         self.addCleanup(fake.stop)
         return fake
 
-    def proxy(self, models=(), general=None, router=None, environ=None):
+    def proxy(self, models=(), general=None, router=None, environ=None, tls_pem=None):
         """
         Start the proxy on 127.0.0.1, port 0.
 
@@ -176,6 +176,7 @@ class ProxyHarness:
         :param general: extra C{general_settings}.
         :param router: C{router_settings}.
         :param environ: the environment the config reads.
+        :param tls_pem: serve TLS (see L{listen}).
         :return: the proxy's Site (also C{self.site}, its config
             C{self.config}); its URL is C{self.base}.
         """
@@ -189,14 +190,18 @@ class ProxyHarness:
         self.gateway = gateway
         self.site = site
         self.upstream_pool = pool
-        self.listen(gateway)
+        self.listen(gateway, tls_pem)
         return site
 
-    def listen(self, gateway) -> None:
+    def listen(self, gateway, tls_pem: Optional[str] = None) -> None:
         """
         Serve C{gateway}'s Site on a loopback port (C{self.port},
         C{self.base}); cleanup stops it, closes its connections (forcing
         the ones still open) and its upstream pool.
+
+        :param tls_pem: serve TLS with this certificate and key (for
+            C{localhost}); C{self.agent} then trusts that certificate and
+            C{self.base} is C{https://localhost:PORT}.
         """
         open_channels = set()
         self.proxy_channels = open_channels
@@ -216,9 +221,19 @@ class ProxyHarness:
                 super().connectionLost(reason)
 
         gateway.site.protocol = TrackedChannel
-        port = reactor.listenTCP(0, gateway.site, interface="127.0.0.1")
-        self.port = port.getHost().port
-        self.base = f"http://127.0.0.1:{self.port}"
+        if tls_pem is None:
+            port = reactor.listenTCP(0, gateway.site, interface="127.0.0.1")
+            self.port = port.getHost().port
+            self.base = f"http://127.0.0.1:{self.port}"
+        else:
+            with open(tls_pem, "rb") as f:
+                pem = f.read()
+            options = ssl.PrivateCertificate.loadPEM(pem).options()
+            port = reactor.listenSSL(0, gateway.site, options, interface="127.0.0.1")
+            self.port = port.getHost().port
+            self.base = f"https://localhost:{self.port}"
+            policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(pem))
+            self.agent = Agent(reactor, contextFactory=policy, pool=self.client_pool)
         self.addCleanup(self._close_proxy, port, gateway.pool, open_channels)
 
     async def _close_proxy_async(self, port, pool, open_channels) -> None:

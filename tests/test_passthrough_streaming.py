@@ -428,3 +428,40 @@ class StreamingTests(ProxyHarness, TestCase):
         self.assertTrue(await poll(lambda: self.upstream.received and self.upstream.received[0].body_length > 0))
         self.assertLess(await self._abort_and_time(client), 1.0)
         self.assertFalse(self.upstream.received[0].body_done)
+
+
+class TLSListenerTests(ProxyHarness, TestCase):
+    """
+    The proxy serves both planes over TLS (C{--listen ssl:...}): its direct
+    socket writes must go through the encryption, not around it.
+    """
+
+    def setUp(self):
+        self.harness()
+
+    async def _start(self):
+        from tests.tls_upstream import self_signed_localhost
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.upstream = await self.fake(served_model="alpha")
+        self.proxy([deployment("alpha", "alpha", self.upstream)], tls_pem=self_signed_localhost(directory))
+
+    async def test_json_stream_and_control_plane(self):
+        """
+        A chat completion, a streamed one (every SSE event, usage chunk
+        stripped as usual) and a control-plane call all answer correctly
+        over TLS, on one kept-alive connection each.
+        """
+        await self._start()
+        response, body = await self.chat("alpha")
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(json.loads(body)["object"], "chat.completion")
+        response, body = await self.chat("alpha", stream=True)
+        self.assertEqual(response.code, 200, body)
+        events = [e for e in body.split(b"\n\n") if e.strip()]
+        self.assertEqual(events[-1], b"data: [DONE]")
+        for event in events[:-1]:
+            self.assertEqual(json.loads(event[len(b"data: "):])["object"], "chat.completion.chunk")
+        response, body = await self.request(b"GET", "/health/liveliness")
+        self.assertEqual((response.code, json.loads(body)["status"]), (200, "alive"))

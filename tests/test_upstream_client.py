@@ -5,6 +5,7 @@ vLLM, plus a few in-memory checks of what goes on the wire.
 """
 
 import json
+import os
 from typing import List
 
 from twisted.internet import reactor
@@ -31,6 +32,7 @@ from tests.scripted_upstream import (
     sleep,
     wait_until,
 )
+from tests.tls_upstream import TLSUpstream, self_signed_localhost
 
 OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Answer: yes\r\n\r\nhello"
 
@@ -662,3 +664,69 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(sink.ended, 0)
         response.resumeProducing()
         self.assertEqual((sink.body, sink.reason, sink.ended), (b"abcdef", None, 1))
+
+
+class TLSTests(_PoolCase):
+    """
+    Upstreams behind TLS (C{https} api_bases), against a real TLS server
+    with a self-signed certificate.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.pem = self_signed_localhost(self._directory())
+        self.server = TLSUpstream(reactor, self.pem, OK_HELLO)
+        self.addCleanup(self.server.stop)
+
+    def _directory(self) -> str:
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    def _trust(self, path: str) -> None:
+        """
+        Make OpenSSL's default trust (what the pool verifies against) the
+        file C{path}, as an operator does with C{SSL_CERT_FILE}.
+        """
+        old = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = path
+
+        def restore():
+            if old is None:
+                os.environ.pop("SSL_CERT_FILE", None)
+            else:
+                os.environ["SSL_CERT_FILE"] = old
+
+        self.addCleanup(restore)
+
+    def request(self) -> Deferred:
+        return self.pool.request("localhost", self.server.number, 5.0, b"GET", b"/x", [], None, tls=True)
+
+    async def test_trusted_certificate_answers(self):
+        """
+        With the server's certificate trusted, the request goes out
+        encrypted, the answer is read, and the connection is reused for the
+        next call.
+        """
+        self._trust(self.pem)
+        response = await self.request()
+        self.assertEqual(response.code, 200)
+        sink = await read_body(response)
+        self.assertEqual((sink.body, sink.reason), (b"hello", None))
+        self.assertIn(b"GET /x HTTP/1.1", b"".join(self.server.received))
+        self.assertEqual(self.pool.idle_connections(), 1)
+        sink = await read_body(await self.request())
+        self.assertEqual((sink.body, sink.reason), (b"hello", None))
+        self.assertEqual(self.pool.idle_connections(), 1)
+
+    async def test_untrusted_certificate_unreachable(self):
+        """
+        A certificate that fails verification fails the request with
+        UpstreamUnreachable (so another replica may be tried), naming the
+        TLS handshake, and the server never decrypts a request byte.
+        """
+        self._trust(self_signed_localhost(self._directory()))
+        e = await self.assertFailure(self.request(), UpstreamUnreachable)
+        self.assertIn("TLS handshake failed", e.reason)
+        self.assertEqual(self.server.received, [])
+        self.assertEqual(self.pool.idle_connections(), 0)
