@@ -3,7 +3,8 @@ The data plane: C{ANY /vllm/{path}} relayed to a vLLM deployment.
 
 L{Passthrough.serve} runs one call: check the raw path, authenticate, find
 the model, route, forward the request (streaming its body), relay the
-answer chunk by chunk with backpressure, and finish the L{Call} record.
+answer chunk by chunk with backpressure (L{dheera_tx.response_relay}), and
+finish the L{Call} record.
 The upstream request goes out through the lean client of
 L{dheera_tx.upstream_client} on a shared pool of persistent connections:
 no cookie jar, no decompression, no redirects, so bytes pass unchanged.
@@ -21,7 +22,8 @@ from dheera_tx.auth import authorize_vllm_call
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
-from dheera_tx.metering import JSONUsageMeter, cost_nanos
+from dheera_tx.hop_headers import NOT_FORWARDED, connection_tokens, first_header
+from dheera_tx.metering import JSONUsageMeter
 from dheera_tx.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -35,51 +37,12 @@ from dheera_tx.model_choice import (
 from dheera_tx.paths import path_problem, split_target
 from dheera_tx.relay_watch import RelayWatch
 from dheera_tx.request_body import BodyAborted, BodyTooLarge
+from dheera_tx.response_relay import ResponseRelay, answer_error, write_response_head
 from dheera_tx.routing import Route, Router
 from dheera_tx.upstream_client import UpstreamFailed, UpstreamMalformed
 from dheera_tx.upstream_client import UpstreamUnreachable as _NotConnected
 
 log = Logger()
-
-# Headers that describe one hop, never forwarded in either direction.
-HOP_BY_HOP = frozenset(
-    [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    ]
-)
-# Request headers the proxy consumes or sets itself.
-_NOT_FORWARDED = HOP_BY_HOP | frozenset(
-    [b"host", b"authorization", b"x-api-key", b"cookie", b"content-length", b"expect"]
-)
-_NOT_RELAYED = HOP_BY_HOP | frozenset([b"content-length"])
-
-
-def _connection_tokens(headers) -> frozenset:
-    """
-    :param headers: C{(name, value)} pairs.
-    :return: the lower-case header names a Connection header lists.
-    """
-    tokens = [t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")]
-    return frozenset(t for t in tokens if t)
-
-
-def _header(headers, name: bytes) -> Optional[bytes]:
-    """
-    :return: the first value of header C{name} (lower case) in C{(name,
-        value)} pairs, or L{None}.
-    """
-    for n, v in headers:
-        if len(n) == len(name) and n.lower() == name:
-            return v
-    return None
 
 
 class _Upstream:
@@ -164,7 +127,7 @@ class Passthrough:
     def _unexpected(self, failure: Failure, request, call: Call) -> None:
         log.failure("Unexpected error in call {call_id}", failure, call_id=call.call_id)
         call.error = call.error or "internal_error"
-        _answer_error(request, ProxyError(500, "The proxy failed to handle this call.", type="internal_error", code="500"), call)
+        answer_error(request, ProxyError(500, "The proxy failed to handle this call.", type="internal_error", code="500"), call)
 
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
@@ -222,10 +185,10 @@ class Passthrough:
             await self._forward(request, call, route, path + query, raw_json, progress)
         except ProxyError as e:
             call.error = call.error or e.type
-            _answer_error(request, e, call)
+            answer_error(request, e, call)
         except BodyTooLarge:
             call.error = "request_too_large"
-            _answer_error(request, _too_large(self._config), call)
+            answer_error(request, _too_large(self._config), call)
         except BodyAborted:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
@@ -305,7 +268,7 @@ class Passthrough:
 
     def _upstream_headers(self, request, deployment: Deployment) -> List[Tuple[bytes, bytes]]:
         incoming = request.raw_headers
-        drop = _NOT_FORWARDED | _connection_tokens(incoming) if request.getHeader(b"connection") else _NOT_FORWARDED
+        drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
         headers = []
         forwarded = []
         for name, value in incoming:
@@ -373,7 +336,7 @@ class Passthrough:
 
     async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress") -> None:
         call.status = response.code
-        content_type = _header(response.headers, b"content-type") or b""
+        content_type = first_header(response.headers, b"content-type") or b""
         sse = content_type.lower().startswith(b"text/event-stream")
         if sse:
             call.stream = True
@@ -386,7 +349,7 @@ class Passthrough:
             response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
         ) and request.method != b"HEAD"
         rewritten = sse and progress.strip_usage
-        head = lambda extra=(), length=None: _write_response_head(request, response, call, extra, rewritten, length)
+        head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
         if not hold:
             head()
         relay = ResponseRelay(
@@ -432,193 +395,6 @@ def _too_large(config: ProxyConfig) -> ProxyError:
         type="invalid_request_error",
         code="request_too_large",
     )
-
-
-def _write_response_head(request, response, call: Call, extra=(), rewritten: bool = False, length=None) -> None:
-    """
-    Copy the upstream's status and headers to the client, minus hop-by-hop
-    headers, plus the proxy's own.
-
-    :param extra: more C{(name, value)} headers, e.g. the response cost.
-    :param rewritten: the body is altered on the way (usage chunk
-        stripped), so the upstream's Content-Length no longer holds.
-    :param length: the length of a body held whole, or L{None} to take
-        the upstream's.
-    """
-    upstream = response.headers
-    drop = _NOT_RELAYED | _connection_tokens(upstream) if _header(upstream, b"connection") else _NOT_RELAYED
-    headers = [(name, value) for name, value in upstream if name.lower() not in drop]
-    if rewritten:
-        length = None
-    elif length is None:
-        if request.method == b"HEAD":
-            declared = _header(upstream, b"content-length")
-            length = int(declared) if declared is not None and declared.isdigit() else None
-        else:
-            length = response.length
-    headers.append((b"x-dheera-call-id", call.call_id.encode("ascii")))
-    headers.append((b"x-dheera-overhead-duration-ms", b"%.3f" % (call.overhead_ms,)))
-    headers.extend(extra)
-    request.write_head(response.code, response.phrase or None, headers, length)
-
-
-def _answer_error(request, error: ProxyError, call: Call) -> None:
-    """
-    Answer C{error} in the OpenAI shape, unless the client is gone or the
-    answer already started.
-    """
-    if call.status is None:
-        call.status = error.status
-    if request.client_gone or request.finished:
-        return
-    if request.startedWriting:
-        request.abort_response()
-        return
-    call.bytes_out += request.answer_error(error, ((b"x-dheera-call-id", call.call_id.encode("ascii")),))
-
-
-class ResponseRelay:
-    """
-    Writes an upstream response body to the client as each chunk arrives
-    (the sink of L{dheera_tx.upstream_client.UpstreamResponse.deliver}).
-
-    The upstream response is registered as the client's producer, so a
-    slow client pauses the upstream read instead of growing memory.
-    Silence longer than the deployment's C{stream_timeout}, or a call longer
-    than its C{timeout}, aborts the upstream.  Every chunk passes through
-    the call's usage meter, which may hold back or drop the usage chunk the
-    proxy asked for.  A non-streaming JSON answer up to L{HOLD_LIMIT} bytes
-    is held until complete, so that its head can carry the response cost.
-
-    :param write_head: for a held answer, writes the response head with
-        extra headers and the body's length; L{None} when the head was
-        already written.
-    :ivar done: fires when the relay has ended (never fails).
-    """
-
-    HOLD_LIMIT = 8 * 1024 * 1024
-
-    __slots__ = (
-        "_reactor", "_request", "_call", "_deployment", "_sse", "_meter", "_write_head", "_held",
-        "_held_bytes", "stream_timeout", "deadline", "last_heard", "_watch", "_failure_kind", "_response", "done",
-    )
-
-    def __init__(
-        self, reactor, request, call: Call, deployment: Deployment, sse: bool, meter=None, write_head=None, watch=None
-    ):
-        self._reactor = reactor
-        self._request = request
-        self._call = call
-        self._deployment = deployment
-        self._sse = sse
-        self._meter = meter
-        self._write_head = write_head
-        self._held: Optional[List[bytes]] = [] if write_head is not None else None
-        self._held_bytes = 0
-        self.stream_timeout = deployment.stream_timeout
-        self.deadline = call.started_at + deployment.timeout
-        self.last_heard = reactor.seconds()
-        self._watch = watch or RelayWatch(reactor)
-        self._watch.watch(self)
-        self._failure_kind: Optional[str] = None
-        self._response = None
-        self.done: Deferred = Deferred()
-
-    def started(self, response) -> None:
-        """
-        The relay is attached to C{response} (to stop it on a timeout).
-        """
-        self._response = response
-
-    def data_received(self, data: bytes) -> None:
-        call = self._call
-        self.last_heard = now = self._reactor.seconds()
-        if call.first_byte_at is None:
-            call.first_byte_at = now
-        if self._request.client_gone:
-            return
-        if self._meter is not None:
-            data = self._meter.feed(data)
-        if self._held is not None:
-            self._held.append(data)
-            self._held_bytes += len(data)
-            if self._held_bytes > self.HOLD_LIMIT:
-                self._release_held()
-            return
-        if data:
-            call.bytes_out += len(data)
-            self._request.write(data)
-
-    def _release_held(self, extra=(), complete: bool = False) -> None:
-        held, self._held = self._held, None
-        self._write_head(extra, self._held_bytes if complete else None)
-        for chunk in held:
-            self._call.bytes_out += len(chunk)
-            self._request.write(chunk)
-
-    def _cost_header(self):
-        usage = self._meter.usage() if self._meter is not None else None
-        if usage is None or self._call.status >= 400:
-            return ()
-        d = self._deployment
-        nanos = cost_nanos(usage, d.input_cost_per_token, d.output_cost_per_token)
-        usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
-        return ((b"x-dheera-response-cost", usd),)
-
-    def timed_out(self, kind: str) -> None:
-        """
-        The call's deadline passed or the upstream fell silent for too
-        long (called by L{RelayWatch}): close the upstream connection.
-        """
-        self._failure_kind = kind
-        if self._response is not None:
-            self._response.stopProducing()
-
-    def abort(self) -> None:
-        """
-        The client went away: close the upstream connection now.
-        """
-        self._failure_kind = "client_disconnected"
-        if self._response is not None:
-            self._response.stopProducing()
-
-    def body_ended(self, reason: Optional[Failure]) -> None:
-        self._watch.forget(self)
-        # Break the relay's cycles (response, head writer) so that the call
-        # is freed by reference counting, not by the garbage collector.
-        self._response = None
-        request = self._request
-        clean = reason is None and self._failure_kind is None
-        if not clean:
-            self._call.error = self._failure_kind or "upstream_reset"
-        if not request.client_gone and not request.finished:
-            request.unregisterProducer()
-            if clean:
-                if self._held is not None:
-                    self._release_held(self._cost_header(), complete=True)
-                elif self._meter is not None:
-                    tail = self._meter.flush() if hasattr(self._meter, "flush") else b""
-                    if tail:
-                        self._call.bytes_out += len(tail)
-                        request.write(tail)
-                request.finish()
-            elif self._held is not None:
-                # Nothing was written yet: the client gets a proper error.
-                self._call.status = 502
-                _answer_error(request, _early_end(self._call.error), self._call)
-            elif self._sse and request.open_ended:
-                # An SSE client sees why its stream ended, and no [DONE].
-                request.write(b"event: error\ndata: " + _early_end(self._call.error).body() + b"\n\n")
-                request.finish()
-            else:
-                request.abort_response()
-        self._write_head = None
-        done, self.done = self.done, None
-        done.callback(None)
-
-
-def _early_end(kind: str) -> ProxyError:
-    return ProxyError(502, f"The upstream answer ended early ({kind}).", type="upstream_error", code="502")
 
 
 class _Progress:
