@@ -15,7 +15,8 @@ from zope.interface.verify import verifyObject
 
 from dheera_tx.errors import ProxyError
 from dheera_tx.key_cache import CachedKeyStore
-from dheera_tx.key_store import IKeyStore, MemoryKeyStore, RedisKeyStore
+from dheera_tx.key_store import IKeyStore, RedisKeyStore
+from dheera_tx.memory_key_store import MemoryKeyStore
 from dheera_tx.keys import hash_key, validate_end_user_fields, validate_key_fields
 from dheera_tx.redis_address import RedisAddress, parse_database_url
 from dheera_tx.redis_client import RedisCommandError, RedisUnavailable, connect
