@@ -7,37 +7,24 @@ that environment variable and returns a L{ProxyConfig} of frozen values, or
 raises L{ConfigError}, whose text is one line naming the file, the entry and
 the field (start-up prints it and stops; never a traceback).  Errors name
 fields, variables and models but never quote a configured value, so a key or
-a password in the file cannot leak through one.
+a password in the file cannot leak through one.  The checks of single values
+are in L{dheera_tx.config_values}.
 """
 
-import math
 import os
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
-from urllib.parse import urlsplit
 
 import attr
 import yaml
 
+from dheera_tx import config_values
 from dheera_tx.auth import DEFAULT_OPERATOR_ROUTES
 
 ENV_PREFIX = "os.environ/"
 SECTIONS = ("model_list", "general_settings", "dheera_ai_settings", "router_settings", "environment_variables")
 SINKS = ("json_log", "redis_stream", "webhook")
 _ENTRY_KEYS = ("model_name", "dheera_ai_params", "litellm_params", "model_info")
-_HOSTED_VLLM = "hosted_vllm/"
-# LiteLLM provider prefixes that name something other than a vLLM server.
-# Only these are refused: served names often contain "/" ("Qwen/Qwen2.5-7B").
-_OTHER_PROVIDERS = frozenset(
-    """openai text-completion-openai custom_openai openai_like azure azure_ai
-    azure_text anthropic bedrock sagemaker sagemaker_chat vertex_ai
-    vertex_ai_beta gemini palm cohere cohere_chat huggingface ollama
-    ollama_chat together_ai groq mistral codestral deepseek openrouter
-    fireworks_ai replicate perplexity anyscale deepinfra cerebras sambanova
-    databricks watsonx nvidia_nim lm_studio llamafile xai vllm litellm_proxy
-    ai21 nlp_cloud aleph_alpha baseten cloudflare friendliai triton predibase
-    clarifai volcengine dashscope hyperbolic novita featherless_ai""".split()
-)
 
 
 class ConfigError(Exception):
@@ -180,171 +167,34 @@ class ProxyConfig:
         return tuple(self._by_name)
 
 
-class _Invalid(Exception):
-    """A value is wrong; the caller knows where it is."""
-
-
-_KINDS = ((type(None), "nothing"), (bool, "true/false"), ((int, float), "a number"), (str, "a string"),
-          (list, "a list"), (dict, "a mapping"))
-
-
-def _kind(value: Any) -> str:
-    """Say what a value is, without quoting it (it may be a secret)."""
-    return next((name for cls, name in _KINDS if isinstance(value, cls)), type(value).__name__)
-
-
-def _show(name: Any) -> str:
-    """Quote a key the user wrote: short, and never one that looks like an API key."""
-    if isinstance(name, str) and name.startswith("sk-"):
-        return "'sk-...'"
-    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_./-]{1,40}", name):
-        return name
-    text = repr(name)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _number(minimum: float, inclusive: bool) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise _Invalid(f"expected a number, got {_kind(value)}")
-        try:
-            number = float(value.strip() if isinstance(value, str) else value)
-        except (ValueError, OverflowError):
-            raise _Invalid("expected a number, got a string that is not one")
-        if not math.isfinite(number):
-            raise _Invalid("expected a finite number")
-        if number < minimum or (number == minimum and not inclusive):
-            raise _Invalid(f"must be {'>=' if inclusive else '>'} {minimum:g}")
-        return number
-
-    return check
-
-
-def _whole(minimum: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected a whole number, got {_kind(value)}")
-        if value < minimum:
-            raise _Invalid(f"must be >= {minimum}")
-        return value
-
-    return check
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return value.strip().lower() in ("true", "yes", "on", "1")
-    if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {_kind(value)}")
-    return value
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"expected a non-empty string, got {_kind(value)}")
-    return value
-
-
-def _token(value: Any) -> Optional[str]:
-    """A credential sent in a header: printable ASCII, no spaces.  Never quoted."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a string (quote it in YAML), got {_kind(value)}")
-    if not re.fullmatch(r"[\x21-\x7e]+", value):
-        raise _Invalid("must be printable ASCII without spaces or control characters")
-    return value
-
-
-def _master_key(value: Any) -> Optional[str]:
-    key = _token(value)
-    if key is None or not key.startswith("sk-") or key == "sk-":
-        raise _Invalid("must start with 'sk-' followed by the key")
-    return key
-
-
-def _routes(value: Any) -> Tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _Invalid(f"expected a list of route names, got {_kind(value)}")
-    routes = []
-    for item in value:
-        if not isinstance(item, str) or not item.strip("/ "):
-            raise _Invalid("expected a list of route names like sleep or v1/load_lora_adapter")
-        route = item.strip().strip("/")
-        # A proxy path was meant; left as is it would leave the route open.
-        routes.append(route[len("vllm/"):] if route.startswith("vllm/") else route)
-    return tuple(routes)
-
-
-def _served_model(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"expected the name vLLM serves, e.g. hosted_vllm/qwen2.5-7b-instruct, got {_kind(value)}")
-    if value.startswith(_HOSTED_VLLM):
-        if not value[len(_HOSTED_VLLM):].strip():
-            raise _Invalid("names no model after hosted_vllm/")
-        return value[len(_HOSTED_VLLM):]
-    provider, slash, _ = value.partition("/")
-    if slash and provider in _OTHER_PROVIDERS:
-        raise _Invalid(f"provider prefix {provider}/ is not supported, this gateway only talks to vLLM: write hosted_vllm/"
-                       f"<served name> (if vLLM serves the name {value} itself, write hosted_vllm/{value})")
-    return value
-
-
-_BASE_HINT = "must be an http:// or https:// URL of the vLLM server root, e.g. http://127.0.0.1:8000"
-
-
-def _api_base(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a URL, got {_kind(value)}")
-    if not re.fullmatch(r"[\x21-\x7e]+", value):
-        raise _Invalid(_BASE_HINT + " (no spaces or control characters)")
-    if "@" in value.partition("://")[2].partition("/")[0]:
-        raise _Invalid("must not hold a user or password: put the key in api_key")
-    try:
-        parts = urlsplit(value)
-        parts.port
-    except ValueError:
-        raise _Invalid(_BASE_HINT + " (it does not parse as one)")
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not value[len(scheme):].startswith("://"):
-        raise _Invalid(_BASE_HINT)
-    if not parts.hostname:
-        raise _Invalid(_BASE_HINT + " (it names no host)")
-    if "?" in value or "#" in value:
-        raise _Invalid("must not have a query string or fragment: request paths are appended to it")
-    return scheme + value[len(scheme):].rstrip("/")
-
-
-_positive = _number(0, inclusive=False)
+_positive = config_values.number(0, inclusive=False)
 _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
-    "master_key": _master_key,
-    "database_url": _text,
-    "redis_key_prefix": _text,
-    "max_request_body_bytes": _whole(1),
-    "metrics_require_auth": _flag,
-    "operator_routes": _routes,
-    "data_dir": _text,
+    "master_key": config_values.master_key,
+    "database_url": config_values.text,
+    "redis_key_prefix": config_values.text,
+    "max_request_body_bytes": config_values.whole(1),
+    "metrics_require_auth": config_values.flag,
+    "operator_routes": config_values.routes,
+    "data_dir": config_values.text,
     "header_timeout": _positive,
     "body_timeout": _positive,
-    "max_header_bytes": _whole(1),
-    "max_headers": _whole(1),
+    "max_header_bytes": config_values.whole(1),
+    "max_headers": config_values.whole(1),
     "graceful_shutdown_timeout": _positive,
-    "background_health_checks": _flag,
+    "background_health_checks": config_values.flag,
     "health_check_interval": _positive,
-    "max_connections": _whole(1),
+    "max_connections": config_values.whole(1),
 }
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
-    "allowed_fails": _whole(1),
-    "cooldown_time": _number(0, inclusive=True),
+    "allowed_fails": config_values.whole(1),
+    "cooldown_time": config_values.number(0, inclusive=True),
 }
 _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
-    "model": _served_model,
-    "api_base": _api_base,
-    "api_key": _token,
-    "input_cost_per_token": _number(0, inclusive=True),
-    "output_cost_per_token": _number(0, inclusive=True),
+    "model": config_values.served_model,
+    "api_base": config_values.api_base,
+    "api_key": config_values.token,
+    "input_cost_per_token": config_values.number(0, inclusive=True),
+    "output_cost_per_token": config_values.number(0, inclusive=True),
     "timeout": _positive,
     "stream_timeout": _positive,
     "connect_timeout": _positive,
@@ -391,13 +241,13 @@ class _Reader:
             active = _active | {id(value)}
             if isinstance(value, list):
                 return [self.resolve(v, f"{where}[{i}]", environ, active) for i, v in enumerate(value)]
-            return {k: self.resolve(v, f"{where}.{_show(k)}", environ, active) for k, v in value.items()}
+            return {k: self.resolve(v, f"{where}.{config_values.shown(k)}", environ, active) for k, v in value.items()}
         return value
 
     def value(self, where: str, check: Callable[[Any], Any], raw: Any) -> Any:
         try:
             return check(self.resolve(raw, where))
-        except _Invalid as e:
+        except config_values.InvalidValue as e:
             raise self.error(where, str(e))
 
     def section(self, data: dict, name: str) -> dict:
@@ -405,7 +255,7 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.error(name, f"expected a mapping, got {_kind(value)}")
+            raise self.error(name, f"expected a mapping, got {config_values.kind_of(value)}")
         return value
 
     def known(self, mapping: dict, allowed, where: Callable[[Any], str], what: str) -> None:
@@ -422,11 +272,11 @@ class _Reader:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise self.error("top level", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {_kind(data)}")
+            raise self.error("top level", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {config_values.kind_of(data)}")
         for key in data:
             if key not in SECTIONS:
                 hint = "; did you mean dheera_ai_settings?" if key == "litellm_settings" else ""
-                raise self.error(_show(key), f"unknown top-level section; expected one of {', '.join(SECTIONS)}{hint}")
+                raise self.error(config_values.shown(key), f"unknown top-level section; expected one of {', '.join(SECTIONS)}{hint}")
         self.export(self.section(data, "environment_variables"))
         deployments = self.model_list(data.get("model_list"))
         settings = self.resolve(self.section(data, "dheera_ai_settings"), "dheera_ai_settings")
@@ -443,7 +293,7 @@ class _Reader:
     def export(self, variables: dict) -> None:
         merged = dict(self.base_environ)
         for name, raw in variables.items():
-            where = f"environment_variables.{_show(name)}"
+            where = f"environment_variables.{config_values.shown(name)}"
             if not isinstance(name, str) or not re.fullmatch(r"[^=\x00]+", name):
                 raise self.error(where, "expected an environment variable name")
             value = self.resolve(raw, where, self.base_environ)
@@ -452,7 +302,7 @@ class _Reader:
             elif isinstance(value, (int, float)):
                 value = str(value)
             elif not isinstance(value, str):
-                raise self.error(where, f"expected a string or a number, got {_kind(value)}")
+                raise self.error(where, f"expected a string or a number, got {config_values.kind_of(value)}")
             merged[name] = value
         self.environ = merged
         self.exported = tuple(variables)
@@ -461,30 +311,30 @@ class _Reader:
         if entries is None:
             return ()
         if not isinstance(entries, list):
-            raise self.error("model_list", f"expected a list of model entries, got {_kind(entries)}")
+            raise self.error("model_list", f"expected a list of model entries, got {config_values.kind_of(entries)}")
         return tuple(self.deployment(index, entry) for index, entry in enumerate(entries))
 
     def deployment(self, index: int, entry: Any) -> Deployment:
         label = f"model_list[{index}]"
         if not isinstance(entry, dict):
-            raise self.error(label, f"expected a mapping with model_name and dheera_ai_params, got {_kind(entry)}")
-        self.known(entry, _ENTRY_KEYS, lambda key: f"{label}: {_show(key)}", "field")
+            raise self.error(label, f"expected a mapping with model_name and dheera_ai_params, got {config_values.kind_of(entry)}")
+        self.known(entry, _ENTRY_KEYS, lambda key: f"{label}: {config_values.shown(key)}", "field")
         if entry.get("model_name") is None:
             raise self.error(f"{label}: model_name", "missing; the name clients send as model")
-        name = self.value(f"{label}: model_name", _text, entry["model_name"])
+        name = self.value(f"{label}: model_name", config_values.text, entry["model_name"])
         label = f"{label} ({name})"
         if "dheera_ai_params" in entry and "litellm_params" in entry:
             raise self.error(label, "has both dheera_ai_params and litellm_params; keep one")
         if not isinstance(entry.get("model_info") or {}, dict):
-            raise self.error(f"{label}: model_info", f"expected a mapping, got {_kind(entry['model_info'])}")
+            raise self.error(f"{label}: model_info", f"expected a mapping, got {config_values.kind_of(entry['model_info'])}")
         field = "litellm_params" if "litellm_params" in entry else "dheera_ai_params"
         params = entry.get(field)
         if params is None:
             raise self.error(f"{label}: dheera_ai_params", "missing; it holds model and api_base")
         if not isinstance(params, dict):
-            raise self.error(f"{label}: {field}", f"expected a mapping of parameters, got {_kind(params)}")
+            raise self.error(f"{label}: {field}", f"expected a mapping of parameters, got {config_values.kind_of(params)}")
         where = lambda key: f"{label}: {field}.{key}"  # noqa: E731
-        self.known(params, PARAMS, lambda key: where(_show(key)), "parameter")
+        self.known(params, PARAMS, lambda key: where(config_values.shown(key)), "parameter")
         hints = {"model": "the name vLLM serves, e.g. hosted_vllm/qwen2.5-7b-instruct",
                  "api_base": "the vLLM server root, e.g. http://127.0.0.1:8000"}
         for required, hint in hints.items():
@@ -496,7 +346,7 @@ class _Reader:
 
     def settings(self, data: dict, name: str, cls: type, checks: dict, from_env: tuple) -> Any:
         section = self.section(data, name)
-        self.known(section, checks, lambda key: f"{name}.{_show(key)}", "setting")
+        self.known(section, checks, lambda key: f"{name}.{config_values.shown(key)}", "setting")
         values = {key: self.value(f"{name}.{key}", checks[key], raw) for key, raw in section.items() if raw is not None}
         for key, variable in from_env:
             if key not in values and self.environ.get(variable):
@@ -507,11 +357,11 @@ class _Reader:
         if names is None:
             return ()
         if not isinstance(names, list):
-            raise self.error("dheera_ai_settings.callbacks", f"expected a list of log sinks, got {_kind(names)}")
+            raise self.error("dheera_ai_settings.callbacks", f"expected a list of log sinks, got {config_values.kind_of(names)}")
         for i, name in enumerate(names):
             where = f"dheera_ai_settings.callbacks[{i}]"
             if name not in SINKS:
-                raise self.error(where, f"unknown log sink {_show(name)}; expected one of {', '.join(SINKS)}")
+                raise self.error(where, f"unknown log sink {config_values.shown(name)}; expected one of {', '.join(SINKS)}")
             if name in names[:i]:
                 raise self.error(where, f"log sink {name} is listed twice")
         return tuple(names)
@@ -519,8 +369,8 @@ class _Reader:
     def default_deployment(self, deployments: Tuple[Deployment, ...]) -> Optional[Deployment]:
         for variable in ("HOSTED_VLLM_API_BASE", "VLLM_API_BASE"):
             if self.environ.get(variable):
-                api_base = self.value(self.env_where(variable), _api_base, self.environ[variable])
-                key = self.value(self.env_where("HOSTED_VLLM_API_KEY"), _token, self.environ.get("HOSTED_VLLM_API_KEY"))
+                api_base = self.value(self.env_where(variable), config_values.api_base, self.environ[variable])
+                key = self.value(self.env_where("HOSTED_VLLM_API_KEY"), config_values.token, self.environ.get("HOSTED_VLLM_API_KEY"))
                 return Deployment(model_name="", served_model=None, api_base=api_base, api_key=key, index=-1)
         return deployments[0] if len(deployments) == 1 else None
 
@@ -540,7 +390,7 @@ class _Loader(yaml.SafeLoader):
             except TypeError:
                 continue
             if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"key {_show(key)} appears twice", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key {config_values.shown(key)} appears twice", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
