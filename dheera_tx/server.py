@@ -106,6 +106,9 @@ class GatewayConnection(Protocol):
         # The request being answered, and those waiting for their turn.
         self._active = None
         self._queue: list = []
+        # A request with Expect: 100-continue that arrived behind an
+        # unfinished answer: its 100 goes out when its turn comes.
+        self._continue_owed = None
 
     # Connection events.
 
@@ -253,9 +256,9 @@ class GatewayConnection(Protocol):
                     )
             self._incoming = exchange
             # Never before an earlier answer: a request pipelined with
-            # Expect gets no 100 (its client sends the body after waiting).
-            if expect and rejection is None and version == b"HTTP/1.1" and self._active is None:
-                self.transport.write(_CONTINUE)
+            # Expect gets its 100 when its turn comes.
+            if expect and has_body and rejection is None and version == b"HTTP/1.1":
+                self._expects_continue(exchange)
             if self._active is None:
                 self._active = exchange
                 self._to_dispatch = exchange
@@ -267,7 +270,32 @@ class GatewayConnection(Protocol):
             self._refuse(rejection)
             raise _Stop()
         self._incoming = _ControlRequest(method, target, version, headers)
-        if expect and has_body and version == b"HTTP/1.1" and self._active is None:
+        if expect and has_body and version == b"HTTP/1.1":
+            self._expects_continue(self._incoming)
+
+    def _expects_continue(self, request) -> None:
+        """
+        Send C{100 Continue} for C{request} now, or once the answer before
+        it is complete.
+        """
+        if self._active is None:
+            self.transport.write(_CONTINUE)
+        else:
+            self._continue_owed = request
+
+    def _pay_continue(self, request) -> None:
+        """
+        C{request}'s turn came: send its owed C{100 Continue}, unless its
+        client already started the body (after its own expect timeout).
+        """
+        if request is not self._continue_owed:
+            return
+        self._continue_owed = None
+        if isinstance(request, _ControlRequest):
+            started = request.size > 0
+        else:
+            started = request.body is None or request.body.received > 0
+        if not started and not self._closing and not self._lost:
             self.transport.write(_CONTINUE)
 
     def on_body(self, data: bytes) -> None:
@@ -352,7 +380,10 @@ class GatewayConnection(Protocol):
             return
         if self._queue:
             self.site.reactor.callLater(0, self._start_next)
-        elif self._incoming is None:
+        elif self._incoming is not None:
+            # A control request still reading its body.
+            self._pay_continue(self._incoming)
+        else:
             # Between requests the connection gets the header deadline too,
             # so an idle keep-alive connection does not hold its place.
             self.site.deadlines.watch(self)
@@ -361,6 +392,7 @@ class GatewayConnection(Protocol):
         if self._active is not None or not self._queue or self._closing or self._lost:
             return
         request = self._queue.pop(0)
+        self._pay_continue(request)
         if not self._queue:
             self._release(b"queue")
         if isinstance(request, ClientExchange):

@@ -24,6 +24,7 @@ from tests.passthrough_harness import (
     parse_response,
     sleep,
 )
+from tests.scripted_upstream import poll
 from tests.test_paths import ESCAPES
 
 
@@ -188,6 +189,69 @@ class MethodAndPathTests(ProxyTestCase):
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
         self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
         self.assertNotIn("upgrade", self.upstream.received[0].headers)
+
+    def _expect_post(self, path: bytes, body: bytes, close: bool = False) -> bytes:
+        """
+        :return: the head of a POST with C{Expect: 100-continue} (its body
+            is sent separately).
+        """
+        return (
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+            + (b"Connection: close\r\n" if close else b"")
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+
+    async def test_expect_continue_before_body(self):
+        """
+        A call or a control-plane request sent with C{Expect: 100-continue}
+        gets C{100 Continue} before its client sends the body, then its
+        answer; one refused by its head (too large) gets the refusal and no
+        100.
+        """
+        self.upstream = await self.fake(served_model="alpha")
+        self.proxy([deployment("alpha", "alpha", self.upstream)], general={"max_request_body_bytes": 1000})
+        body = b'{"model":"alpha","prompt":"one two"}'
+        # This proxy has no key store: the control plane reads the body and
+        # answers 404 for /key/generate.
+        for path, sent, status in ((b"/vllm/tokenize", body, b"200 OK"), (b"/key/generate", b"{}", b"404 Not Found")):
+            client = await self.raw_connect()
+            client.transport.write(self._expect_post(path, sent, close=True))
+            self.assertTrue(await poll(lambda: client.data == b"HTTP/1.1 100 Continue\r\n\r\n", 5), client.data)
+            client.transport.write(sent)
+            raw = await client.closed()
+            self.assertTrue(raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 " + status), raw[:300])
+        self.assertEqual(self.upstream.received[0].body, body)
+        raw = await self.raw(self._expect_post(b"/vllm/tokenize", b"x" * 2000))
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:200])
+        self.assertNotIn(b"100 Continue", raw)
+
+    async def test_pipelined_expect_continue_sent_on_its_turn(self):
+        """
+        A request with C{Expect: 100-continue} pipelined behind a slow call
+        gets no 100 while that call is answered (a 100 would read as its
+        answer), and gets it as soon as its turn comes, without waiting for
+        its client to give up on the 100; both planes (this proxy has no
+        key store, so the control plane answers 404 after reading the body).
+        """
+        self.upstream = await self.fake(served_model="alpha")
+        self.proxy([deployment("alpha", "alpha", self.upstream)])
+        key = MASTER_KEY.encode()
+        slow = b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nx-fake-fault: slow_first_byte=0.5\r\nAuthorization: Bearer " + key + b"\r\n\r\n"
+        body = b'{"model":"alpha","prompt":"later"}'
+        for path, sent, status in ((b"/vllm/tokenize", body, b"200 OK"), (b"/key/generate", b"{}", b"404 Not Found")):
+            client = await self.raw_connect()
+            client.transport.write(slow + self._expect_post(path, sent, close=True))
+            await sleep(0.3)
+            self.assertEqual(client.data, b"")
+            self.assertTrue(await poll(lambda: client.data.endswith(b"HTTP/1.1 100 Continue\r\n\r\n"), 5), client.data[-200:])
+            self.assertEqual(client.data.count(b"HTTP/1.1 200 OK\r\n"), 1)
+            self.assertLess(client.data.index(b'"version"'), client.data.index(b"100 Continue"))
+            client.transport.write(sent)
+            raw = await client.closed()
+            self.assertIn(b"100 Continue\r\n\r\nHTTP/1.1 " + status, raw, raw[-300:])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/tokenize", b"/version"])
+        self.assertEqual(self.upstream.received[1].body, body)
 
     async def test_head_keeps_content_length(self):
         """
