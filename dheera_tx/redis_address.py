@@ -261,10 +261,49 @@ def report_connection_errors(factory):
     return factory
 
 
+class FastCommands:
+    """
+    Mixed into a txredisapi protocol: builds the RESP bytes of a command
+    with one join, formatting C{str}, C{bytes} and C{int} arguments directly
+    (txredisapi's C{_build_command} costs about 0.6 us per argument); other
+    types are encoded by txredisapi as before.
+    """
+
+    def _build_command(self, *args, **kwargs) -> bytes:
+        encode = self._encode_value
+        charset, errors = self.charset, self.errors
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            kind = type(arg)
+            if kind is str and charset is not None:
+                try:
+                    value = arg.encode(charset, errors)
+                except UnicodeError:
+                    value = encode(arg)  # raises txredisapi's InvalidData
+            elif kind is bytes:
+                value = arg
+            elif kind is int:
+                value = b"%d" % arg
+            else:
+                value = encode(arg)
+            parts.append(b"$%d\r\n%s\r\n" % (len(value), value))
+        return b"".join(parts)
+
+
+class _FastRedisProtocol(FastCommands, txredisapi.RedisProtocol):
+    pass
+
+
+class _FastSentinelRedisProtocol(FastCommands, txredisapi.SentinelRedisProtocol):
+    pass
+
+
 class QuickReconnectFactory(txredisapi.RedisFactory):
     """
     txredisapi's connection factory, reconnecting within a second.
     """
+
+    protocol = _FastRedisProtocol
 
     # Reconnect quickly: with the default 10 s back-off a Redis restart
     # looks like a ten-second outage.
@@ -278,4 +317,5 @@ class QuickReconnectSentinelFactory(txredisapi.SentinelConnectionFactory):
     a second.
     """
 
+    protocol = _FastSentinelRedisProtocol
     maxDelay = 1.0
