@@ -32,7 +32,8 @@ def end_user_of(headers, document) -> Optional[str]:
     """
     :return: the end user a call is made for: the C{x-dheera-end-user}
         header, else the JSON body's C{user} field.
-    :raise ProxyError: 400 for an end user id that is too long.
+    :raise ProxyError: 400 for an end user id that is too long or not
+        Unicode text.
     """
     named = headers.getRawHeaders(b"x-dheera-end-user")
     if named and named[0].strip():
@@ -43,6 +44,12 @@ def end_user_of(headers, document) -> Optional[str]:
         return None
     if len(user) > MAX_END_USER_LENGTH:
         raise bad_request(f"The end user id is longer than {MAX_END_USER_LENGTH} characters.", param="user")
+    try:
+        user.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate escape from JSON: no Redis key can name it, and it
+        # would fail the whole admission batch it joined.
+        raise bad_request("The end user id is not Unicode text (a lone surrogate escape).", param="user") from None
     return user
 
 

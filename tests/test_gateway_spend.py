@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Callable, List, Optional
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from dheera_tx.accounting import estimate_prompt_tokens
@@ -594,6 +594,22 @@ class EndUserTests(GatewayTestCase):
         self.assertEqual((status, info["spend_nanos"]), (200, cost(2, 3)))
         # The upstream still gets the body's user field.
         self.assertEqual(self.upstream.received[-1].json["user"], "from-body")
+
+    async def test_unencodable_end_user_refused_alone(self):
+        """
+        An end user id that is not Unicode text (a lone surrogate escape in
+        the body's C{user}) is refused with 400 naming C{user}, and a call
+        admitted at the same moment with a good end user is unaffected
+        (admissions of one reactor turn share one Redis script).
+        """
+        key, _ = await self.new_key()
+        bad = ensureDeferred(self.post("/v1/chat/completions", chat_body(user="\ud800x"), key))
+        good = ensureDeferred(self.post("/v1/chat/completions", chat_body(user="fine"), key))
+        (bad_response, bad_body), (good_response, _) = await gatherResults([bad, good])
+        self.assertEqual(bad_response.code, 400, bad_body)
+        self.assertEqual(error_of(bad_body)["param"], "user")
+        self.assertEqual(good_response.code, 200)
+        self.assertEqual(len(self.upstream.received), 1)
 
     async def test_end_user_budget(self):
         """
