@@ -105,6 +105,12 @@ def _body(request) -> dict:
         raise bad_request("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if b"\\u" in raw:
+        try:
+            # A \uD800-style escape decodes to text no store can encode.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("The request body has a lone surrogate escape (not Unicode text).") from None
     return body
 
 

@@ -340,6 +340,28 @@ class KeyAPITests(TestCase):
         self.assertError(await self.call("GET", "/end_user/info"), 400, "end_user_id")
         self.assertError(await self.call("POST", "/end_user/block", {"user_ids": "eve"}), 400, "user_ids")
 
+    async def test_lone_surrogate_refused(self):
+        """
+        A body whose JSON escapes a lone surrogate (valid JSON, not Unicode
+        text: no Redis key or field can hold it) is refused with 400 by
+        every route that reads a body, and nothing is stored.
+        """
+        for path, document in (
+            ("/key/generate", {"user_id": "\ud800"}),
+            ("/key/generate", {"key_alias": "a\udc00b"}),
+            ("/end_user/new", {"user_id": "x\ud800"}),
+            ("/end_user/block", {"user_ids": ["\udfff"]}),
+        ):
+            code, answer = await self.call("POST", path, document)
+            self.assertError((code, answer), 400)
+            self.assertIn("surrogate", answer["error"]["message"])
+        status, listed = await self.call("GET", "/key/list")
+        self.assertEqual(status, 200, listed)
+        self.assertEqual(listed["total_count"], 0)
+        # Escapes of real characters (a surrogate pair included) are fine.
+        answer = await self.generate(user_id="\u00e9\U0001F600")
+        self.assertEqual(answer["user_id"], "\u00e9\U0001F600")
+
     async def test_secret_nowhere(self):
         """
         After a key's whole life the key appears nowhere in Redis (what
