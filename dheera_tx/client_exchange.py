@@ -15,10 +15,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
-from dheera_tx.errors import ProxyError
+from dheera_tx.errors import ProxyError, reason_phrase
 from dheera_tx.request_body import BodyAborted, StreamingBody
 from dheera_tx.socket_write import write_now
 
@@ -155,7 +154,7 @@ class ClientExchange:
             return
         self.startedWriting = True
         if phrase is None:
-            phrase = RESPONSES.get(code, b"Unknown")
+            phrase = reason_phrase(code)
         lines = [b"%s %d %s\r\n" % (self.version, code, phrase)]
         for name, value in headers:
             lines.append(name + b": " + value + _CRLF)

@@ -10,6 +10,20 @@ is passed through untouched) is a L{ProxyError}, rendered as::
 import json
 from typing import Optional
 
+from twisted.web.http import RESPONSES
+
+# Reason phrases of the status lines the proxy writes: twisted.web's table
+# lacks 429 and 431 (and 499, logged only, never sent).
+REASON_PHRASES = dict(RESPONSES)
+REASON_PHRASES.update({429: b"Too Many Requests", 431: b"Request Header Fields Too Large"})
+
+
+def reason_phrase(status: int) -> bytes:
+    """
+    :return: the reason phrase for C{status}.
+    """
+    return REASON_PHRASES.get(status, b"Unknown")
+
 
 class ProxyError(Exception):
     """

@@ -21,9 +21,8 @@ import re
 from typing import Callable, Dict, Optional
 
 from twisted.internet.protocol import Protocol
-from twisted.web import http
 
-from dheera_tx.errors import ProxyError, service_unavailable
+from dheera_tx.errors import ProxyError, reason_phrase, service_unavailable
 
 # A request body must arrive at no less than this many bytes per second,
 # averaged over each window of C{body_timeout} seconds in which the proxy
@@ -96,7 +95,7 @@ def raw_answer(error: ProxyError) -> bytes:
         C{Connection: close}, to write on a raw connection.
     """
     body = error.body()
-    phrase = http.RESPONSES.get(error.status, b"Error")
+    phrase = reason_phrase(error.status)
     return (
         b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
         % (error.status, phrase, len(body), body)

@@ -72,13 +72,16 @@ class HostileTestCase(ProxyHarness, LogWatch, TestCase):
     async def refused(self, raw: bytes, status: int = 400, wait: float = 5.0) -> dict:
         """
         Send C{raw} on a new connection and assert the proxy answers
-        C{status} in the OpenAI shape and closes.
+        C{status}, with its reason phrase, in the OpenAI shape and closes.
 
         :return: the error object.
         """
         answer = await self.raw(raw, wait)
         code, headers, body = parse_response(answer)
         self.assertEqual(code, status, (raw[:200], answer[:300]))
+        # A real reason phrase, not a placeholder.
+        phrase = answer.partition(b"\r\n")[0].split(b" ", 2)[2]
+        self.assertNotIn(phrase, (b"Error", b"Unknown", b""))
         self.assertEqual(headers.get("content-type"), [b"application/json"])
         return error_of(body)
 

@@ -254,11 +254,12 @@ class GatewayTestCase(ProxyHarness, TestCase):
 
     def assertLimited(self, response, body: bytes, type: str) -> dict:
         """
-        Assert a 429 of C{type} in the OpenAI error shape.
+        Assert a 429 (Too Many Requests) of C{type} in the OpenAI error
+        shape.
 
         :return: the error object.
         """
-        self.assertEqual(response.code, 429, body)
+        self.assertEqual((response.code, response.phrase), (429, b"Too Many Requests"), body)
         error = error_of(body)
         self.assertEqual(error["type"], type)
         return error
