@@ -22,10 +22,12 @@ Every answer the listening side makes itself is in the OpenAI error shape
 from typing import List, Optional
 
 import httptools
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server as webserver
+from zope.interface import implementer
 
 from dheera_tx.client_exchange import ClientExchange
 from dheera_tx.control_bridge import ControlBridge
@@ -507,6 +509,7 @@ class GatewayConnection(Protocol):
         self._release(b"body")
 
 
+@implementer(IProtocolNegotiationFactory)
 class GatewaySite(Factory):
     """
     The listening factory both planes share.
@@ -538,6 +541,14 @@ class GatewaySite(Factory):
         self.open_connections = 0
         self.refused_connections = 0
         self._at_limit = False
+
+    def acceptableProtocols(self) -> List[bytes]:
+        """
+        Over TLS, the protocol ALPN may choose: HTTP/1.1 only.  (Twisted
+        selects over ALPN on every TLS listener; with nothing to offer, a
+        client that offers ALPN, as curl and httpx do, gets an alert.)
+        """
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr):
         if self.open_connections >= self.limits.max_connections:

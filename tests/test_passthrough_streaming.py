@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
@@ -445,7 +445,8 @@ class TLSListenerTests(ProxyHarness, TestCase):
         directory = self.mktemp()
         os.makedirs(directory)
         self.upstream = await self.fake(served_model="alpha")
-        self.proxy([deployment("alpha", "alpha", self.upstream)], tls_pem=self_signed_localhost(directory))
+        self.pem = self_signed_localhost(directory)
+        self.proxy([deployment("alpha", "alpha", self.upstream)], tls_pem=self.pem)
 
     async def test_json_stream_and_control_plane(self):
         """
@@ -465,3 +466,19 @@ class TLSListenerTests(ProxyHarness, TestCase):
             self.assertEqual(json.loads(event[len(b"data: "):])["object"], "chat.completion.chunk")
         response, body = await self.request(b"GET", "/health/liveliness")
         self.assertEqual((response.code, json.loads(body)["status"]), (200, "alive"))
+
+    async def test_alpn_client_gets_http11(self):
+        """
+        A client that offers ALPN (h2 and http/1.1, as curl and httpx do)
+        gets its answer over HTTP/1.1; it used to get a TLS alert.
+        """
+        from twisted.internet import ssl
+
+        await self._start()
+        with open(self.pem, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        options = ssl.optionsForClientTLS("localhost", trustRoot=trust, acceptableProtocols=[b"h2", b"http/1.1"])
+        client = await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, options), RawClient())
+        client.transport.write(b"GET /health/liveliness HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        raw = await client.closed()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:200])
