@@ -376,6 +376,12 @@ def _metadata(value, field):
         return {}
     if not isinstance(value, dict):
         raise bad_request(f"{field} must be a JSON object.", field)
+    try:
+        # Python's JSON reads NaN and Infinity; answers holding them would
+        # not be JSON to any other client.
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise bad_request(f"{field} must not hold NaN or Infinity.", field) from None
     return value
 
 

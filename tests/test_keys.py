@@ -329,6 +329,9 @@ class ValidateKeyFieldsTests(SynchronousTestCase):
             ({"team_id": ""}, "team_id"),
             ({"key_alias": "x" * 300}, "key_alias"),
             ({"metadata": []}, "metadata"),
+            # Python's JSON reads these; no other JSON client could read them back.
+            ({"metadata": {"a": float("nan")}}, "metadata"),
+            ({"metadata": {"b": [float("inf")]}}, "metadata"),
             ({"blocked": "yes"}, "blocked"),
         ]
         for body, param in cases:
@@ -366,6 +369,9 @@ class ValidateKeyFieldsTests(SynchronousTestCase):
         with self.assertRaises(ProxyError) as e:
             validate_end_user_fields({"user_id": "u", "models": []})
         self.assertEqual(e.exception.param, "models")
+        with self.assertRaises(ProxyError) as e:
+            validate_end_user_fields({"user_id": "u", "metadata": {"x": float("-inf")}})
+        self.assertEqual(e.exception.param, "metadata")
 
 
 class ChangesTests(SynchronousTestCase):
