@@ -44,6 +44,8 @@ from zope.interface import implementer, provider
 MAX_KEPT_BODY = 1024 * 1024
 BIG_BODY_PIECE = 64 * 1024
 VLLM_VERSION = "0.32.0"
+# The context length of the served model (vLLM's tiny test models: 512).
+MAX_MODEL_LEN = 512
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -192,6 +194,16 @@ def parse_faults(spec: str) -> dict:
         except ValueError:
             raise ValueError(f"fake fault {name!r} needs a number, not {value!r}") from None
     return faults
+
+
+class _Refused(Exception):
+    """
+    A handler refuses the request with C{answer} (vLLM's validation error).
+    """
+
+    def __init__(self, answer: Answer):
+        super().__init__(answer.status)
+        self.answer = answer
 
 
 @provider(INonQueuedRequestFactory)
@@ -675,7 +687,12 @@ class VLLMRoutes:
         if not isinstance(payload, dict):
             return error_answer(400, "Input should be a valid dictionary", "Bad Request")
         unknown = self._unknown_model(payload.get("model"))
-        return unknown or handler(exchange, payload)
+        if unknown is not None:
+            return unknown
+        try:
+            return handler(exchange, payload)
+        except _Refused as refused:
+            return refused.answer
 
     def _unknown_model(self, model: Any) -> Optional[Answer]:
         if model is None or model == self.fake.served_model:
@@ -688,12 +705,23 @@ class VLLMRoutes:
 
     @staticmethod
     def _generation(exchange: _Exchange, payload: dict, *limits: str) -> tuple:
+        """
+        :return: how many tokens to generate and the finish reason.
+        :raise _Refused: with vLLM's 400 for a limit outside 1 to the
+            model's context (vLLM checks this before generating anything).
+        """
         chunks = exchange.fault_value("chunks")
         if chunks is not None:
             return chunks, "length"
         for key in limits:
             value = payload.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
+                if value < 1:
+                    raise _Refused(error_answer(400, f"{key} must be at least 1, got {value}.", "BadRequestError", key))
+                if value > MAX_MODEL_LEN:
+                    raise _Refused(error_answer(
+                        400, f"{key}={value} cannot be greater than max_model_len={MAX_MODEL_LEN}. Please request "
+                        "fewer output tokens.", "BadRequestError", key))
                 return value, "length"
         return 8, "stop"
 
@@ -934,7 +962,7 @@ class VLLMRoutes:
             prompt = payload.get("prompt")
             pieces = prompt.split() if isinstance(prompt, str) else []
         tokens = [zlib.crc32(p.encode("utf-8")) % 32000 for p in pieces]
-        return json_answer({"count": len(tokens), "max_model_len": 512, "tokens": tokens,
+        return json_answer({"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens,
                             "token_strs": pieces if payload.get("return_token_strs") else None})
 
     def detokenize(self, exchange: _Exchange, payload: dict) -> Answer:
@@ -994,7 +1022,7 @@ class VLLMRoutes:
                       "is_blocking": False}
         return json_answer({"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "vllm",
-             "root": name, "parent": None, "max_model_len": 512, "permission": [permission]}]})
+             "root": name, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}]})
 
     def health(self, exchange: _Exchange) -> Answer:
         """

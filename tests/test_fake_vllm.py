@@ -246,6 +246,25 @@ class FakeVLLMTests(TestCase):
             "message": "The model `big` does not exist.", "type": "NotFoundError",
             "param": "model", "code": 404}})
 
+    async def test_max_tokens_outside_context_refused(self) -> None:
+        """
+        Like vLLM, a C{max_tokens} (or C{max_completion_tokens}) above the
+        model's context, or below 1, is a 400 BadRequestError naming it,
+        answered at once (nothing is generated); the largest allowed is
+        generated.
+        """
+        for path, key, value in (
+            ("/v1/completions", "max_tokens", 10**23),
+            ("/v1/chat/completions", "max_completion_tokens", 513),
+            ("/v1/chat/completions", "max_tokens", 0),
+        ):
+            document = {key: value, "prompt": "a", "messages": [{"role": "user", "content": "a"}]}
+            response, body = await self.post_json(path, document)
+            error = json.loads(body.body)["error"]
+            self.assertEqual((response.code, error["type"], error["param"], error["code"]), (400, "BadRequestError", key, 400))
+        response, body = await self.post_json("/v1/completions", {"prompt": "a", "max_tokens": 512})
+        self.assertEqual(json.loads(body.body)["usage"]["completion_tokens"], 512)
+
     async def test_api_key_and_content_type(self) -> None:
         """
         With an api_key, /v1 paths need the bearer key (401 with vLLM's flat
