@@ -4,7 +4,6 @@ connection under them (L{dheera_tx.redis_client}, L{dheera_tx.redis_address},
 L{dheera_tx.redis_pubsub}), against a real C{redis-server}.
 """
 
-import os
 import time
 from unittest import SkipTest
 
@@ -22,48 +21,9 @@ from dheera_tx.redis_address import RedisAddress, parse_database_url
 from dheera_tx.redis_client import RedisCommandError, RedisUnavailable, connect
 from tests.redis_server import RedisServer, free_port
 from tests.scripted_upstream import sleep
+from tests.tls_upstream import self_signed_certificate
 
 T0 = 1_700_000_000.0
-
-
-def self_signed_certificate(directory: str):
-    """
-    Write a self-signed certificate for localhost and its key.
-
-    :return: C{(certificate path, key path)}.
-    """
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-            )
-        )
-    return cert_path, key_path
 
 
 async def eventually(check, timeout: float = 5.0, step: float = 0.01):

@@ -1,12 +1,12 @@
 """
-A TLS upstream for tests: a self-signed certificate for C{localhost},
-made at run time, and a loopback TLS server that answers every request
-with a fixed response.
+TLS for tests: self-signed certificates for C{localhost}, made at run time
+(for the TLS upstream, the proxy's TLS listener and a rediss:// Redis), and
+a loopback TLS server that answers every request with a fixed response.
 """
 
 import datetime
 import os
-from typing import List
+from typing import List, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -16,12 +16,10 @@ from twisted.internet import ssl
 from twisted.internet.protocol import Factory, Protocol
 
 
-def self_signed_localhost(directory: str) -> str:
+def _localhost_certificate():
     """
-    Write a self-signed certificate and key for C{localhost} (its own CA)
-    under C{directory}.
-
-    :return: the path of the PEM file holding both.
+    :return: C{(certificate PEM, private key)} of a fresh self-signed
+        certificate for C{localhost} that is its own CA.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -38,15 +36,41 @@ def self_signed_localhost(directory: str) -> str:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+    return certificate.public_bytes(serialization.Encoding.PEM), key
+
+
+def _key_pem(key, form) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
+
+
+def self_signed_localhost(directory: str) -> str:
+    """
+    Write a self-signed certificate and key for C{localhost} (its own CA)
+    under C{directory}, in one file.
+
+    :return: the path of the PEM file holding both.
+    """
+    certificate, key = _localhost_certificate()
     path = os.path.join(directory, "localhost.pem")
     with open(path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        f.write(certificate + _key_pem(key, serialization.PrivateFormat.PKCS8))
     return path
+
+
+def self_signed_certificate(directory: str) -> Tuple[str, str]:
+    """
+    Write a self-signed certificate for C{localhost} and its key (OpenSSL's
+    traditional form, as redis-server reads it) in two files.
+
+    :return: C{(certificate path, key path)}.
+    """
+    certificate, key = _localhost_certificate()
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(certificate)
+    with open(key_path, "wb") as f:
+        f.write(_key_pem(key, serialization.PrivateFormat.TraditionalOpenSSL))
+    return cert_path, key_path
 
 
 class _Answer(Protocol):
