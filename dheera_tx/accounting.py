@@ -56,12 +56,19 @@ def end_user_of(headers, document) -> Optional[str]:
 def needs_usage_injection(path: bytes, document) -> bool:
     """
     :return: whether a streamed chat/completions call did not ask for usage,
-        so the proxy asks for it upstream and strips it from the answer.
+        so the proxy asks for it upstream and strips it from the answer
+        (not when C{stream_options} is malformed: vLLM refuses that).
     """
     if document is None or path not in USAGE_INJECTABLE or document.get("stream") is not True:
         return False
     options = document.get("stream_options")
-    return not (isinstance(options, dict) and options.get("include_usage") is True)
+    if options is None:
+        return True
+    if not isinstance(options, dict):
+        # Malformed: vLLM answers it with its own 400, which rewriting the
+        # field would hide.
+        return False
+    return options.get("include_usage") in (None, False)
 
 
 def with_usage_requested(document: dict) -> dict:

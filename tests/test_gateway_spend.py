@@ -438,6 +438,22 @@ class UsageInjectionTests(GatewayTestCase):
         await self.settled()
         self.assertEqual(self.hash("spend:model:alpha")["spend_nanos"], cost(3, 5))
 
+    async def test_malformed_stream_options_left_to_vllm(self):
+        """
+        C{stream_options} that is not an object, or whose C{include_usage}
+        is not a boolean, goes upstream as the client wrote it (vLLM, not
+        the proxy, says what is wrong with it); C{include_usage: false} and
+        C{null} options still get usage injected and stripped.
+        """
+        for options in ("x", ["include_usage"], {"include_usage": "maybe"}):
+            await self.post("/v1/chat/completions", chat_body(stream=True, stream_options=options))
+            self.assertEqual(self.upstream.received[-1].json["stream_options"], options)
+        for options in ({"include_usage": False}, None):
+            response, body = await self.post("/v1/chat/completions", chat_body(stream=True, stream_options=options))
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.upstream.received[-1].json["stream_options"], {"include_usage": True})
+            self.assertTrue(all(b'"usage"' not in e for e in sse_events(body)), body)
+
     async def test_client_asked_for_usage(self):
         """
         A client that asked for C{include_usage} gets the usage chunk as
