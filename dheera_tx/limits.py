@@ -20,7 +20,7 @@ Redis keys (all under the configured prefix):
 from typing import List, Optional, Tuple
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
 
@@ -136,8 +136,17 @@ class AdmissionBatch:
     def admit(self, keys: tuple, args: tuple) -> Deferred:
         """
         :return: a Deferred firing with this admission's script reply, or
-            failing as the Redis call failed.
+            failing as the Redis call failed; failing at once, alone, when
+            a key name or argument is text that cannot be encoded.
         """
+        for value in keys + args:
+            if type(value) is str:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    # Fails alone: in the batch it would fail every call of
+                    # the tick (the script could not be sent at all).
+                    return fail(e)
         d = Deferred()
         if not self._pending:
             self._reactor.callLater(0, self._flush)

@@ -118,6 +118,26 @@ class LimitsTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_unencodable_admission_fails_alone(self):
+        """
+        An admission whose key names or arguments hold text that cannot be
+        encoded (a lone surrogate: the proxy refuses such end user ids
+        earlier, this is the second line) fails on its own, at once, as
+        unavailable; the other admissions of the same tick run as usual.
+        """
+        good = self._store(_record(token="c" * 64))
+
+        async def go():
+            bad = ensureDeferred(self.limiter.admit(Principal(False, good), "x\ud800", "bad"))
+            fine = [ensureDeferred(self.limiter.admit(Principal(False, good), "bob", f"g-{i}")) for i in range(2)]
+            with self.assertRaises(ProxyError) as refused:
+                await bad
+            self.assertEqual(refused.exception.status, 503)
+            admitted = await gatherResults(fine)
+            self.assertEqual([a.call_id for a in admitted], ["g-0", "g-1"])
+
+        return ensureDeferred(go())
+
     def test_rpm_limit(self):
         """
         With rpm_limit 3, exactly 3 calls are admitted in the window; the
