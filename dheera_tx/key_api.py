@@ -128,7 +128,7 @@ def _query_int(request, name: str, default: int) -> int:
     text = _query(request, name)
     if text is None or text == "":
         return default
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise bad_request(f"{name} must be a whole number.", name)
     return int(text)
 

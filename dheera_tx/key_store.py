@@ -43,6 +43,8 @@ from dheera_tx.keys import (
 )
 
 MAX_PAGE_SIZE = 100
+# Far beyond any real list, and small enough that Redis's 64-bit offsets hold.
+MAX_PAGE = 1_000_000_000
 _SCAN_CHUNK = 500
 
 
@@ -58,8 +60,8 @@ def alias_taken(alias: str) -> ProxyError:
 
 
 def check_page(page: int, size: int):
-    if not isinstance(page, int) or page < 1:
-        raise bad_request("page must be 1 or more.", "page")
+    if not isinstance(page, int) or not 1 <= page <= MAX_PAGE:
+        raise bad_request(f"page must be from 1 to {MAX_PAGE}.", "page")
     if not isinstance(size, int) or not 1 <= size <= MAX_PAGE_SIZE:
         raise bad_request(f"size must be from 1 to {MAX_PAGE_SIZE}.", "size")
 

@@ -260,7 +260,8 @@ class KeyAPITests(TestCase):
     async def test_list(self):
         """
         /key/list pages hashes newest first, filters by user, team and
-        alias, and gives records with return_full_object=true.
+        alias, and gives records with return_full_object=true; a page or
+        size out of range is a 400.
         """
         tokens = []
         for i in range(5):
@@ -279,6 +280,12 @@ class KeyAPITests(TestCase):
         status, answer = await self.call("GET", "/key/list?key_alias=l0")
         self.assertEqual(answer["keys"], [tokens[0]])
         self.assertError(await self.call("GET", "/key/list?page=x"), 400, "page")
+        # Beyond Redis's 64-bit offsets (it was a 500), and a digit that is
+        # not an ASCII one (int() refuses it).
+        self.assertError(await self.call("GET", "/key/list?page=99999999999999999999"), 400, "page")
+        self.assertError(await self.call("GET", "/key/list?page=%C2%B2"), 400, "page")
+        status, answer = await self.call("GET", "/key/list?page=1000000000")
+        self.assertEqual((status, answer["keys"]), (200, []))
         self.assertError(await self.call("GET", "/key/list?size=0"), 400, "size")
         self.assertError(await self.call("GET", "/key/list?size=101"), 400, "size")
         self.assertError(await self.call("GET", "/key/list?return_full_object=maybe"), 400, "return_full_object")
