@@ -186,13 +186,13 @@ def _host_port(hostinfo: str, default_port: int, shown: str) -> Tuple[str, int]:
         raise ValueError(f"database_url {shown}: no host")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"database_url {shown}: port must be a number from 1 to 65535")
     return host, int(port_text)
 
 
 def _db(text: str, shown: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"database_url {shown}: the database must be a number (e.g. /0)")
     return int(text)
 

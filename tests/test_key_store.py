@@ -477,14 +477,18 @@ class DatabaseURLTests(SynchronousTestCase):
 
     def test_bad(self):
         """
-        Bad URLs raise L{ValueError} with a message that never includes the
-        password.
+        Bad URLs raise L{ValueError} with a message that names the part at
+        fault (the port, the database, ...) and never includes the password.
         """
         for url in [
             "http://:hunter2@h",
             "redis://:hunter2@h:port/0",
             "redis://:hunter2@h:70000",
             "redis://:hunter2@h/zero",
+            # Digits int() refuses, or reads though they are not ASCII.
+            "redis://:hunter2@h/\u00b2",
+            "redis://:hunter2@h:\u00b2/0",
+            "redis://:hunter2@h:\uff16\uff13\uff17\uff19/0",
             "redis://:hunter2@/0",
             "unix://:hunter2@relative.sock",
             "unix://:hunter2@/",
@@ -498,6 +502,7 @@ class DatabaseURLTests(SynchronousTestCase):
             with self.assertRaises(ValueError, msg=url) as e:
                 parse_database_url(url)
             self.assertNotIn("hunter2", str(e.exception))
+            self.assertNotIn("invalid literal", str(e.exception))
             self.assertIn("database_url", str(e.exception))
 
 
