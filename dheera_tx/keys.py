@@ -46,6 +46,8 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _MAX_DURATION = 100 * 365 * 86400
 _TOKEN = re.compile(r"^[0-9a-fA-F]{64}$")
 MAX_NAME_LENGTH = 256
+# Models or routes on one key: every call loads the key record.
+MAX_LIST_LENGTH = 1000
 
 
 def generate_key() -> str:
@@ -340,8 +342,16 @@ def _name(value, field):
 def _string_list(value, field):
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise bad_request(f"{field} must be a list of non-empty strings.", field)
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_LIST_LENGTH
+        or not all(isinstance(v, str) and v and len(v) <= MAX_NAME_LENGTH for v in value)
+    ):
+        raise bad_request(
+            f"{field} must be a list of at most {MAX_LIST_LENGTH} non-empty strings of at most "
+            f"{MAX_NAME_LENGTH} characters.",
+            field,
+        )
     return tuple(value)
 
 

@@ -295,6 +295,13 @@ class ValidateKeyFieldsTests(SynchronousTestCase):
         self.assertEqual(fields["max_budget"], 1.0)
         self.assertEqual(set(fields), set(body))
 
+    def test_longest_lists(self):
+        """
+        1,000 models of 256 characters each are accepted.
+        """
+        models = ["%03d" % i + "m" * 253 for i in range(1000)]
+        self.assertEqual(validate_key_fields({"models": models})["models"], tuple(models))
+
     def test_nulls(self):
         """
         C{null} lists become empty, C{null} metadata empty, C{null} blocked
@@ -313,7 +320,8 @@ class ValidateKeyFieldsTests(SynchronousTestCase):
 
     def test_wrong_types(self):
         """
-        A wrong type is a 400 naming the field.
+        A wrong type, or a value out of range (a model name over 256
+        characters, more than 1,000 models), is a 400 naming the field.
         """
         cases = [
             ({"models": "m"}, "models"),
@@ -329,6 +337,9 @@ class ValidateKeyFieldsTests(SynchronousTestCase):
             ({"team_id": ""}, "team_id"),
             ({"key_alias": "x" * 300}, "key_alias"),
             ({"metadata": []}, "metadata"),
+            ({"models": ["m" * 257]}, "models"),
+            ({"models": ["m"] * 1001}, "models"),
+            ({"allowed_routes": ["r" * 300]}, "allowed_routes"),
             # Python's JSON reads these; no other JSON client could read them back.
             ({"metadata": {"a": float("nan")}}, "metadata"),
             ({"metadata": {"b": [float("inf")]}}, "metadata"),
