@@ -59,6 +59,9 @@ class Deployment:
         L{None} for the default upstream.
     :ivar api_base: the server root, C{http(s)://host[:port][/prefix]}, no
         trailing slash.
+    :ivar keepalive_timeout: seconds an idle connection to the server is
+        kept for reuse; under the server's own keep-alive timeout, so that
+        the proxy never sends on a connection the server is closing.
     :ivar index: position in C{model_list}; -1 for the default upstream.
     """
 
@@ -71,6 +74,7 @@ class Deployment:
     timeout: float = 600.0
     stream_timeout: float = 60.0
     connect_timeout: float = 10.0
+    keepalive_timeout: float = 4.0
     index: int = -1
 
     @property
@@ -198,6 +202,7 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "timeout": _positive,
     "stream_timeout": _positive,
     "connect_timeout": _positive,
+    "keepalive_timeout": _positive,
 }
 PARAMS = tuple(_PARAM_CHECKS)
 # Env-alone settings, used when the file leaves the setting out.

@@ -302,6 +302,7 @@ class Passthrough:
             body,
             max_head_bytes=self._max_response_head,
             tls=upstream.tls,
+            idle_timeout=deployment.keepalive_timeout,
         )
         timed_out = []
 

@@ -12,7 +12,8 @@ the response, C{__slots__} on every per-call object, and TCP_NODELAY.
 Connections are kept per C{(host, port)} in a LIFO stack of idle ones and
 reused only after a complete response with keep-alive to a completely sent
 request.  Idle connections are closed after C{idle_timeout} seconds (below
-uvicorn's 5 s, so that the proxy does not reuse one the server is closing).
+uvicorn's 5 s, so that the proxy does not reuse one the server is closing),
+or after an endpoint's own timeout (a deployment's C{keepalive_timeout}).
 
 This module holds the pool and connecting; the connection protocol
 (sending the head, parsing the response) is in
@@ -123,6 +124,8 @@ class UpstreamPool:
         self._max_idle = max_idle_per_endpoint
         self._idle_timeout = idle_timeout
         self._idle: Dict[tuple, List[_UpstreamConnection]] = {}
+        # Endpoints whose idle timeout is not the pool's.
+        self._idle_timeouts: Dict[tuple, float] = {}
         self._connections: Set[_UpstreamConnection] = set()
         self._attempts: Set[_Connecting] = set()
         self._host_headers: Dict[tuple, bytes] = {}
@@ -141,6 +144,7 @@ class UpstreamPool:
         body,
         max_head_bytes: int = 65536,
         tls: bool = False,
+        idle_timeout: Optional[float] = None,
     ) -> "Deferred[UpstreamResponse]":
         """
         Send a request to C{host:port}.
@@ -156,6 +160,9 @@ class UpstreamPool:
         :param max_head_bytes: the most bytes of response header lines.
         :param tls: connect with TLS (an C{https} deployment), verifying
             the server's certificate for C{host}.
+        :param idle_timeout: seconds this endpoint's connections are kept
+            idle (keep it under the server's own keep-alive timeout), or
+            L{None} for the pool's.
         :return: a Deferred firing with the L{UpstreamResponse} once its
             head has arrived, or failing with L{UpstreamUnreachable},
             L{UpstreamFailed}, L{UpstreamMalformed}, the body producer's own
@@ -164,6 +171,8 @@ class UpstreamPool:
         if self._closed:
             return fail(UpstreamUnreachable("The upstream pool is closed."))
         key = (host, port, tls)
+        if idle_timeout is not None and self._idle_timeouts.get(key) != idle_timeout:
+            self._idle_timeouts[key] = idle_timeout
         host_header = self._host_headers.get(key)
         if host_header is None:
             host_header = self._host_headers[key] = _host_header(host, port)
@@ -247,7 +256,7 @@ class UpstreamPool:
             return None
         connection = stack.pop()
         connection.idle = False
-        if self._reactor.seconds() - connection.idle_since < self._idle_timeout:
+        if self._reactor.seconds() - connection.idle_since < self._idle_timeouts.get(key, self._idle_timeout):
             return connection
         # The sweep is late: this one and every older one have expired.
         connection.close()
@@ -284,10 +293,13 @@ class UpstreamPool:
             oldest.idle = False
             oldest.close()
         connection.idle = True
-        connection.idle_since = self._reactor.seconds()
+        connection.idle_since = now = self._reactor.seconds()
         stack.append(connection)
+        due = now + self._idle_timeouts.get(connection.key, self._idle_timeout)
         if self._sweep is None:
-            self._sweep = self._reactor.callLater(self._idle_timeout, self._expire)
+            self._sweep = self._reactor.callLater(due - now, self._expire)
+        elif due < self._sweep.getTime():
+            self._sweep.reset(due - now)
 
     def _forget_idle(self, connection: _UpstreamConnection) -> None:
         if connection.idle:
@@ -311,16 +323,17 @@ class UpstreamPool:
 
     def _expire(self) -> None:
         """
-        Close the connections idle for C{idle_timeout}; come back when the
-        next one will be.
+        Close the connections idle for their endpoint's idle timeout; come
+        back when the next one will be.
         """
         self._sweep = None
         now = self._reactor.seconds()
-        # A little slack: the timer fires at since + timeout, give or take
-        # the rounding of that sum.
-        deadline = now - self._idle_timeout + 0.001
-        oldest = None
+        next_due = None
         for key, stack in list(self._idle.items()):
+            timeout = self._idle_timeouts.get(key, self._idle_timeout)
+            # A little slack: the timer fires at since + timeout, give or
+            # take the rounding of that sum.
+            deadline = now - timeout + 0.001
             expired = 0
             while expired < len(stack) and stack[expired].idle_since <= deadline:
                 expired += 1
@@ -330,10 +343,10 @@ class UpstreamPool:
             del stack[:expired]
             if not stack:
                 del self._idle[key]
-            elif oldest is None or stack[0].idle_since < oldest:
-                oldest = stack[0].idle_since
-        if oldest is not None:
-            self._sweep = self._reactor.callLater(max(oldest + self._idle_timeout - now, 0.0), self._expire)
+            elif next_due is None or stack[0].idle_since + timeout < next_due:
+                next_due = stack[0].idle_since + timeout
+        if next_due is not None:
+            self._sweep = self._reactor.callLater(max(next_due - now, 0.0), self._expire)
 
 
 def _host_header(host: str, port: int) -> bytes:

@@ -206,6 +206,7 @@ class ModelListTests(ConfigTestMixin, SynchronousTestCase):
             "timeout": 30,
             "stream_timeout": "5.5",
             "connect_timeout": 2,
+            "keepalive_timeout": 1.5,
         }
         config = config_from_dict({"model_list": [{"model_name": "q", "dheera_ai_params": params}]})
         self.assertEqual(
@@ -221,6 +222,7 @@ class ModelListTests(ConfigTestMixin, SynchronousTestCase):
                     timeout=30.0,
                     stream_timeout=5.5,
                     connect_timeout=2.0,
+                    keepalive_timeout=1.5,
                     index=0,
                 ),
             ),
@@ -236,6 +238,7 @@ class ModelListTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(d.served_model, "meta-llama/Llama-3.1-8B-Instruct")
         self.assertEqual((d.api_key, d.input_cost_per_token, d.output_cost_per_token), (None, 0.0, 0.0))
         self.assertEqual((d.timeout, d.stream_timeout, d.connect_timeout), (600.0, 60.0, 10.0))
+        self.assertEqual(d.keepalive_timeout, 4.0)
 
     def test_litellmParamsAlias(self):
         """
@@ -284,7 +287,7 @@ class ModelListTests(ConfigTestMixin, SynchronousTestCase):
         """
         Timeouts must be numbers greater than zero.
         """
-        for field in ("timeout", "stream_timeout", "connect_timeout"):
+        for field in ("timeout", "stream_timeout", "connect_timeout", "keepalive_timeout"):
             self.assertIn(f"{field}: must be > 0", self.failure({"model_list": [entry(**{field: 0})]}))
 
     def test_unknownParam(self):

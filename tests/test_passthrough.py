@@ -253,6 +253,22 @@ class MethodAndPathTests(ProxyTestCase):
         self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/tokenize", b"/version"])
         self.assertEqual(self.upstream.received[1].body, body)
 
+    async def test_keepalive_timeout_per_deployment(self):
+        """
+        A deployment's C{keepalive_timeout} is how long the proxy keeps an
+        idle connection to it: the connection is reused within it and
+        closed after it.
+        """
+        self.upstream = await self.fake(served_model="alpha")
+        self.proxy([deployment("alpha", "alpha", self.upstream, keepalive_timeout=0.3)])
+        for _ in range(2):
+            response, _ = await self.request(b"GET", "/vllm/version", auth())
+            self.assertEqual(response.code, 200)
+        self.assertEqual(self.upstream_pool.idle_connections(), 1)
+        self.assertEqual((self.upstream.open_connections, self.upstream.connections_lost), (1, []))
+        self.assertTrue(await poll(lambda: self.upstream.open_connections == 0, 2))
+        self.assertEqual(self.upstream_pool.idle_connections(), 0)
+
     async def test_head_keeps_content_length(self):
         """
         A HEAD answer keeps the upstream's Content-Length and has no body.

@@ -644,6 +644,49 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.successResultOf(self.pool.close()), None)
 
+    def test_idle_timeout_per_endpoint(self):
+        """
+        An endpoint given its own idle timeout (a deployment's
+        C{keepalive_timeout}) has its idle connections closed at that
+        timeout, earlier than the pool's, and not reused after it; another
+        endpoint keeps the pool's.
+        """
+        short = self.pool.request("10.1.2.3", 8000, 1.0, b"GET", b"/", [], None, idle_timeout=1.5)
+        short_protocol, short_transport = self.connect()
+        short_protocol.dataReceived(OK_HELLO)
+        plain = self.pool.request("10.1.2.3", 8001, 1.0, b"GET", b"/", [], None)
+        plain_protocol, plain_transport = self.connect()
+        plain_protocol.dataReceived(OK_HELLO)
+        self.successResultOf(short)
+        self.successResultOf(plain)
+        self.assertEqual(self.pool.idle_connections(), 2)
+        self.reactor.advance(1.4)
+        self.assertFalse(short_transport.disconnecting)
+        self.reactor.advance(0.2)
+        self.assertTrue(short_transport.disconnecting)
+        self.assertFalse(plain_transport.disconnecting)
+        self.assertEqual(self.pool.idle_connections(), 1)
+        self.reactor.advance(2.5)
+        self.assertTrue(plain_transport.disconnecting)
+        short_protocol.connectionLost(Failure(ConnectionDone()))
+        plain_protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_expired_connection_not_reused_before_the_sweep(self):
+        """
+        A connection idle past its endpoint's timeout is not taken for a
+        request even if the sweep has not run yet: a new one is made.
+        """
+        d = self.pool.request("10.1.2.3", 8000, 1.0, b"GET", b"/", [], None, idle_timeout=1.0)
+        protocol, transport = self.connect()
+        protocol.dataReceived(OK_HELLO)
+        self.successResultOf(d)
+        # The clock jumps without running the sweep.
+        self.reactor.rightNow += 1.5
+        self.pool.request("10.1.2.3", 8000, 1.0, b"GET", b"/", [], None, idle_timeout=1.0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertTrue(transport.disconnecting)
+
     def test_body_before_deliver_pauses(self):
         """
         Body bytes with no sink yet pause the transport; deliver() resumes
