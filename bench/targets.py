@@ -24,6 +24,9 @@ from processes import Child, Children, descendants, free_port, name_of, wait_htt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# The proxy's own command line (the same for any checkout given as root).
+sys.path.insert(0, ROOT)
+from dheera_tx.workers import twistd_command  # noqa: E402
 MASTER_KEY = "sk-bench-master-key"
 LITELLM_VENV = os.path.join(HERE, ".venv-litellm")
 # Limits far above what the run sends: checked and counted on every call,
@@ -169,20 +172,7 @@ def start_dheera(
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     for variable in ("DATABASE_URL", "DHEERA_AI_MASTER_KEY", "VLLM_API_BASE"):
         env.pop(variable, None)
-    args = [
-        sys.executable,
-        "-c",
-        "from twisted.scripts.twistd import run; run()",
-        "-n",
-        "--pidfile=",
-        "dheera",
-        "--config",
-        config_path,
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1:backlog=4096",
-        "--workers",
-        str(workers),
-    ]
+    args = twistd_command(config_path, "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096", "--workers", str(workers))
     child = children.start(name, args, directory, cwd=directory, env=env, cores=cores)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health/readiness", 60, child=child)
