@@ -38,7 +38,7 @@ setup.py pins the Twisted range the tests run on:
     C{handleContentChunk}, C{requestReceived}, C{connectionLost}.
 """
 
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import List, Protocol, Sequence, Tuple
 
 from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 from twisted.logger import Logger
@@ -48,6 +48,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from dheera_tx.errors import ProxyError, bad_request
+from dheera_tx.hop_headers import connection_tokens
 from dheera_tx.listener_limits import raw_answer
 
 log = Logger()
@@ -162,7 +163,7 @@ class ControlExchange:
             for name, value in headers:
                 request_headers.addRawHeader(name, value)
             request.parseCookies()
-            tokens = _connection_tokens(request_headers)
+            tokens = connection_tokens(headers)
             if self._version == HTTP_11:
                 self.persistent = b"close" not in tokens
                 if not self.persistent:
@@ -235,7 +236,10 @@ class ControlExchange:
         self.transport.writeSequence(head)
 
     def _settle_persistence(self, code: int, headers: Headers) -> None:
-        if self.persistent and (b"close" in _connection_tokens(headers) or not self._delimited(code, headers)):
+        if self.persistent and (
+            b"close" in connection_tokens((b"connection", v) for v in headers.getRawHeaders(b"connection", ()))
+            or not self._delimited(code, headers)
+        ):
             self.persistent = False
         if self._version == HTTP_11:
             if not self.persistent:
@@ -336,16 +340,6 @@ class ControlExchange:
         self.persistent = False
         self.transport.write(raw_answer(bad_request("The request body could not be parsed.")))
         self._end(False)
-
-
-def _connection_tokens(headers: Headers) -> Tuple[bytes, ...]:
-    """
-    :return: the lower-cased tokens of every C{Connection} header.
-    """
-    values: Optional[Sequence[bytes]] = headers.getRawHeaders(b"connection")
-    if not values:
-        return ()
-    return tuple(token.strip().lower() for value in values for token in value.split(b","))
 
 
 def _internal_error() -> ProxyError:
