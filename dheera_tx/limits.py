@@ -139,14 +139,14 @@ class AdmissionBatch:
             failing as the Redis call failed; failing at once, alone, when
             a key name or argument is text that cannot be encoded.
         """
-        for value in keys + args:
-            if type(value) is str:
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    # Fails alone: in the batch it would fail every call of
-                    # the tick (the script could not be sent at all).
-                    return fail(e)
+        try:
+            # Encoded here, once (the command encoder passes bytes through),
+            # so that text that cannot be encoded fails this admission alone:
+            # in the batch it would fail every call of the tick.
+            keys = tuple(v.encode("utf-8") if type(v) is str else v for v in keys)
+            args = tuple(v.encode("utf-8") if type(v) is str else v for v in args)
+        except UnicodeEncodeError as e:
+            return fail(e)
         d = Deferred()
         if not self._pending:
             self._reactor.callLater(0, self._flush)
