@@ -171,7 +171,7 @@ class UpstreamPool:
         if self._closed:
             return fail(UpstreamUnreachable("The upstream pool is closed."))
         key = (host, port, tls)
-        if idle_timeout is not None and self._idle_timeouts.get(key) != idle_timeout:
+        if idle_timeout is not None:
             self._idle_timeouts[key] = idle_timeout
         host_header = self._host_headers.get(key)
         if host_header is None:
