@@ -39,8 +39,7 @@ from dheera_tx.relay_watch import RelayWatch
 from dheera_tx.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.response_relay import ResponseRelay, answer_error, write_response_head
 from dheera_tx.routing import Route, Router
-from dheera_tx.upstream_client import UpstreamFailed, UpstreamMalformed
-from dheera_tx.upstream_client import UpstreamUnreachable as _NotConnected
+from dheera_tx.upstream_client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 
 log = Logger()
 
@@ -58,12 +57,6 @@ class _Upstream:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/").encode("utf-8")
-
-
-class UpstreamUnreachable(Exception):
-    """
-    The upstream could not be reached and nothing was sent to it.
-    """
 
 
 class Passthrough:
@@ -314,11 +307,11 @@ class Passthrough:
         gone = request.on_client_gone(d.cancel)
         try:
             return await d
-        except _NotConnected as e:
+        except UpstreamUnreachable as e:
             _raise_if_gone_or_late(request, call, timed_out)
             call.error = "upstream_unreachable"
             log.info("Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.reason)
-            raise UpstreamUnreachable()
+            raise
         except (UpstreamFailed, CancelledError):
             _raise_if_gone_or_late(request, call, timed_out)
             if request.body is not None and request.body.failure is not None:
