@@ -4,7 +4,17 @@ setup(
     name="dheera_tx",
     version="0.1.0",
     description="A Twisted gateway for self-hosted vLLM: keys, routing, streaming, spend.",
-    packages=["dheera_tx", "twisted.plugins"],
+    packages=[
+        "dheera_tx",
+        "dheera_tx.accounting",
+        "dheera_tx.http",
+        "dheera_tx.keys",
+        "dheera_tx.observe",
+        "dheera_tx.redis",
+        "dheera_tx.routing",
+        "dheera_tx.upstream",
+        "twisted.plugins",
+    ],
     package_data={"twisted": ["plugins/dheera_plugin.py"]},
     python_requires=">=3.10",
     install_requires=[

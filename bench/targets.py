@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import yaml
-
 from processes import Child, Children, descendants, free_port, name_of, wait_http
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,6 +26,7 @@ ROOT = os.path.dirname(HERE)
 # The proxy's own command line (the same for any checkout given as root).
 sys.path.insert(0, ROOT)
 from dheera_tx.workers import twistd_command  # noqa: E402
+
 MASTER_KEY = "sk-bench-master-key"
 LITELLM_VENV = os.path.join(HERE, ".venv-litellm")
 # Limits far above what the run sends: checked and counted on every call,

@@ -19,7 +19,7 @@ import attr
 import yaml
 
 from dheera_tx import config_values
-from dheera_tx.auth import DEFAULT_OPERATOR_ROUTES
+from dheera_tx.keys.auth import DEFAULT_OPERATOR_ROUTES
 
 ENV_PREFIX = "os.environ/"
 SECTIONS = ("model_list", "general_settings", "dheera_ai_settings", "router_settings", "environment_variables")

@@ -16,9 +16,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from dheera_tx.auth import require_master
+from dheera_tx.accounting.spend import GROUPS
 from dheera_tx.errors import ProxyError, bad_request, error_body, unauthorized
-from dheera_tx.spend import GROUPS
+from dheera_tx.keys.auth import require_master
 
 log = Logger()
 
@@ -51,11 +51,11 @@ class ControlPlane:
 
     :param readiness_probes: named async checks (e.g. C{"redis"}) that must
         all pass for the proxy to be ready.
-    :param metrics: the L{dheera_tx.metrics.ProxyMetrics} served on
+    :param metrics: the L{dheera_tx.observe.metrics.ProxyMetrics} served on
         C{GET /metrics}, or L{None} (then that route is a 404).
-    :param prober: the L{dheera_tx.health.DeploymentProber} behind
+    :param prober: the L{dheera_tx.routing.health.DeploymentProber} behind
         C{GET /health}, or L{None} (then that route is a 404).
-    :param authenticator: the L{dheera_tx.auth.Authenticator} that checks the
+    :param authenticator: the L{dheera_tx.keys.auth.Authenticator} that checks the
         master key on C{/health} (and C{/metrics} when it needs auth).
     :param metrics_require_auth: C{general_settings.metrics_require_auth}:
         C{/metrics} needs the master key.

@@ -3,10 +3,10 @@ The data plane: C{ANY /vllm/{path}} relayed to a vLLM deployment.
 
 L{Passthrough.serve} runs one call: check the raw path, authenticate, find
 the model, route, forward the request (streaming its body), relay the
-answer chunk by chunk with backpressure (L{dheera_tx.response_relay}), and
+answer chunk by chunk with backpressure (L{dheera_tx.http.response_relay}), and
 finish the L{Call} record.
 The upstream request goes out through the lean client of
-L{dheera_tx.upstream_client} on a shared pool of persistent connections:
+L{dheera_tx.upstream.client} on a shared pool of persistent connections:
 no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
@@ -17,29 +17,29 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dheera_tx.accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
-from dheera_tx.auth import authorize_vllm_call
+from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
+from dheera_tx.accounting.metering import JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
-from dheera_tx.hop_headers import NOT_FORWARDED, connection_tokens, first_header
-from dheera_tx.metering import JSONUsageMeter
-from dheera_tx.model_choice import (
+from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_header
+from dheera_tx.http.paths import path_problem, split_target
+from dheera_tx.http.relay_watch import RelayWatch
+from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, write_response_head
+from dheera_tx.keys.auth import authorize_vllm_call
+from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
+    encode_document,
     header_or_query_model,
     is_json,
     multipart_boundary,
     multipart_model,
     parse_json_body,
-    encode_document,
 )
-from dheera_tx.paths import path_problem, split_target
-from dheera_tx.relay_watch import RelayWatch
-from dheera_tx.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.response_relay import ResponseRelay, answer_error, write_response_head
-from dheera_tx.routing import Route, Router
-from dheera_tx.upstream_client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
+from dheera_tx.routing.router import Route, Router
+from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 
 log = Logger()
 
@@ -98,7 +98,7 @@ class Passthrough:
 
     def serve(self, request) -> Deferred:
         """
-        Serve one pass-through call on C{request} (a L{dheera_tx.client_exchange.ClientExchange} whose
+        Serve one pass-through call on C{request} (a L{dheera_tx.http.client_exchange.ClientExchange} whose
         headers have arrived; its body may still be arriving).
 
         :return: a Deferred that fires when the call has ended; it never

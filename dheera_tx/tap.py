@@ -28,23 +28,23 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dheera_tx.accounting import CallAccounting
-from dheera_tx.auth import Authenticator
-from dheera_tx.call_log import CallLog, build_sinks
+from dheera_tx.accounting.call_accounting import CallAccounting
+from dheera_tx.accounting.limits import CallLimiter
+from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
 from dheera_tx.control import ControlPlane, ControlRoot
 from dheera_tx.forwarding import Passthrough
-from dheera_tx.health import DeploymentProber
-from dheera_tx.key_api import KeyAPI
-from dheera_tx.key_cache import CachedKeyStore
-from dheera_tx.key_store import RedisKeyStore
-from dheera_tx.limits import CallLimiter
-from dheera_tx.listener_limits import ListenerLimits
-from dheera_tx.metrics import ProxyMetrics
-from dheera_tx.routing import Router
-from dheera_tx.server import GatewaySite
-from dheera_tx.upstream_client import UpstreamPool
-from dheera_tx.spend import SpendLedger
+from dheera_tx.http.listener_limits import ListenerLimits
+from dheera_tx.http.server import GatewaySite
+from dheera_tx.keys.api import KeyAPI
+from dheera_tx.keys.auth import Authenticator
+from dheera_tx.keys.cache import CachedKeyStore
+from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.observe.call_log import CallLog, build_sinks
+from dheera_tx.observe.metrics import ProxyMetrics
+from dheera_tx.routing.health import DeploymentProber
+from dheera_tx.routing.router import Router
+from dheera_tx.upstream.client import UpstreamPool
 
 log = Logger()
 
@@ -128,7 +128,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     """
     Assemble the proxy.
 
-    :param redis: a L{dheera_tx.redis_client.RedisClient}, or L{None} for a
+    :param redis: a L{dheera_tx.redis.client.RedisClient}, or L{None} for a
         proxy with the master key only and no spend tracking.
     :raise ConfigError: for bad log-sink settings.
     """
@@ -256,7 +256,7 @@ def _embedded_redis(reactor, config: ProxyConfig, parent):
 
     :return: its URL.
     """
-    from dheera_tx.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+    from dheera_tx.redis.embedded import EmbeddedRedis, EmbeddedRedisError
 
     try:
         embedded = EmbeddedRedis(reactor, os.path.abspath(config.general.data_dir))
@@ -338,7 +338,7 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
         parent (C{FD:FAMILY}); they replace C{listen}.
     :return: the proxy's whole service tree.
     """
-    from dheera_tx.redis_client import connect
+    from dheera_tx.redis.client import connect
 
     top = OrderedServices()
     url = config.general.database_url or _embedded_redis(reactor, config, top)

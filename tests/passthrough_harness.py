@@ -18,10 +18,10 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 
 from dheera_tx.config import config_from_dict
-from tests.scripted_upstream import BytesBody, sleep
-from dheera_tx.server import GatewayConnection
+from dheera_tx.http.server import GatewayConnection
 from dheera_tx.tap import build_gateway
 from tests.fake_vllm import FakeVLLM
+from tests.scripted_upstream import BytesBody, sleep
 
 MASTER_KEY = "sk-test-master-key-0123456789"
 UPSTREAM_KEY = "upstream-secret-key"

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Optional
 
-from dheera_tx.embedded_redis import find_redis_server
+from dheera_tx.redis.embedded import find_redis_server
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """
-A scripted upstream for the tests of L{dheera_tx.upstream_client}.
+A scripted upstream for the tests of L{dheera_tx.upstream.client}.
 
 L{ScriptedServer} is a raw HTTP server on a loopback port that parses each
 request and lets the test answer it with whatever bytes it likes, which

@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.call_log} and L{dheera_tx.log_sinks}: the call
+Tests for L{dheera_tx.observe.call_log} and L{dheera_tx.observe.log_sinks}: the call
 record, its sinks (a JSON-lines file, a real redis-server's stream, a real
 local webhook receiver over loopback, and a webhook target that never
 answers), and that no secret reaches any of them.
@@ -23,11 +23,11 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from dheera_tx.call import Call
-from dheera_tx.call_log import CallLog, build_sinks, call_record, scrub
-from dheera_tx.log_sinks import ICallSink, JSONLogSink, RedisStreamSink, WebhookSink
 from dheera_tx.config import ConfigError, config_from_dict
-from dheera_tx.metrics import ProxyMetrics
-from dheera_tx.redis_client import connect
+from dheera_tx.observe.call_log import CallLog, build_sinks, call_record, scrub
+from dheera_tx.observe.log_sinks import ICallSink, JSONLogSink, RedisStreamSink, WebhookSink
+from dheera_tx.observe.metrics import ProxyMetrics
+from dheera_tx.redis.client import connect
 from tests.redis_server import RedisServer
 
 CANARY = "sk-canary-4f1d9a7b2c3e5d6f8a9b"

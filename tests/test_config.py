@@ -8,7 +8,6 @@ import attr
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.auth import DEFAULT_OPERATOR_ROUTES
 from dheera_tx.config import (
     ConfigError,
     Deployment,
@@ -18,6 +17,7 @@ from dheera_tx.config import (
     config_from_dict,
     load_config,
 )
+from dheera_tx.keys.auth import DEFAULT_OPERATOR_ROUTES
 
 SHIPPED = FilePath(__file__).parent().sibling("conf").child("proxy.yaml")
 

@@ -1,7 +1,7 @@
 """
-Tests for L{dheera_tx.control_bridge}: control-plane requests parsed by a
+Tests for L{dheera_tx.http.control_bridge}: control-plane requests parsed by a
 lean connection (a minimal httptools Protocol here, standing in for the
-listening connection of L{dheera_tx.server}) and answered by a twisted.web
+listening connection of L{dheera_tx.http.server}) and answered by a twisted.web
 Site with Klein, over real loopback sockets; and a few checks of the
 exchange on an in-memory transport.
 """
@@ -27,10 +27,10 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, read
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from dheera_tx.auth import Authenticator
 from dheera_tx.control import ControlPlane, ControlRoot
-from dheera_tx.control_bridge import ControlBridge
-from dheera_tx.key_api import KeyAPI
+from dheera_tx.http.control_bridge import ControlBridge
+from dheera_tx.keys.api import KeyAPI
+from dheera_tx.keys.auth import Authenticator
 from tests.test_call_log import LoopbackServer, wait_until
 
 MASTER = "sk-master-bridge-0123456789"

@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.embedded_redis}: a real redis-server child process.
+Tests for L{dheera_tx.redis.embedded}: a real redis-server child process.
 """
 
 import os
@@ -12,10 +12,10 @@ import time
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dheera_tx import embedded_redis
-from dheera_tx.embedded_redis import EmbeddedRedis, EmbeddedRedisError, find_redis_server
-from dheera_tx.key_store import RedisKeyStore
-from dheera_tx.redis_client import connect
+from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.redis import embedded as embedded_redis
+from dheera_tx.redis.client import connect
+from dheera_tx.redis.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 
 
 def short_temp_dir(test) -> str:

@@ -16,11 +16,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from tests.scripted_upstream import BytesBody
 from tests.fake_vllm import FakeVLLM
 from tests.passthrough_harness import MASTER_KEY, sleep
 from tests.proxy_process import ProxyProcess
 from tests.redis_server import RedisServer
+from tests.scripted_upstream import BytesBody
 
 INPUT_NANOS = 200  # input_cost_per_token 0.0000002 USD
 OUTPUT_NANOS = 600  # output_cost_per_token 0.0000006 USD

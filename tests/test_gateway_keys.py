@@ -19,8 +19,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from dheera_tx.config import config_from_dict
-from dheera_tx.keys import hash_key
-from dheera_tx.redis_client import connect
+from dheera_tx.keys.records import hash_key
+from dheera_tx.redis.client import connect
 from dheera_tx.tap import build_gateway
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, deployment, error_of, sleep
 from tests.redis_server import RedisServer

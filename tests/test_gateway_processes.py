@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from dheera_tx.keys import hash_key
+from dheera_tx.keys.records import hash_key
 from tests.fake_vllm import FakeVLLM
 from tests.passthrough_harness import MASTER_KEY, error_of, sleep
 from tests.proxy_process import ProxyProcess

@@ -19,9 +19,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from dheera_tx.accounting import estimate_prompt_tokens
+from dheera_tx.accounting.call_accounting import estimate_prompt_tokens
 from dheera_tx.config import config_from_dict
-from dheera_tx.redis_client import connect
+from dheera_tx.redis.client import connect
 from dheera_tx.tap import build_gateway
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, RawClient, auth, deployment, error_of, sleep
 from tests.redis_server import RedisServer

@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.health} and the C{GET /health} route, against real
+Tests for L{dheera_tx.routing.health} and the C{GET /health} route, against real
 local servers over loopback: fake vLLMs answering C{/health} 200 and 503,
 a server without C{/health}, one that never answers, and a closed port.
 """
@@ -14,11 +14,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from dheera_tx.auth import Authenticator
 from dheera_tx.config import config_from_dict
 from dheera_tx.control import ControlPlane
-from dheera_tx.health import DeploymentProber
-from dheera_tx.routing import Router
+from dheera_tx.keys.auth import Authenticator
+from dheera_tx.routing.health import DeploymentProber
+from dheera_tx.routing.router import Router
 from tests.fake_vllm import FakeVLLM
 from tests.test_call_log import HangingServer, LoopbackServer, wait_until
 from tests.test_metrics import MASTER_KEY, VIRTUAL_KEY, MemoryKeys

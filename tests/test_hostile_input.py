@@ -8,11 +8,12 @@ logged as a failure.
 
 import json
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from dheera_tx.paths import path_problem, split_target
+from dheera_tx.http.paths import path_problem, split_target
 from tests.hostile import HostileTestCase, request_head, trickle, wait_until
 from tests.passthrough_harness import (
     MASTER_KEY,

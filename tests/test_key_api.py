@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.key_api}: the admin API over HTTP on a loopback port,
+Tests for L{dheera_tx.keys.api}: the admin API over HTTP on a loopback port,
 with a real Redis behind it.
 """
 
@@ -14,13 +14,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from dheera_tx.auth import Authenticator
 from dheera_tx.errors import ProxyError
-from dheera_tx.key_api import KeyAPI
-from dheera_tx.key_cache import CachedKeyStore
-from dheera_tx.key_store import RedisKeyStore
-from dheera_tx.keys import hash_key
-from dheera_tx.redis_client import connect
+from dheera_tx.keys.api import KeyAPI
+from dheera_tx.keys.auth import Authenticator
+from dheera_tx.keys.cache import CachedKeyStore
+from dheera_tx.keys.records import hash_key
+from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.redis.client import connect
 from tests.redis_server import RedisServer
 
 MASTER = "sk-master-0123456789"

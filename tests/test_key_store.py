@@ -1,7 +1,7 @@
 """
-Tests for L{dheera_tx.key_store} and L{dheera_tx.key_cache}, and the Redis
-connection under them (L{dheera_tx.redis_client}, L{dheera_tx.redis_address},
-L{dheera_tx.redis_pubsub}), against a real C{redis-server}.
+Tests for L{dheera_tx.keys.store} and L{dheera_tx.keys.cache}, and the Redis
+connection under them (L{dheera_tx.redis.client}, L{dheera_tx.redis.address},
+L{dheera_tx.redis.pubsub}), against a real C{redis-server}.
 """
 
 import time
@@ -13,12 +13,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dheera_tx.errors import ProxyError
-from dheera_tx.key_cache import CachedKeyStore
-from dheera_tx.key_store import IKeyStore, RedisKeyStore
-from dheera_tx.memory_key_store import MemoryKeyStore
-from dheera_tx.keys import hash_key, validate_end_user_fields, validate_key_fields
-from dheera_tx.redis_address import RedisAddress, parse_database_url
-from dheera_tx.redis_client import RedisCommandError, RedisUnavailable, connect
+from dheera_tx.keys.cache import CachedKeyStore
+from dheera_tx.keys.fields import validate_end_user_fields, validate_key_fields
+from dheera_tx.keys.records import hash_key
+from dheera_tx.keys.store import IKeyStore, RedisKeyStore
+from dheera_tx.redis.address import RedisAddress, parse_database_url
+from dheera_tx.redis.client import RedisCommandError, RedisUnavailable, connect
+from tests.memory_key_store import MemoryKeyStore
 from tests.redis_server import RedisServer, free_port
 from tests.scripted_upstream import sleep
 from tests.tls_upstream import self_signed_certificate
@@ -508,7 +509,7 @@ class DatabaseURLTests(SynchronousTestCase):
 
 class RedisClientTests(RedisTestMixin, TestCase):
     """
-    L{dheera_tx.redis_client.RedisClient} against a real server: calls,
+    L{dheera_tx.redis.client.RedisClient} against a real server: calls,
     scripts, and what happens when Redis goes away and comes back.
     """
 

@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.keys}: key material, durations, records and request
+Tests for L{dheera_tx.keys.records}: key material, durations, records and request
 field validation.
 """
 
@@ -12,22 +12,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from dheera_tx.errors import ProxyError
-from dheera_tx.keys import (
-    GENERATE_FIELDS,
-    UPDATE_FIELDS,
-    EndUserRecord,
-    KeyRecord,
-    end_user_changes,
-    generate_key,
-    hash_key,
-    iso_time,
-    key_changes,
-    parse_duration,
-    redis_fields,
-    token_of,
-    validate_end_user_fields,
-    validate_key_fields,
-)
+from dheera_tx.keys.fields import GENERATE_FIELDS, UPDATE_FIELDS, end_user_changes, key_changes, validate_end_user_fields, validate_key_fields
+from dheera_tx.keys.records import EndUserRecord, KeyRecord, generate_key, hash_key, iso_time, parse_duration, redis_fields, token_of
 
 
 class GenerateKeyTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.limits} and L{dheera_tx.spend} against a real Redis:
+Tests for L{dheera_tx.accounting.limits} and L{dheera_tx.accounting.spend} against a real Redis:
 admission scripts, spend settlement, reports.
 """
 
@@ -9,12 +9,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from dheera_tx.auth import MASTER, Principal
+from dheera_tx.accounting.limits import CallLimiter
+from dheera_tx.accounting.spend import Settlement, SpendLedger
 from dheera_tx.errors import ProxyError
-from dheera_tx.keys import KeyRecord
-from dheera_tx.limits import CallLimiter
-from dheera_tx.redis_client import connect
-from dheera_tx.spend import Settlement, SpendLedger
+from dheera_tx.keys.auth import MASTER, Principal
+from dheera_tx.keys.records import KeyRecord
+from dheera_tx.redis.client import connect
 from tests.redis_server import RedisServer
 
 PREFIX = "dheera:"

@@ -1,14 +1,15 @@
 """
-Tests for L{dheera_tx.metering}: usage read off JSON and SSE answers.
+Tests for L{dheera_tx.accounting.metering}: usage read off JSON and SSE answers.
 """
 
 import json
 import re
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.metering import JSONUsageMeter, SSEUsageMeter, Usage, _last_event_end, cost_nanos
+from dheera_tx.accounting.metering import JSONUsageMeter, SSEUsageMeter, Usage, _last_event_end, cost_nanos
 
 
 def _chat_stream(tokens, include_usage, newline=b"\n\n", prompt=9):

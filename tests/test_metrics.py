@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.metrics} and the C{GET /metrics} route: counters and
+Tests for L{dheera_tx.observe.metrics} and the C{GET /metrics} route: counters and
 histograms checked by parsing the Prometheus text back, bounded labels,
 deployment health read from a real L{Router}, and the route's optional
 master-key check over a real loopback socket.
@@ -18,14 +18,14 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from dheera_tx.auth import Authenticator, hash_key
-from dheera_tx.call_log import CallLog
 from dheera_tx.config import config_from_dict
 from dheera_tx.control import ControlPlane
-from dheera_tx.keys import KeyRecord
-from dheera_tx.log_sinks import JSONLogSink
-from dheera_tx.metrics import KNOWN_ROUTES, ProxyMetrics, route_label
-from dheera_tx.routing import Router
+from dheera_tx.keys.auth import Authenticator, hash_key
+from dheera_tx.keys.records import KeyRecord
+from dheera_tx.observe.call_log import CallLog
+from dheera_tx.observe.log_sinks import JSONLogSink
+from dheera_tx.observe.metrics import KNOWN_ROUTES, ProxyMetrics, route_label
+from dheera_tx.routing.router import Router
 from tests.test_call_log import LoopbackServer, make_call
 
 MASTER_KEY = "sk-metrics-master-0123456789"

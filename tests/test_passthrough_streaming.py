@@ -21,8 +21,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from tests.scripted_upstream import BytesBody, poll
 from tests.passthrough_harness import MASTER_KEY, ProxyHarness, RawClient, deployment, parse_response, sleep
+from tests.scripted_upstream import BytesBody, poll
 
 MB = 1024 * 1024
 

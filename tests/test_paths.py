@@ -1,11 +1,12 @@
 """
-Tests for L{dheera_tx.paths}: which raw request targets may reach vLLM.
+Tests for L{dheera_tx.http.paths}: which raw request targets may reach vLLM.
 """
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.paths import full_path_problem, is_passthrough, path_problem, split_target
+from dheera_tx.http.paths import full_path_problem, is_passthrough, path_problem, split_target
 
 ESCAPES = [
     b"/../metrics",

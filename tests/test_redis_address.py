@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.redis_address}'s command encoding: L{FastCommands}
+Tests for L{dheera_tx.redis.address}'s command encoding: L{FastCommands}
 builds exactly the bytes txredisapi would, faster.  (Addresses and URLs
 are tested through the key store and process tests.)
 """
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.redis_address import FastCommands, QuickReconnectFactory, QuickReconnectSentinelFactory
+from dheera_tx.redis.address import FastCommands, QuickReconnectFactory, QuickReconnectSentinelFactory
 
 _ARGUMENTS = st.lists(
     st.one_of(

@@ -25,11 +25,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from tests.scripted_upstream import BytesBody
 from tests.fake_vllm import FakeVLLM
 from tests.passthrough_harness import error_of, sleep
 from tests.proxy_process import ProxyProcess
 from tests.redis_server import RedisServer
+from tests.scripted_upstream import BytesBody
 
 MASTER_KEY = "sk-redis-faults-master-0123456789"
 PREFIX = "dheera:"

@@ -1,12 +1,12 @@
 """
-Tests for L{dheera_tx.relay_watch}: the call deadline and the silence limit
+Tests for L{dheera_tx.http.relay_watch}: the call deadline and the silence limit
 of relayed answers, enforced by one timer.
 """
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.relay_watch import RelayWatch
+from dheera_tx.http.relay_watch import RelayWatch
 
 
 class _Relay:

@@ -1,5 +1,5 @@
 """
-Unit tests for L{dheera_tx.request_head} and L{dheera_tx.listener_limits.HeadDeadlines}.
+Unit tests for L{dheera_tx.http.request_head} and L{dheera_tx.http.listener_limits.HeadDeadlines}.
 """
 
 import attr
@@ -8,8 +8,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dheera_tx.config import GeneralSettings
 from dheera_tx.errors import ProxyError
-from dheera_tx.listener_limits import HeadDeadlines, ListenerLimits
-from dheera_tx.request_head import RequestHead, RequestLine, framing
+from dheera_tx.http.listener_limits import HeadDeadlines, ListenerLimits
+from dheera_tx.http.request_head import RequestHead, RequestLine, framing
 
 
 def _limits(**settings) -> ListenerLimits:

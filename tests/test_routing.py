@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.routing}: choosing replicas, cooldown, default upstream.
+Tests for L{dheera_tx.routing.router}: choosing replicas, cooldown, default upstream.
 """
 
 from twisted.internet.task import Clock
@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dheera_tx.config import config_from_dict
 from dheera_tx.errors import ProxyError
-from dheera_tx.routing import Router
+from dheera_tx.routing.router import Router
 
 
 def _config(entries, environ=None, router=None):

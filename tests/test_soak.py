@@ -27,11 +27,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from tests.scripted_upstream import BytesBody
 from tests.fake_vllm import FakeVLLM
 from tests.passthrough_harness import RawClient, error_of, multipart, parse_response, sleep
 from tests.proxy_process import ProxyProcess
 from tests.redis_server import RedisServer
+from tests.scripted_upstream import BytesBody
 
 # At least 12 s: the checks need calls well after the mid-soak restart.
 SOAK_SECONDS = max(12.0, float(os.environ.get("DHEERA_SOAK_SECONDS", "40")))

@@ -1,5 +1,5 @@
 """
-Tests of L{dheera_tx.upstream_client}: over real loopback sockets against
+Tests of L{dheera_tx.upstream.client}: over real loopback sockets against
 scripted raw servers (which make the edge cases reachable) and the fake
 vLLM, plus a few in-memory checks of what goes on the wire.
 """
@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dheera_tx.upstream_client import (
+from dheera_tx.upstream.client import (
     UpstreamFailed,
     UpstreamMalformed,
     UpstreamPool,

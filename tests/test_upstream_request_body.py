@@ -1,6 +1,6 @@
 """
-Tests of L{dheera_tx.upstream_request_body} through
-L{dheera_tx.upstream_client}: what the upstream receives (the request head
+Tests of L{dheera_tx.upstream.request_body} through
+L{dheera_tx.upstream.client}: what the upstream receives (the request head
 and its framing, a bytes or producer body, chunked or sized) and how the
 body producer is driven (backpressure, an early answer, a producer that
 fails or overruns its length), over real loopback sockets against scripted
@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from dheera_tx.request_body import BodyTooLarge
+from dheera_tx.http.request_body import BodyTooLarge
 from tests.scripted_upstream import (
     BytesBody,
     FloodBody,
