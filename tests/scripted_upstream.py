@@ -313,12 +313,18 @@ class BytesBody:
         pass
 
 
+# Bound, never listening, kept open: no other process can take their ports.
+_HELD: List[socket.socket] = []
+
+
 def refused_port() -> int:
     """
-    :return: a loopback port that was bound and closed again.
+    :return: a loopback port that refuses connections for as long as the
+        test process runs: bound by a socket that never listens and is kept
+        open (a port bound and closed again could be taken by another
+        process meanwhile).
     """
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    _HELD.append(s)
+    return s.getsockname()[1]
