@@ -202,7 +202,7 @@ class GatewayTestCase(ProxyHarness, TestCase):
         """
         return self.redis_server.command("ZCARD", f"{PREFIX}rl:par:{token}")
 
-    async def wait_for(self, ready: Callable[[], bool], timeout: float = 2.0, what: str = "condition") -> float:
+    async def wait_for(self, ready: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:
         """
         Poll C{ready} until it holds.
 
@@ -216,7 +216,7 @@ class GatewayTestCase(ProxyHarness, TestCase):
             await sleep(0.005)
         return reactor.seconds() - started
 
-    async def settled(self, model: str = "alpha", requests: int = 1, timeout: float = 2.0) -> float:
+    async def settled(self, model: str = "alpha", requests: int = 1, timeout: float = 10.0) -> float:
         """
         Wait until the model's spend hash counts C{requests} calls (all the
         hashes of one call are written by one script, so they are then all

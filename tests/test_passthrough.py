@@ -85,10 +85,7 @@ class MethodAndPathTests(ProxyTestCase):
             return b"GET /vllm" + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode() + b"\r\n" + close + b"\r\n"
 
         client.transport.write(call(b"/version"))
-        for _ in range(200):
-            if b'"version"' in client.data:
-                break
-            await sleep(0.01)
+        self.assertTrue(await poll(lambda: b'"version"' in client.data, 10), client.data)
         client.transport.write(call(b"/health") + call(b"/v1/models") + call(b"/version", last=True))
         raw = await client.closed()
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 4)
