@@ -47,6 +47,7 @@ FULL = {
     "transfer_bytes": 2**30,
     "transfer_timeout": 300.0,
     "profile_s": 10,
+    "idle_s": 0.5,  # pause between stream runs (sockets in TIME_WAIT, background work)
 }
 SMOKE = {
     "warm_s": 1,
@@ -61,6 +62,7 @@ SMOKE = {
     "transfer_bytes": 8 * 2**20,
     "transfer_timeout": 30.0,
     "profile_s": 0,
+    "idle_s": 0.1,
 }
 
 
@@ -264,7 +266,7 @@ class Bench:
             for _ in range(runs):
                 results.append(load.streams(target, count, chunks, interval, self.work, plan["sse_timeout"]))
                 if runs > 1:
-                    load.wait_idle(0.5)
+                    load.wait_idle(plan["idle_s"])
             result = _median_run(results)
             entry[name] = result
             if "events" in result:
@@ -276,7 +278,7 @@ class Bench:
                 )
             if not result.get("ok"):
                 self.note(f"{target.label} {count} streams: {result.get('errors') or result.get('error')}")
-            load.wait_idle(0.5)
+            load.wait_idle(plan["idle_s"])
         entry["peak_rss_mb"] = _peak(target)
         self.results["streams"][target.key] = entry
 
