@@ -160,6 +160,27 @@ class ReservationScriptTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_unbatched_admission_reserves_alike(self):
+        """
+        A limiter without a reactor (one script run per call) holds and
+        counts reservations as the batched one does.
+        """
+        record = self._store(_record(max_budget=0.000001))
+        principal = Principal(False, record)
+        limiter = CallLimiter(self.redis, PREFIX, lambda: self.now[0], stale_after=STALE_AFTER)
+
+        async def go():
+            first = await limiter.admit(principal, "u", "c1", Reservation(600, 10))
+            self.assertEqual(first.reservation_member, "c1|600|10")
+            await limiter.admit(principal, "u", "c2", Reservation(600, 10))
+            with self.assertRaises(ProxyError) as refused:
+                await limiter.admit(principal, "u", "c3", Reservation(600, 10))
+            self.assertEqual(refused.exception.type, "budget_exceeded")
+            self.assertEqual(self.reserved(f"key:{record.token}"), {"nanos": 1200, "tokens": 20})
+            self.assertTrue(0 < self.server.command("TTL", f"{PREFIX}team:red:end_user:u") <= limiter.end_user_ttl)
+
+        return ensureDeferred(go())
+
     def test_alone_a_large_reservation_is_admitted(self):
         """
         A call whose worst case is far over the budget left is admitted

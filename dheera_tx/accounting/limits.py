@@ -58,34 +58,26 @@ local function amounts(member)
 end
 -- Take reservations back; each only once (ZREM says whether it was there).
 local function release(rsv, members)
+  local n, t = 0, 0
   for m in string.gmatch(members, '[^,]+') do
     if redis.call('ZREM', rsv, m) == 1 then
-      local n, t = amounts(m)
-      redis.call('ZINCRBY', rsv, n, 'nanos')
-      redis.call('ZINCRBY', rsv, t, 'tokens')
+      local a, b = amounts(m)
+      n, t = n + a, t + b
     end
   end
-  -- Only the two sums left: nothing in flight, nothing to keep.
-  if redis.call('ZCARD', rsv) <= 2 then redis.call('DEL', rsv) end
+  if redis.call('ZCARD', rsv) <= 2 then
+    -- Only the two sums left: nothing in flight, nothing to keep.
+    redis.call('DEL', rsv)
+  elseif n + t > 0 then
+    redis.call('ZINCRBY', rsv, n, 'nanos')
+    redis.call('ZINCRBY', rsv, t, 'tokens')
+  end
 end
 """
 
-# KEYS: 1 key hash ("" for none), 2 end-user hash (""), 3 rpm counter,
-#       4 tpm counter, 5 parallel set, 6 the key's reservations ("" when
-#       the key has no budget and no tpm limit), 7 the end user's
-#       reservations, 8 the team's new end user counter of the day,
-#       9 the team's overflow end-user hash, 10 its reservations
-# ARGV: 1 now (s), 2 call id, 3 rpm limit, 4 tpm limit, 5 parallel limit
-#       (0 = none), 6 seconds after which a parallel slot or a reservation
-#       is stale, 7 window ms, 8 the reservation "<call id>|<nanos>|<tokens>"
-#       ("" for none), 9 seconds an end user seen only in traffic is kept,
-#       10 new end users a team may name a day, 11 the counter's TTL
-# Returns {0} when admitted, {0, 'overflow'} when admitted as the team's
-# overflow end user, else {reason, retry_after_ms}.
-ADMIT_SCRIPT = r"""
-local now = tonumber(ARGV[1])
-local stale = tonumber(ARGV[6])
-local member = ARGV[8]
+# Lua helpers of the admission script, defined once per script run (not
+# once per call of a batch).
+ADMIT_HELPERS_LUA = r"""
 local function seconds(d)
   if not d then return nil end
   local n, u = string.match(d, "^(%d+)([smhd])$")
@@ -93,36 +85,45 @@ local function seconds(d)
   local mult = {s = 1, m = 60, h = 3600, d = 86400}
   return tonumber(n) * mult[u]
 end
--- The sums of a holder's live reservations, after dropping stale ones.
-local function in_flight(rsv)
+-- The sums of a holder's live reservations, after dropping stale ones.  One
+-- range read in the usual case: the sums (scored <= 0) and any lapsed
+-- reservation (scored by a deadline now past) are exactly the members
+-- scored up to now.
+local function in_flight(rsv, now)
   if rsv == '' then return 0, 0 end
-  local lapsed = redis.call('ZRANGEBYSCORE', rsv, '(0', now)
-  if #lapsed > 0 then
-    local n, t = 0, 0
-    for _, m in ipairs(lapsed) do
+  local low = redis.call('ZRANGEBYSCORE', rsv, '-inf', now, 'WITHSCORES')
+  local n, t, lapsed_n, lapsed_t = 0, 0, 0, 0
+  for i = 1, #low, 2 do
+    local m = low[i]
+    if m == 'nanos' then n = -tonumber(low[i + 1])
+    elseif m == 'tokens' then t = -tonumber(low[i + 1])
+    else
       local a, b = amounts(m)
-      n, t = n + a, t + b
+      lapsed_n, lapsed_t = lapsed_n + a, lapsed_t + b
     end
-    redis.call('ZREMRANGEBYSCORE', rsv, '(0', now)
-    redis.call('ZINCRBY', rsv, n, 'nanos')
-    redis.call('ZINCRBY', rsv, t, 'tokens')
   end
-  local n = -tonumber(redis.call('ZSCORE', rsv, 'nanos') or '0')
-  local t = -tonumber(redis.call('ZSCORE', rsv, 'tokens') or '0')
+  if lapsed_n + lapsed_t > 0 then
+    redis.call('ZREMRANGEBYSCORE', rsv, '(0', now)
+    redis.call('ZINCRBY', rsv, lapsed_n, 'nanos')
+    redis.call('ZINCRBY', rsv, lapsed_t, 'tokens')
+    n, t = n - lapsed_n, t - lapsed_t
+  end
   return math.max(n, 0), math.max(t, 0)
 end
-local function reserve(rsv)
+-- Hold a call's reservation (member "<call id>|<nanos>|<tokens>") until
+-- settlement takes it back or its deadline passes.
+local function reserve(rsv, member, deadline, ttl)
   if rsv == '' or member == '' then return end
   local n, t = amounts(member)
-  redis.call('ZADD', rsv, now + stale, member)
+  redis.call('ZADD', rsv, deadline, member)
   redis.call('ZINCRBY', rsv, -n, 'nanos')
   redis.call('ZINCRBY', rsv, -t, 'tokens')
-  redis.call('EXPIRE', rsv, math.ceil(stale))
+  redis.call('EXPIRE', rsv, ttl)
 end
 -- f: HMGET of max_budget, budget_duration, budget_reset_at,
 -- budget_spend_nanos, spend_nanos.  Whether spend plus the reservations in
 -- flight reached the budget; nil when the hash sets no budget.
-local function over_budget(hash, f, reserved)
+local function over_budget(hash, f, reserved, now)
   if not f[1] then return nil end
   -- Rounded to whole nano-USD: a float budget times 1e9 can land a hair
   -- above the exact amount (1.54e-05 * 1e9 = 15400.000000000002), and a
@@ -144,6 +145,39 @@ local function over_budget(hash, f, reserved)
   end
   return spent + reserved >= limit
 end
+-- Milliseconds until a full window has room, or nil when it has room.
+local function full(counter, limit, reserved, window_ms)
+  if limit <= 0 then return nil end
+  local used = tonumber(redis.call('GET', counter) or '0')
+  if used + reserved < limit then return nil end
+  -- Full only with the calls in flight: they end (and settle) soon.
+  if used < limit then return 1000 end
+  local ttl = redis.call('PTTL', counter)
+  if ttl < 0 then redis.call('PEXPIRE', counter, window_ms); ttl = tonumber(window_ms) end
+  return ttl
+end
+"""
+
+# KEYS: 1 key hash ("" for none), 2 end-user hash (""), 3 rpm counter,
+#       4 tpm counter, 5 parallel set, 6 the key's reservations ("" when
+#       the key has no budget and no tpm limit), 7 the end user's
+#       reservations, 8 the team's new end user counter of the day,
+#       9 the team's overflow end-user hash, 10 its reservations
+# ARGV: 1 now (s), 2 call id, 3 rpm limit, 4 tpm limit, 5 parallel limit
+#       (0 = none), 6 the reservation "<call id>|<nanos>|<tokens>" ("" for
+#       none)
+# C (the same for every call, passed once per script run): 1 seconds after
+#       which a parallel slot or a reservation is stale, 2 window ms,
+#       3 seconds an end user seen only in traffic is kept, 4 new end users
+#       a team may name a day, 5 that counter's TTL
+# Returns {0} when admitted, {0, 'overflow'} when admitted as the team's
+# overflow end user, else {reason, retry_after_ms}.  Every check comes
+# before any count or reservation, so a refused call holds nothing (but
+# the end user it names is seen).
+ADMIT_SCRIPT = r"""
+local now = tonumber(ARGV[1])
+local stale = tonumber(C[1])
+local member = ARGV[6]
 local BUDGET = {'max_budget', 'budget_duration', 'budget_reset_at', 'budget_spend_nanos', 'spend_nanos'}
 
 -- The end user, scoped to the key's team by its hash name.
@@ -151,46 +185,35 @@ local user, user_rsv, overflow = KEYS[2], KEYS[7], false
 local user_budgeted = false
 if user ~= '' then
   if redis.call('EXISTS', user) == 0 then
-    -- A new id: at most ARGV[10] a team a day leave state of their own.
+    -- A new id: at most C[4] a team a day leave state of their own.
     local seen = redis.call('INCR', KEYS[8])
-    if seen == 1 then redis.call('EXPIRE', KEYS[8], ARGV[11]) end
-    if seen > tonumber(ARGV[10]) then
+    if seen == 1 then redis.call('EXPIRE', KEYS[8], C[5]) end
+    if seen > tonumber(C[4]) then
       user, user_rsv, overflow = KEYS[9], KEYS[10], true
     end
   end
   local f = redis.call('HMGET', user, 'blocked', 'created_at', unpack(BUDGET))
   if not f[2] then
-    -- Seen only in traffic: kept ARGV[9] seconds after its last call.
+    -- Seen only in traffic: kept C[3] seconds after its last call.
     redis.call('HINCRBY', user, 'spend_nanos', 0)
-    redis.call('EXPIRE', user, ARGV[9])
+    redis.call('EXPIRE', user, C[3])
   end
   if f[1] == '1' then return {'end_user_blocked', 0} end
   local n = 0
-  if f[3] then n = in_flight(user_rsv) end
-  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, n)
+  if f[3] then n = in_flight(user_rsv, now) end
+  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, n, now)
   if over then return {'end_user_budget', 0} end
   user_budgeted = over ~= nil
 end
 if KEYS[1] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {'key_gone', 0} end
-  local reserved_nanos, reserved_tokens = in_flight(KEYS[6])
+  local reserved_nanos, reserved_tokens = in_flight(KEYS[6], now)
   local f = redis.call('HMGET', KEYS[1], unpack(BUDGET))
-  if over_budget(KEYS[1], f, reserved_nanos) then return {'budget', 0} end
-  -- milliseconds until a full window has room, or nil when it has room
-  local function full(counter, limit, reserved)
-    if limit <= 0 then return nil end
-    local used = tonumber(redis.call('GET', counter) or '0')
-    if used + reserved < limit then return nil end
-    -- Full only with the calls in flight: they end (and settle) soon.
-    if used < limit then return 1000 end
-    local ttl = redis.call('PTTL', counter)
-    if ttl < 0 then redis.call('PEXPIRE', counter, ARGV[7]); ttl = tonumber(ARGV[7]) end
-    return ttl
-  end
+  if over_budget(KEYS[1], f, reserved_nanos, now) then return {'budget', 0} end
   local rpm = tonumber(ARGV[3])
-  local wait = full(KEYS[3], rpm, 0)
+  local wait = full(KEYS[3], rpm, 0, C[2])
   if wait then return {'rpm', wait} end
-  wait = full(KEYS[4], tonumber(ARGV[4]), reserved_tokens)
+  wait = full(KEYS[4], tonumber(ARGV[4]), reserved_tokens, C[2])
   if wait then return {'tpm', wait} end
   local parallel = tonumber(ARGV[5])
   if parallel > 0 then
@@ -200,33 +223,44 @@ if KEYS[1] ~= '' then
     redis.call('EXPIRE', KEYS[5], math.ceil(stale))
   end
   if rpm > 0 then
-    if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[7]) end
+    if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], C[2]) end
   end
-  reserve(KEYS[6])
+  reserve(KEYS[6], member, now + stale, math.ceil(stale))
 end
 -- Admitted: hold the worst case where a budget can be overrun.
-if user_budgeted then reserve(user_rsv) end
+if user_budgeted then reserve(user_rsv, member, now + stale, math.ceil(stale)) end
 if overflow then return {0, 'overflow'} end
 return {0}
 """
 
 _KEYS_PER_CALL = 10
-_ARGS_PER_CALL = 11
+_ARGS_PER_CALL = 6
+_CONSTANTS = 5
 
-# One call's admission, standing alone (the tests and the unbatched path).
-ADMIT_ONE_SCRIPT = RESERVATIONS_LUA + ADMIT_SCRIPT
+# One call's admission, standing alone (the unbatched path): ARGV holds C,
+# then the call's arguments.
+ADMIT_ONE_SCRIPT = (
+    RESERVATIONS_LUA
+    + ADMIT_HELPERS_LUA
+    + f"local C = {{unpack(ARGV, 1, {_CONSTANTS})}}\n"
+    + f"local ARGV = {{unpack(ARGV, {_CONSTANTS + 1})}}\n"
+    + ADMIT_SCRIPT
+)
 
-# The admissions of one reactor tick in one script run: KEYS and ARGV are
-# those of ADMIT_SCRIPT for each call in turn; returns one reply per call.
+# The admissions of one reactor tick in one script run: ARGV holds C, then
+# the arguments of each call in turn, KEYS the keys of each call in turn;
+# returns one reply per call.
 ADMIT_BATCH_SCRIPT = (
     RESERVATIONS_LUA
+    + ADMIT_HELPERS_LUA
+    + f"local C = {{unpack(ARGV, 1, {_CONSTANTS})}}\n"
     + "local function admit(KEYS, ARGV)\n"
     + ADMIT_SCRIPT
     + "\nend\nlocal out = {}\n"
     + f"for i = 0, #KEYS / {_KEYS_PER_CALL} - 1 do\n"
     + "  local k, a = {}, {}\n"
     + f"  for j = 1, {_KEYS_PER_CALL} do k[j] = KEYS[i * {_KEYS_PER_CALL} + j] end\n"
-    + f"  for j = 1, {_ARGS_PER_CALL} do a[j] = ARGV[i * {_ARGS_PER_CALL} + j] end\n"
+    + f"  for j = 1, {_ARGS_PER_CALL} do a[j] = ARGV[{_CONSTANTS} + i * {_ARGS_PER_CALL} + j] end\n"
     + "  out[i + 1] = admit(k, a)\n"
     + "end\nreturn out\n"
 )
@@ -240,11 +274,13 @@ class AdmissionBatch:
 
     :param redis: a L{dheera_tx.redis.client.RedisClient}.
     :param reactor: an C{IReactorTime}.
+    :param constants: the script's C{C} arguments, the same for every call.
     """
 
-    def __init__(self, redis, reactor):
+    def __init__(self, redis, reactor, constants: tuple):
         self._redis = redis
         self._reactor = reactor
+        self._constants = constants
         self._pending: List[Tuple[tuple, tuple, Deferred]] = []
 
     def admit(self, keys: tuple, args: tuple) -> Deferred:
@@ -270,7 +306,7 @@ class AdmissionBatch:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         keys: list = []
-        args: list = []
+        args: list = list(self._constants)
         for k, a, _ in batch:
             keys.extend(k)
             args.extend(a)
@@ -374,10 +410,9 @@ class CallLimiter:
         self._redis = redis
         self._prefix = prefix
         self._now = now
-        self._stale_after = stale_after
         self.end_user_ttl = end_user_ttl
-        self._new_end_users_per_day = new_end_users_per_day
-        self._batch = AdmissionBatch(redis, reactor) if reactor is not None else None
+        self._constants = (stale_after, WINDOW_MS, end_user_ttl, new_end_users_per_day, _NEW_END_USER_COUNTER_TTL)
+        self._batch = AdmissionBatch(redis, reactor, self._constants) if reactor is not None else None
 
     def names(self, admission: Admission) -> RedisNames:
         """
@@ -453,24 +488,12 @@ class CallLimiter:
         else:
             per_day = ("", "", "")
         keys = (n.key, n.end_user, n.rpm, n.tpm, n.parallel, n.key_reservations, n.end_user_reservations, *per_day)
-        args = (
-            repr(now),
-            call_id,
-            rpm,
-            tpm,
-            parallel,
-            self._stale_after,
-            WINDOW_MS,
-            admission.reservation_member,
-            self.end_user_ttl,
-            self._new_end_users_per_day,
-            _NEW_END_USER_COUNTER_TTL,
-        )
+        args = (repr(now), call_id, rpm, tpm, parallel, admission.reservation_member)
         try:
             if self._batch is not None:
                 result = await self._batch.admit(keys, args)
             else:
-                result = await self._redis.eval(ADMIT_ONE_SCRIPT, keys, args)
+                result = await self._redis.eval(ADMIT_ONE_SCRIPT, keys, self._constants + args)
         except Exception:
             if record is None:
                 # The master key keeps working while Redis is away.
