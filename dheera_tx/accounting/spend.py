@@ -32,7 +32,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from dheera_tx.accounting.limits import RESERVATIONS_LUA, WINDOW_MS, Admission, CallLimiter
+from dheera_tx.accounting.admission_scripts import RESERVATIONS_LUA
+from dheera_tx.accounting.limits import WINDOW_MS, Admission, CallLimiter
 from dheera_tx.accounting.metering import nanos_to_usd
 from dheera_tx.keys.records import end_user_report_id, parse_end_user_report_id
 
