@@ -10,13 +10,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from dheera_tx.accounting.end_users import end_user_name, end_user_report_id, parse_end_user_report_id
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.reservation import Reservation, completion_tokens, worst_case
 from dheera_tx.accounting.spend import Settlement, SpendLedger
 from dheera_tx.config import Deployment
 from dheera_tx.errors import ProxyError
 from dheera_tx.keys.auth import MASTER, Principal
-from dheera_tx.keys.records import end_user_name, end_user_report_id, parse_end_user_report_id
 from dheera_tx.redis.client import connect
 from tests.redis_server import RedisServer
 from tests.test_limits import PREFIX, _record

@@ -42,9 +42,9 @@ import attr
 from twisted.internet.defer import Deferred, fail
 
 from dheera_tx.accounting.admission_scripts import ADMIT_BATCH_SCRIPT, ADMIT_ONE_SCRIPT
+from dheera_tx.accounting.end_users import OVERFLOW_END_USER, end_user_name
 from dheera_tx.accounting.reservation import NO_RESERVATION, Reservation
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
-from dheera_tx.keys.records import OVERFLOW_END_USER, end_user_name
 
 WINDOW_MS = 60_000
 _NEW_END_USER_COUNTER_TTL = 2 * 86400

@@ -12,14 +12,14 @@ retried every second; what is in that backlog is lost if the process dies
 
 Redis keys (under the configured prefix): the C{spend_nanos} and
 C{budget_spend_nanos} fields of C{key:<sha256>} and of the end user's hash
-(L{dheera_tx.keys.records.end_user_name}; one seen only in traffic expires
+(L{dheera_tx.accounting.end_users.end_user_name}; one seen only in traffic expires
 C{end_user_ttl_days} after its last call); hashes C{spend:user:<id>},
 C{spend:team:<id>}, C{spend:model:<name>} with C{spend_nanos},
 C{prompt_tokens}, C{completion_tokens}, C{requests}; and
 C{spend:daily:<YYYY-MM-DD>} hashes whose fields are
 C{<group>:<id>:<counter>} (group: key, user, team, end_user, model; an end
 user of a team is C{team_end_user:<team>:<id>},
-L{dheera_tx.keys.records.end_user_report_id}).
+L{dheera_tx.accounting.end_users.end_user_report_id}).
 """
 
 import datetime
@@ -33,9 +33,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dheera_tx.accounting.admission_scripts import RESERVATIONS_LUA
+from dheera_tx.accounting.end_users import end_user_report_id, parse_end_user_report_id
 from dheera_tx.accounting.limits import WINDOW_MS, Admission, CallLimiter
 from dheera_tx.accounting.metering import nanos_to_usd
-from dheera_tx.keys.records import end_user_report_id, parse_end_user_report_id
 
 log = Logger()
 

@@ -10,7 +10,7 @@ Redis::
     <prefix>keys               zset    every key's sha256, scored by created_at
     <prefix>end_user:<id>      hash    one end user of the default scope
     <prefix>team:<team>:end_user:<id>  hash  one end user of a team
-                                       (see L{dheera_tx.keys.records.end_user_name})
+                                       (see L{dheera_tx.accounting.end_users.end_user_name})
 
 Every change to an existing key or end user is also published on
 C{<prefix>invalidate}: the key's sha256, or the end user's hash name
@@ -34,9 +34,10 @@ from typing import Callable, List
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
+from dheera_tx.accounting.end_users import end_user_name
 from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.keys.fields import end_user_changes, key_changes
-from dheera_tx.keys.records import EndUserRecord, KeyRecord, end_user_name, generate_key, hash_key, redis_fields
+from dheera_tx.keys.records import EndUserRecord, KeyRecord, generate_key, hash_key, redis_fields
 
 MAX_PAGE_SIZE = 100
 # Far beyond any real list, and small enough that Redis's 64-bit offsets hold.
