@@ -81,6 +81,22 @@ class ConcurrentBudgetTests(GatewayTestCase):
         self.assertEqual(len(self.upstream.received), admitted)
         self.assertEqual(self.reserved(f"key:{token}"), {"nanos": 0, "tokens": 0})
 
+    async def test_concurrent_calls_share_a_larger_budget(self):
+        """
+        With a budget of about two and a half worst cases (50000 nano-USD;
+        a call reserves 20400 and costs 3400), several of 20 concurrent
+        calls are admitted together, and still the spend stays within the
+        budget plus one call's cost.
+        """
+        budget = 50_000
+        key, token = await self.new_key(max_budget=budget / 1e9)
+        answers = await self.fire(key)
+        admitted = self.assertRefusedForBudget(answers)
+        spend = await self.key_spend(token)
+        self.assertGreaterEqual(admitted, 2)
+        self.assertEqual(spend, admitted * ONE_CALL)
+        self.assertLessEqual(spend, budget + ONE_CALL)
+
     async def test_concurrent_calls_hold_end_user_budget(self):
         """
         20 concurrent calls for one end user with max_budget 10000 nano-USD
