@@ -147,7 +147,15 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         stored_keys = RedisKeyStore(redis, prefix, now=now)
         key_store = CachedKeyStore(stored_keys, redis, reactor)
         stale_after = max([d.timeout for d in config.deployments] + [600.0]) + 60
-        limiter = CallLimiter(redis, prefix, now, stale_after=stale_after, reactor=reactor)
+        limiter = CallLimiter(
+            redis,
+            prefix,
+            now,
+            stale_after=stale_after,
+            reactor=reactor,
+            end_user_ttl=config.general.end_user_ttl_days * 86400,
+            new_end_users_per_day=config.general.max_new_end_users_per_day,
+        )
         ledger = SpendLedger(redis, prefix, limiter, reactor)
 
         async def redis_answers() -> bool:
@@ -166,7 +174,9 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         router,
         authenticator,
         pool,
-        accounting=CallAccounting(limiter, ledger, now=now),
+        accounting=CallAccounting(
+            limiter, ledger, now=now, default_max_tokens=config.general.default_max_tokens_reservation
+        ),
         on_call_end=call_log.emit,
         catalog=catalog,
     )
