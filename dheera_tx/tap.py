@@ -32,6 +32,8 @@ from dheera_tx.accounting.call_accounting import CallAccounting
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
+from dheera_tx.console.app import Console, RevokingKeyStore
+from dheera_tx.console.sessions import ConsoleSessions
 from dheera_tx.control import ControlPlane, ControlRoot
 from dheera_tx.forwarding import Passthrough
 from dheera_tx.http.listener_limits import ListenerLimits
@@ -163,9 +165,16 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
 
         probes["redis"] = redis_answers
     authenticator = Authenticator(config.general.master_key, key_store, now=now)
+    prober = DeploymentProber(reactor, config, router)
     if key_store is not None:
-        key_api = KeyAPI(authenticator, stored_keys, now=now).app.resource()
-        branches = {b"key": key_api, b"end_user": key_api}
+        sessions = ConsoleSessions(redis, prefix, config.general.master_key, now=now)
+        # Blocking, regenerating or deleting a key, from either the JSON API
+        # or the console, ends its console sessions.
+        managed_keys = RevokingKeyStore(stored_keys, sessions)
+        key_api = KeyAPI(authenticator, managed_keys, now=now).app.resource()
+        stream = prefix + "log" if "redis_stream" in config.callbacks else None
+        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream).app.resource()
+        branches = {b"key": key_api, b"end_user": key_api, b"ui": console}
     metrics = ProxyMetrics(router, config)
     call_log = CallLog(build_sinks(config, reactor, redis, stdout=stdout), metrics=metrics)
     passthrough = Passthrough(
@@ -181,7 +190,6 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         catalog=catalog,
     )
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
-    prober = DeploymentProber(reactor, config, router)
     control = ControlPlane(
         probes,
         metrics=metrics,
