@@ -89,7 +89,7 @@ def open_listening_socket(listener: Listener, reuse_port: bool) -> WorkerSocket:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, listener.port))
-    elif listener.kind == "UNIX":
+    elif listener.kind == "UNIX" and listener.path is not None:
         family = socket.AF_UNIX
         _remove_stale_socket(listener.path)
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -114,11 +114,15 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A live server with a full backlog would block a connect for good.
+    probe.settimeout(1.0)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)
         return
+    except OSError:
+        pass
     finally:
         probe.close()
     raise OSError(f"{path} is in use by another process")

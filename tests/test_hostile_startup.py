@@ -25,9 +25,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dheera_tx.listeners import EXAMPLE_MASTER_KEY, Listener, default_listener, exposure_problem
+from dheera_tx.listeners import EXAMPLE_MASTER_KEY, Listener, ListenerError, default_listener, exposure_problem, parse_listener
 from dheera_tx.redis.embedded import EmbeddedRedis, find_redis_server
-from dheera_tx.workers import twistd_command
+from dheera_tx.workers import open_listening_socket, twistd_command
 from tests.fake_vllm import FakeVLLM
 from tests.proxy_process import ROOT, ProxyProcess
 from tests.redis_server import RedisServer, free_port
@@ -433,3 +433,92 @@ class ExposureRuleTests(SynchronousTestCase):
             shipped = yaml.safe_load(f)
         self.assertEqual(shipped["general_settings"]["master_key"], EXAMPLE_MASTER_KEY)
 
+
+
+class SharedUnixSocketTests(SynchronousTestCase):
+    """
+    The worker parent's unix socket takes over a stale socket file, never a
+    live one or a file that is not a socket.
+    """
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="ds", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.path = os.path.join(self.directory, "p.sock")
+        self.listener = Listener("unix:" + self.path, "UNIX", path=self.path, mode=0o600)
+
+    def open(self):
+        ws = open_listening_socket(self.listener, reuse_port=False)
+        self.addCleanup(ws.socket.close)
+        return ws
+
+    def test_stale_socket_replaced(self):
+        """
+        A socket file nobody listens on (its process died) is replaced; the
+        new socket accepts connections and has the mode asked for.
+        """
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(self.path)
+        dead.close()
+        self.open()
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(self.path)
+
+    def test_live_socket_kept(self):
+        """
+        A socket another process listens on is not taken over: OSError
+        saying it is in use, and the other listener keeps its path.
+        """
+        live = socket.socket(socket.AF_UNIX)
+        self.addCleanup(live.close)
+        live.bind(self.path)
+        live.listen(1)
+        error = self.assertRaises(OSError, self.open)
+        self.assertIn("in use", str(error))
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(self.path)
+
+    def test_regular_file_kept(self):
+        """
+        A file that is not a socket (a typo in --listen) is never deleted:
+        binding fails.
+        """
+        with open(self.path, "w") as f:
+            f.write("data")
+        self.assertRaises(OSError, self.open)
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "data")
+
+
+class ParseListenerTests(SynchronousTestCase):
+    """
+    L{parse_listener} reads C{--listen} with Twisted's parser.
+    """
+
+    def test_fields(self):
+        """
+        TCP, escaped IPv6, tcp6 and unix strings give their fields; a
+        backlog is kept only when the string gives one.
+        """
+        self.assertEqual(parse_listener(reactor, "tcp:4000"), Listener("tcp:4000", "TCP", port=4000))
+        v6 = parse_listener(reactor, "tcp:4000:interface=\\:\\:1:backlog=9")
+        self.assertEqual((v6.interface, v6.backlog, v6.local), ("::1", 9, True))
+        self.assertEqual(parse_listener(reactor, "tcp6:4000").interface, "::")
+        unix = parse_listener(reactor, "unix:/run/p.sock:mode=660")
+        self.assertEqual((unix.kind, unix.path, unix.mode), ("UNIX", "/run/p.sock", 0o660))
+
+    def test_errors(self):
+        """
+        Unusable strings raise L{ListenerError} with one line: an unescaped
+        IPv6 interface names the escaped form.
+        """
+        for description, what in [
+            ("tcp:4000:interface=::1", "interface=\\:\\:1"),
+            ("tcp:http", "cannot listen on 'tcp:http'"),
+            ("carrier-pigeon:1", "Unknown endpoint type"),
+            ("ssl:4443:privateKey=/nonexistent.pem", "No such file"),
+        ]:
+            error = self.assertRaises(ListenerError, parse_listener, reactor, description)
+            self.assertIn(what, str(error))
+            self.assertNotIn("\n", str(error))
