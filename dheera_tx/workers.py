@@ -322,11 +322,9 @@ def adopt_sockets(reactor, inherited: List[str], factory) -> List:
             port = _SharedUNIXPort._fromListeningDescriptor(reactor, int(fd), factory)
             port.startListening()
         else:
+            # Twisted's TCP port never shuts an adopted socket down, so the
+            # parent's copy stays good for this worker's replacement.
             port = reactor.adoptStreamPort(int(fd), family, factory)
-            # The parent keeps this socket for the worker's replacement:
-            # stopping must close this process's descriptor only, not shut
-            # the socket down for every holder.
-            port._shouldShutdown = False
         ports.append(port)
         os.close(int(fd))
     return ports
@@ -340,7 +338,8 @@ class _SharedUNIXPort(unix.Port):
     parent set and the second would take the path from every other worker,
     so this port keeps the file as it is (the parent removes it).  Nor
     does it shut the socket down when it stops, which would stop it for
-    every worker: it only closes its own descriptor.
+    every worker: it only closes its own descriptor, as Twisted's TCP port
+    does for an adopted socket.
     """
 
     _shouldShutdown = False
