@@ -62,7 +62,6 @@ OPERATOR_CALLS = [
     (b"POST", "/vllm/generative_scoring"),
     (b"GET", "/vllm/tokenizer_info"),
     (b"GET", "/vllm/kv_event_sources"),
-    (b"GET", "/vllm/v1/realtime"),
     (b"POST", "/vllm/v1/systemone"),
     (b"POST", "/vllm/v1/some_route_of_a_later_vllm"),
     (b"POST", "/vllm/v1/chat/completions/"),

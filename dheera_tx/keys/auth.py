@@ -139,15 +139,31 @@ def authorize_vllm_call(
     """
     if principal.is_master:
         return
-    if not tenant_routes.allows(path):
-        raise forbidden("This vLLM route needs the master key.")
+    authorize_route(principal, path, tenant_routes)
     key = principal.key
-    if key.allowed_routes and _allowed_routes(key.allowed_routes).match("/" + path) is None:
-        raise forbidden("This key may not call this route.")
     if key.models and model_name not in key.models:
         if model_name is None:
             raise forbidden("This key is restricted to certain models: name one in the body, the x-dheera-model header or the model query parameter.")
         raise forbidden(f"This key may not use model {model_name!r}.")
+
+
+def authorize_route(principal: Principal, path: str, tenant_routes: TenantRoutes) -> None:
+    """
+    Check that C{principal} may call the route C{path}, whatever the model
+    (also for calls the proxy answers itself, such as the model list).
+
+    :param path: the upstream path without leading slash and query.
+    :param tenant_routes: the routes virtual keys may call.
+    :raise ProxyError: 403 for a route outside the tenant API or outside
+        the key's C{allowed_routes}.
+    """
+    if principal.is_master:
+        return
+    if not tenant_routes.allows(path):
+        raise forbidden("This vLLM route needs the master key.")
+    allowed = principal.key.allowed_routes
+    if allowed and _allowed_routes(allowed).match("/" + path) is None:
+        raise forbidden("This key may not call this route.")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -27,10 +27,12 @@ import re
 import uuid
 from typing import Iterable, Optional, Tuple
 
-# The tenant API: inference, pooling and tokenizer routes, model listing.
-# Not here (master-only unless widened): /v1/chat/completions/batch and the
-# render routes, /v2/embed and /cohere/v2/chat (no usage the proxy can
-# bill), /v1/realtime, /generative_scoring, and every operator route.
+# The tenant API: inference (realtime WebSockets included), pooling and
+# tokenizer routes, model listing (the proxy answers /v1/models and
+# /v1/models/{name} itself).  Not here (master-only unless widened):
+# /v1/chat/completions/batch and the render routes, /v2/embed and
+# /cohere/v2/chat (no usage the proxy can bill), /generative_scoring, and
+# every operator route.
 TENANT_API: Tuple[str, ...] = (
     "v1/chat/completions",
     "v1/completions",
@@ -52,6 +54,8 @@ TENANT_API: Tuple[str, ...] = (
     "v1/audio/transcriptions",
     "v1/audio/translations",
     "v1/models",
+    "v1/models/*",
+    "v1/realtime",
     "invocations",
 )
 
