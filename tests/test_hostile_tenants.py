@@ -10,11 +10,14 @@ a Responses path) only ever reach its own requests.
 
 import json
 
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from dheera_tx.keys.tenancy import TENANT_API, request_id_scope
-from tests.passthrough_harness import MASTER_KEY, error_of
+from tests.passthrough_harness import MASTER_KEY, error_of, sleep
 from tests.test_gateway_keys import ALLOWED, GatewayHarness
+from tests.test_realtime import WS_KEY, WebSocketClient
 
 # Every vLLM route outside the tenant API (VLLM_API.md), some with an id or
 # a trailing slash, and one a later vLLM might add.
@@ -275,3 +278,27 @@ class RequestIdTests(GatewayHarness, TestCase):
         status, error = await self.responses(self.bob, "/vllm/v1/responses/" + created["id"], b"GET")
         self.assertEqual(status, 404, error)
         self.assertIn("not found", error_of(json.dumps(error).encode())["message"])
+
+    async def test_realtime_upgrade_id_scoped(self):
+        """
+        A virtual key's C{X-Request-Id} on a realtime WebSocket upgrade
+        reaches the replica in the key's scope, as on any other call; the
+        master key's is forwarded unchanged.
+        """
+        for who, expected in ((self.alice, self.scope(self.alice) + "ws-1"), ({"key": MASTER_KEY}, "ws-1")):
+            client = WebSocketClient()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+            client.transport.write(
+                b"GET /vllm/v1/realtime?model=" + ALLOWED.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: " + WS_KEY + b"\r\nAuthorization: Bearer " + who["key"].encode()
+                + b"\r\nX-Request-Id: ws-1\r\n\r\n"
+            )
+            for _ in range(1000):
+                if client.messages or client.status() not in (None, 101):
+                    break
+                await sleep(0.01)
+            self.assertEqual(client.status(), 101)
+            self.assertEqual(self.upstream.received[-1].headers["x-request-id"], [expected])
+            client.transport.abortConnection()
+            await client.lost
