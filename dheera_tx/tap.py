@@ -42,6 +42,7 @@ from dheera_tx.keys.api import KeyAPI
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.listeners import ALLOW_EXAMPLE_KEY_OPTION, EXAMPLE_MASTER_KEY, Listener, checked_listeners, default_listener
 from dheera_tx.observe.call_log import CallLog, build_sinks
 from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.catalog import ModelCatalog
@@ -65,6 +66,9 @@ class Options(usage.Options):
         ["worker-index", None, None, "Set by the parent in worker processes."],
         ["worker-parent", None, None, "Set by the parent in worker processes: its pid."],
     ]
+    optFlags = [
+        [ALLOW_EXAMPLE_KEY_OPTION[2:], None, "Listen beyond loopback even with the public example master key."],
+    ]
 
     def __init__(self):
         super().__init__()
@@ -80,15 +84,14 @@ class Options(usage.Options):
 
     def opt_listen(self, endpoint: str) -> None:
         """
-        A Twisted endpoint to listen on (default tcp:4000); may repeat.
+        A Twisted endpoint to listen on (default tcp:4000; 127.0.0.1 only
+        with the example master key); may repeat.
         """
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config PATH is required")
-        if not self["listen"]:
-            self["listen"] = ["tcp:4000"]
         workers = self["workers"]
         if workers in ("0", "auto"):
             self["workers"] = os.cpu_count() or 1
@@ -104,9 +107,23 @@ class Options(usage.Options):
         except ConfigError as e:
             # One clear line, never a traceback.
             sys.exit(str(e))
-        if self["database-url"]:
-            config = attr.evolve(config, general=attr.evolve(config.general, database_url=self["database-url"]))
+        # A worker gets the parent's database URL through its environment:
+        # a password in it must not show in every worker's command line.
+        from dheera_tx.workers import DATABASE_URL_VARIABLE
+
+        url = self["database-url"] or (self["worker-parent"] and os.environ.get(DATABASE_URL_VARIABLE))
+        if url:
+            config = attr.evolve(config, general=attr.evolve(config.general, database_url=url))
         self["proxy_config"] = config
+        self["listen-defaulted"] = not self["listen"]
+        if not self["listen"]:
+            self["listen"] = [default_listener(config.general.master_key)]
+        if not self["inherited-fd"]:
+            from twisted.internet import reactor
+
+            self["listeners"] = checked_listeners(
+                reactor, self["listen"], config.general.master_key, self[ALLOW_EXAMPLE_KEY_OPTION[2:]]
+            )
 
 
 @attr.s(auto_attribs=True)
@@ -314,8 +331,9 @@ def _warn_about_deployments(config: ProxyConfig) -> None:
             )
 
 
-def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[str], workers: int, reactor):
+def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[Listener], workers: int, reactor):
     """
+    :param listen: the parsed C{--listen} endpoints.
     :return: the service of the parent of C{workers} worker processes.
     """
     from dheera_tx.workers import WorkerPool
@@ -443,6 +461,8 @@ def makeService(options, reactor=None):
         from dheera_tx.workers import die_with_parent
 
         die_with_parent(int(options["worker-parent"]))
+    if options["listen-defaulted"] and config.general.master_key == EXAMPLE_MASTER_KEY and not options["worker-parent"]:
+        log.warn("The master key is the public example from conf/proxy.yaml: listening on 127.0.0.1 only")
     if options["workers"] > 1 and not options["inherited-fd"]:
-        return make_worker_parent(config, options["config"], options["listen"], options["workers"], reactor)
+        return make_worker_parent(config, options["config"], options["listeners"], options["workers"], reactor)
     return make_proxy_service(config, options["listen"], reactor, inherited=options["inherited-fd"])
