@@ -13,6 +13,15 @@ difference: legacy C{twisted.python.log} lines emitted from inside a
 handler carry the system C{-} instead of the protocol's prefix (the proxy
 logs with C{twisted.logger} namespaces, which are unaffected).
 
+Each event is still isolated from the others, as C{callWithLogger} does
+for Twisted's loop: C{_doReadOrWrite} catches what C{doRead} and
+C{doWrite} raise, but not what a protocol's C{connectionLost} raises
+while the selectable is disconnected; L{GatewayReactor.doPoll} catches
+that itself, logs it with the selectable's log prefix and goes on with the
+rest of the batch (the selectable is already out of the reactor:
+C{_disconnectSelectable} removes it before calling C{connectionLost}).  A
+C{try} costs nothing in CPython 3.11 until something raises.
+
 L{install} installs it when nothing has installed a reactor yet; the
 C{dheera} twistd plugin calls it before importing anything that imports the
 global reactor, so C{twistd -r REACTOR dheera} still runs on REACTOR.
@@ -22,6 +31,9 @@ import errno
 import sys
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+
+log = Logger()
 
 
 class GatewayReactor(EPollReactor):
@@ -46,10 +58,27 @@ class GatewayReactor(EPollReactor):
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
-                handle(selectable, fd, event)
+                try:
+                    handle(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    _log_failure(selectable)
 
     # EPollReactor binds doIteration to its own doPoll at class creation.
     doIteration = doPoll
+
+
+def _log_failure(selectable) -> None:
+    """
+    Log the exception being handled, raised while serving C{selectable},
+    under its log prefix (as C{log.callWithLogger} would have).
+    """
+    try:
+        prefix = selectable.logPrefix()
+    except BaseException:
+        prefix = "(buggy logPrefix method)"
+    log.failure("Unhandled error while serving {prefix}", prefix=prefix)
 
 
 def install() -> bool:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from twisted.internet.error import ConnectionDone
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from dheera_tx import event_loop
@@ -24,9 +25,10 @@ class _Selectable:
     A selectable that records what the reactor asked of it.
     """
 
-    def __init__(self, fd: int, fail: bool = False):
+    def __init__(self, fd: int, fail: bool = False, fail_lost: bool = False):
         self._fd = fd
         self._fail = fail
+        self._fail_lost = fail_lost
         self.reads = 0
         self.writes = 0
         self.lost = []
@@ -46,9 +48,13 @@ class _Selectable:
 
     def connectionLost(self, reason):
         self.lost.append(reason)
+        if self._fail_lost:
+            raise RuntimeError("connectionLost broke")
 
     def logPrefix(self) -> str:
-        raise AssertionError("the reactor must not ask for a log prefix")
+        if not self._fail_lost:
+            raise AssertionError("the reactor must not ask for a log prefix")
+        return "Selectable-%d" % (self._fd,)
 
 
 class _Poller:
@@ -138,6 +144,39 @@ class GatewayReactorTests(SynchronousTestCase):
         self.assertEqual(len(broken.lost), 1)
         self.assertEqual(fine.reads, 1)
         self.assertEqual(fine.lost, [])
+
+    def test_failing_disconnect_isolated(self):
+        """
+        A selectable whose C{connectionLost} raises (which
+        C{_doReadOrWrite} does not catch) is logged and taken out of the
+        reactor, and the events after it in the same poll batch are still
+        served in that iteration, as C{log.callWithLogger} ensures in
+        Twisted's own loop.
+        """
+        first, broken, last = _Selectable(107), _Selectable(108, fail_lost=True), _Selectable(109)
+        events = [(107, select.EPOLLIN), (108, select.EPOLLHUP), (109, select.EPOLLIN)]
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self._poll([first, broken, last], events)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        failures = [e for e in logged if "log_failure" in e]
+        self.assertEqual([e.get("prefix") for e in failures], ["Selectable-108"])
+        self.assertEqual((first.reads, last.reads), (1, 1))
+        self.assertEqual(len(broken.lost), 1)
+        self.assertNotIn(108, self.reactor._reads)
+        self.assertNotIn(108, self.reactor._selectables)
+
+    def test_failing_handler_and_disconnect_isolated(self):
+        """
+        A handler that raises and whose C{connectionLost} raises too is
+        logged once per error and does not cut the batch short.
+        """
+        broken, fine = _Selectable(110, fail=True, fail_lost=True), _Selectable(111)
+        self._poll([broken, fine], [(110, select.EPOLLIN), (111, select.EPOLLIN)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(fine.reads, 1)
 
     def test_hangup_reported_as_connection_done(self):
         """
