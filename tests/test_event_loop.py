@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import yaml
-
 from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -61,7 +60,7 @@ class _Selectable:
     def logPrefix(self) -> str:
         if not self._fail_lost:
             raise AssertionError("the reactor must not ask for a log prefix")
-        return "Selectable-%d" % (self._fd,)
+        return f"Selectable-{self._fd}"
 
 
 class _Poller:
