@@ -15,23 +15,26 @@ request.  Idle connections are closed after C{idle_timeout} seconds (below
 uvicorn's 5 s, so that the proxy does not reuse one the server is closing),
 or after an endpoint's own timeout (a deployment's C{keepalive_timeout}).
 
-This module holds the pool and connecting; the connection protocol
-(sending the head, parsing the response) is in
-L{dheera_tx.upstream.connection}, the response and the delivery of its
-body in L{dheera_tx.upstream.response}, the writing of a request body
-from its producer in L{dheera_tx.upstream.request_body}.  Every error a
-request fails with (L{UpstreamUnreachable}, L{UpstreamFailed},
-L{UpstreamMalformed}) and L{UpstreamResponse} can be imported from here.
+This module holds the pool; making a new connection (resolving the host
+name, IPv6 and IPv4, and trying each address) is in
+L{dheera_tx.upstream.connecting}, the connection protocol (sending the
+head, parsing the response) in L{dheera_tx.upstream.connection}, the
+response and the delivery of its body in L{dheera_tx.upstream.response},
+the writing of a request body from its producer in
+L{dheera_tx.upstream.request_body}.  Every error a request fails with
+(L{UpstreamUnreachable}, L{UpstreamFailed}, L{UpstreamMalformed}, defined
+in L{dheera_tx.upstream.errors}) and L{UpstreamResponse} can be imported
+from here.
 """
 
 from typing import Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import NotConnectingError
-from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from dheera_tx.upstream.connection import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable, _UpstreamConnection
+from dheera_tx.upstream.connecting import _Connecting
+from dheera_tx.upstream.connection import _UpstreamConnection
+from dheera_tx.upstream.errors import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 from dheera_tx.upstream.response import UpstreamResponse
 
 __all__ = [
@@ -43,70 +46,6 @@ __all__ = [
 ]
 
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
-
-
-class _Connecting:
-    """
-    One connection attempt (the factory given to C{connectTCP}), holding
-    the request that will go out on it.
-    """
-
-    __slots__ = ("_pool", "key", "deferred", "head", "body", "is_head", "max_head", "connector", "connection")
-
-    def __init__(self, pool: "UpstreamPool", key: tuple, head: bytes, body, is_head: bool, max_head: int):
-        self._pool = pool
-        self.key = key
-        self.head = head
-        self.body = body
-        self.is_head = is_head
-        self.max_head = max_head
-        self.deferred: Optional[Deferred] = None
-        self.connector = None
-        self.connection = None
-
-    def cancel(self, d: Deferred) -> None:
-        """
-        The request was cancelled: stop connecting, or abort the connection.
-        """
-        if self.connection is not None:
-            self.connection.cancel(d)
-        elif self.deferred is d:
-            self.deferred = None
-            self.stop()
-
-    def stop(self) -> None:
-        """
-        Give up connecting.
-        """
-        try:
-            self.connector.stopConnecting()
-        except NotConnectingError:
-            pass
-
-    # The client factory interface, as tcp.Connector uses it.
-
-    def doStart(self) -> None:
-        pass
-
-    def doStop(self) -> None:
-        pass
-
-    def startedConnecting(self, connector) -> None:
-        pass
-
-    def buildProtocol(self, addr) -> _UpstreamConnection:
-        self.connection = _UpstreamConnection(self._pool, self.key, self)
-        return self.connection
-
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
-        d, self.deferred = self.deferred, None
-        self.body = None
-        self._pool._attempt_over(self)
-        if d is not None:
-            d.errback(UpstreamUnreachable("{}: {}".format(reason.type.__name__, reason.getErrorMessage())))
-
-    def clientConnectionLost(self, connector, reason: Failure) -> None:
-        pass
 
 
 class UpstreamPool:
@@ -197,23 +136,10 @@ class UpstreamPool:
             d = Deferred(connection.cancel)
             connection.start(d, head, body, is_head, max_head_bytes, True)
             return d
-        attempt = _Connecting(self, key, head, body, is_head, max_head_bytes)
+        attempt = _Connecting(self, key, head, body, is_head, max_head_bytes, connect_timeout)
         d = attempt.deferred = Deferred(attempt.cancel)
         self._attempts.add(attempt)
-        try:
-            if tls:
-                from twisted.internet.ssl import optionsForClientTLS
-
-                attempt.connector = self._reactor.connectSSL(
-                    host, port, attempt, optionsForClientTLS(host), timeout=connect_timeout
-                )
-            else:
-                attempt.connector = self._reactor.connectTCP(host, port, attempt, timeout=connect_timeout)
-        except Exception as e:
-            # e.g. no TLS support installed, or a host name that is not text.
-            self._attempts.discard(attempt)
-            attempt.deferred = None
-            return fail(UpstreamUnreachable("Cannot connect: {}".format(type(e).__name__)))
+        attempt.begin(self._reactor.nameResolver)
         return d
 
     def idle_connections(self) -> int:

@@ -1,7 +1,6 @@
 """
 The connection of an upstream call: L{_UpstreamConnection}, the HTTP/1.1
-protocol that carries one request at a time, and the errors it fails a
-request with.
+protocol that carries one request at a time.
 
 L{dheera_tx.upstream.client} hands a connection its request with
 C{start}: the head goes out in one C{transport.write} (with the body when
@@ -16,7 +15,8 @@ request fails with L{UpstreamFailed} when the connection is lost before
 the response head, with L{UpstreamUnreachable} when it is lost in the TLS
 handshake (no request byte reached the server, so another replica may be
 tried), with L{UpstreamMalformed} when the head cannot be parsed or is too
-large; L{dheera_tx.upstream.client} re-exports all three.
+large (the three are defined in L{dheera_tx.upstream.errors};
+L{dheera_tx.upstream.client} re-exports them).
 
 The pool that owns the connection (C{UpstreamPool} in
 L{dheera_tx.upstream.client}) is passed in; the connection uses only its
@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dheera_tx.http.socket_write import write_now
+from dheera_tx.upstream.errors import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 from dheera_tx.upstream.request_body import _BodyWriter
 from dheera_tx.upstream.response import UpstreamResponse
 
@@ -45,40 +46,6 @@ from dheera_tx.upstream.response import UpstreamResponse
 HEAD_SLACK = 8192
 
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-
-
-class UpstreamUnreachable(Exception):
-    """
-    Nothing reached the server: the connection could not be made (refused,
-    timed out, name not found, TLS handshake failed) or the pool is closed.
-
-    :ivar reason: why, in a few words (never a header value).
-    """
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UpstreamFailed(Exception):
-    """
-    The connection was lost after (part of) the request was written and
-    before the response head was complete.
-
-    :ivar reused: whether the connection came from the pool (a keep-alive
-        connection the server may have been closing).
-    """
-
-    def __init__(self, reused: bool, reason: str = "connection lost"):
-        super().__init__(reason)
-        self.reused = reused
-
-
-class UpstreamMalformed(Exception):
-    """
-    The response could not be parsed, or its header lines are larger than
-    allowed.
-    """
 
 
 class _HeadTooLarge(Exception):
