@@ -72,7 +72,7 @@ class _UpstreamConnection:
         "_deferred", "_response", "_reused", "_is_head", "_max_head", "_head_seen",
         "_headers", "_head_bytes", "_phrase", "_content_length", "_chunked",
         "_interim", "_stop_after_head", "_complete", "_keep_alive",
-        "_writer", "_sent", "_failure", "_secured",
+        "_writer", "_sent", "_failure", "_secured", "_replay", "_retry",
     )
 
     def __init__(self, pool, key: tuple, attempt):
@@ -93,6 +93,8 @@ class _UpstreamConnection:
         self._failure = None
         self._sent = True
         self._secured = not key[2]
+        self._replay = None
+        self._retry = None
 
     # IProtocol
 
@@ -149,11 +151,19 @@ class _UpstreamConnection:
                 why = "TLS handshake failed ({}: {})".format(reason.type.__name__, reason.getErrorMessage())
                 failure = Failure(UpstreamUnreachable(why))
             elif failure is None:
-                why = "The upstream closed the connection before the response head ({})".format(
-                    reason.type.__name__
-                )
-                failure = Failure(UpstreamFailed(self._reused, why))
-            d.errback(failure)
+                replay, self._replay = self._replay, None
+                if replay is not None and self._head_seen == 0:
+                    # A pooled connection the server closed as the request
+                    # came, not a byte answered: send it again, once, on a
+                    # fresh connection, as Twisted's pool does.
+                    self._retry = self._pool._replay(d, self.key, replay, self._is_head, self._max_head)
+                if self._retry is None:
+                    why = "The upstream closed the connection before the response head ({})".format(
+                        reason.type.__name__
+                    )
+                    failure = Failure(UpstreamFailed(self._reused, why))
+            if self._retry is None:
+                d.errback(failure)
         elif response is not None:
             if (
                 failure is None
@@ -176,13 +186,19 @@ class _UpstreamConnection:
 
     # Driven by the pool.
 
-    def start(self, d: Deferred, head: bytes, body, is_head: bool, max_head: int, reused: bool) -> None:
+    def start(self, d: Deferred, head: bytes, body, is_head: bool, max_head: int, reused: bool, replay=None) -> None:
         """
         Send a request and arrange for C{d} to fire with its response.
+
+        :param replay: for a request that may be sent again on a fresh
+            connection if this (pooled) one is closed before any byte of
+            the answer, what the pool needs to do so:
+            C{(head, body, connect timeout)}.
         """
         self.busy = True
         self._deferred = d
         self._reused = reused
+        self._replay = replay
         self._is_head = is_head
         self._max_head = max_head
         self._head_seen = 0
@@ -227,6 +243,8 @@ class _UpstreamConnection:
         if self._deferred is d:
             self._deferred = None
             self.abort()
+        elif self._retry is not None:
+            self._retry.cancel(d)
 
     def abort(self, failure: Optional[Failure] = None) -> None:
         """
@@ -422,6 +440,7 @@ class _UpstreamConnection:
             self._headers, length, self._head_bytes,
         )
         self._response = response
+        self._replay = None
         if self._is_head or code == 101:
             self._stop_after_head = True
             self._keep_alive = code != 101 and parser.should_keep_alive()
