@@ -1,5 +1,5 @@
 """
-Tests for L{dheera_tx.http.socket_write.write_now} on every transport the
+Tests for L{dheera_tx.socket_write.write_now} on every transport the
 proxy writes to, over real loopback sockets: TCP and Unix connections
 (sent at once), and TLS on either side (the proxy's C{ssl:} listener, an
 C{https} upstream, and a connection that started TLS later), where every
@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import TestCase
 
-from dheera_tx.http.socket_write import write_now
+from dheera_tx.socket_write import write_now
 from dheera_tx.upstream.client import UpstreamPool
 from tests.scripted_upstream import read_body, wait_until
 from tests.tls_upstream import self_signed_localhost
