@@ -147,7 +147,7 @@ class UpstreamPool:
         is_head = method == b"HEAD"
         connection = self._take(key)
         if connection is not None:
-            d = Deferred(connection.cancel)
+            d: Deferred[UpstreamResponse] = Deferred(connection.cancel)
             # Only a body in memory can be sent again.
             if method in _IDEMPOTENT and (body is None or isinstance(body, bytes)):
                 replay = (head, body, connect_timeout)
@@ -189,7 +189,7 @@ class UpstreamPool:
             attempt.stop()
         if not self._connections and not self._attempts:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._close_waiters.append(d)
         return d
 
@@ -225,7 +225,7 @@ class UpstreamPool:
         self._connections.add(connection)
         d, attempt.deferred = attempt.deferred, None
         head, body = attempt.head, attempt.body
-        attempt.head = attempt.body = None
+        attempt.head, attempt.body = b"", None
         if d is None or self._closed:
             connection.close()
             return

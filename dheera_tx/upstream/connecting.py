@@ -20,6 +20,7 @@ certificate verified for the host name (not the address connected to).
 from typing import List, Optional
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.python.failure import Failure
@@ -51,7 +52,7 @@ class _Connecting:
         self.is_head = is_head
         self.max_head = max_head
         self.timeout = timeout
-        self.deferred = None
+        self.deferred: Optional[Deferred] = None
         self.connector = None
         self.connection: Optional[_UpstreamConnection] = None
         self.tried = 0
