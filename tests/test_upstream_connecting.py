@@ -12,10 +12,12 @@ answer given); the connections themselves are real.
 
 import socket
 import threading
+import time
 
 from twisted.internet import reactor
 from twisted.internet._resolver import GAIResolver
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError, TCPTimedOutError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -132,6 +134,29 @@ class ResolutionTests(_ResolverCase):
         self.assertEqual((await read_body(response)).body, b"hello")
         self.assertEqual(server.requests[0].header(b"host"), b"[::1]:%d" % (server.port,))
 
+    async def test_silent_address_overtaken(self):
+        """
+        A name whose first address never answers (its listen queue is full:
+        the connection attempt hangs) reaches the server on its second
+        address about 0.3 s later, well before the connect timeout.
+        """
+        server = self.listen("::1")
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        try:
+            silent.bind(("127.0.0.1", server.port))
+        except OSError:
+            raise SkipTest("the port is taken on 127.0.0.1") from None
+        silent.listen(0)
+        filler = socket.create_connection(("127.0.0.1", server.port))
+        self.addCleanup(filler.close)
+        self.resolve_with(_answers({"localhost": ["127.0.0.1", "::1"]}))
+        started = time.monotonic()
+        response = await self.pool.request("localhost", server.port, 30.0, b"GET", b"/x", [], None)
+        self.assertEqual((await read_body(response)).body, b"hello")
+        # 0.3 s on an idle machine; the margin is for a loaded one.
+        self.assertLess(time.monotonic() - started, 10.0)
+
     async def test_every_address_refused(self):
         """
         When every address refuses, the request fails with
@@ -220,17 +245,70 @@ class _Resolver:
 
 class AddressOrderTests(SynchronousTestCase):
     """
-    The addresses are tried one after another, in the resolver's order,
-    each with the connect timeout, in memory.
+    The addresses are tried in the resolver's order, each with the connect
+    timeout, the next one at once when the previous failed or alongside it
+    after 0.3 s without an answer (as HostnameEndpoint does), in memory.
     """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.clock.installNameResolver(_Resolver({"up.example": ["fd00::1", "10.0.0.1", "10.0.0.2"]}))
+        self.pool = UpstreamPool(self.clock)
+
+    def test_silent_address_overtaken(self):
+        """
+        An address that neither connects nor fails within 0.3 s is joined
+        by the next; the first to connect carries the request and the
+        others are stopped; no timer is left behind.
+        """
+        from tests.test_upstream_client import _RecordingTransport
+
+        d = self.pool.request("up.example", 8000, 9.0, b"GET", b"/", [], None)
+        self.assertEqual([c[0] for c in self.clock.tcpClients], ["fd00::1"])
+        self.clock.advance(0.29)
+        self.assertEqual(len(self.clock.tcpClients), 1)
+        self.clock.advance(0.02)
+        self.assertEqual([c[0] for c in self.clock.tcpClients], ["fd00::1", "10.0.0.1"])
+        self.clock.advance(0.3)
+        self.assertEqual([c[0] for c in self.clock.tcpClients], ["fd00::1", "10.0.0.1", "10.0.0.2"])
+        # The second answers first.
+        factory = self.clock.tcpClients[1][2]
+        protocol = factory.buildProtocol(None)
+        transport = _RecordingTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.writes, [b"GET / HTTP/1.1\r\nHost: up.example:8000\r\n\r\n"])
+        self.assertTrue(self.clock.connectors[0].stoppedConnecting)
+        self.assertTrue(self.clock.connectors[2].stoppedConnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # A stopped one reporting its failure changes nothing.
+        factory.clientConnectionFailed(self.clock.connectors[0], Failure(ConnectionRefusedError()))
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(len(self.clock.tcpClients), 3)
+
+    def test_fails_when_the_last_fails(self):
+        """
+        With attempts overlapping, the request fails only when every
+        address has failed, with the last error.
+        """
+        d = self.pool.request("up.example", 8000, 9.0, b"GET", b"/", [], None)
+        self.clock.advance(0.3)
+        self.clock.advance(0.3)
+        factory = self.clock.tcpClients[0][2]
+        factory.clientConnectionFailed(self.clock.connectors[2], Failure(ConnectionRefusedError()))
+        factory.clientConnectionFailed(self.clock.connectors[0], Failure(ConnectionRefusedError()))
+        self.assertNoResult(d)
+        factory.clientConnectionFailed(self.clock.connectors[1], Failure(TCPTimedOutError()))
+        e = self.failureResultOf(d, UpstreamUnreachable).value
+        self.assertIn("TCPTimedOutError", e.reason)
+        self.assertIn("3 addresses tried", e.reason)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_each_address_in_order(self):
         """
         After a failed attempt the next address is tried, with the same
         port and timeout; a repeated address is tried once.
         """
-        from twisted.internet.error import ConnectionRefusedError
-
         clock = MemoryReactorClock()
         clock.installNameResolver(_Resolver({"up.example": ["fd00::1", "10.0.0.1", "fd00::1", "10.0.0.2"]}))
         pool = UpstreamPool(clock)
@@ -239,7 +317,7 @@ class AddressOrderTests(SynchronousTestCase):
         for _ in range(3):
             host, port, factory, timeout, _ = clock.tcpClients[-1]
             seen.append((host, port, timeout))
-            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+            factory.clientConnectionFailed(clock.connectors[-1], Failure(ConnectionRefusedError()))
         self.assertEqual(seen, [("fd00::1", 8000, 2.5), ("10.0.0.1", 8000, 2.5), ("10.0.0.2", 8000, 2.5)])
         self.assertEqual(len(clock.tcpClients), 3)
         e = self.failureResultOf(d, UpstreamUnreachable).value

@@ -24,7 +24,8 @@ uvicorn's 5 s, so that the proxy does not reuse one the server is closing),
 or after an endpoint's own timeout (a deployment's C{keepalive_timeout}).
 
 This module holds the pool; making a new connection (resolving the host
-name, IPv6 and IPv4, and trying each address) is in
+name, IPv6 and IPv4, and trying its addresses as C{HostnameEndpoint}
+does) is in
 L{dheera_tx.upstream.connecting}, the connection protocol (sending the
 head, parsing the response) in L{dheera_tx.upstream.connection}, the
 response and the delivery of its body in L{dheera_tx.upstream.response},

@@ -4,14 +4,16 @@ for one request.
 
 A host name is resolved as Twisted's C{HostnameEndpoint} resolves it: with
 the reactor's name resolver (C{getaddrinfo} in a thread, IPv6 and IPv4,
-in the system's order of preference), and every address is tried in turn
-until one connects; only when all fail does the request fail, with
-L{UpstreamUnreachable} naming the last error.  (C{reactor.connectTCP}
-with a name resolves IPv4 only and tries the first address.)  An IP
-address, IPv6 included, is connected to without resolving.  Unlike
-C{HostnameEndpoint}, the next address is tried when the previous attempt
-failed, not 0.3 s after it started ("Happy Eyeballs"): each attempt has the
-deployment's connect timeout.
+in the system's order of preference), and its addresses are tried as
+C{HostnameEndpoint} tries them ("Happy Eyeballs", RFC 8305): the first at
+once, the next when the previous one failed or after L{ATTEMPT_DELAY}
+seconds without an answer, whichever comes first; the first to connect
+carries the request and the others are stopped.  Each attempt has the
+deployment's connect timeout.  Only when every address failed does the
+request fail, with L{UpstreamUnreachable} naming the last error.
+(C{reactor.connectTCP} with a name resolves IPv4 only and tries the first
+address.)  An IP address, IPv6 included, is connected to without
+resolving.
 
 For an C{https} upstream the connection is made with TLS, the server's
 certificate verified for the host name (not the address connected to).
@@ -29,11 +31,15 @@ from zope.interface import implementer
 from dheera_tx.upstream.connection import _UpstreamConnection
 from dheera_tx.upstream.errors import UpstreamUnreachable
 
+# How long an address may take to connect before the next one is tried
+# alongside it: HostnameEndpoint's (and RFC 8305's) delay.
+ATTEMPT_DELAY = 0.3
+
 
 class _Connecting:
     """
-    One connection attempt (the factory given to C{connectTCP}), holding
-    the request that will go out on it.
+    One connection attempt (the factory given to C{connectTCP}, once per
+    address tried), holding the request that will go out on it.
 
     :ivar deferred: the request's Deferred, until it is handed on.
     :ivar tried: how many addresses were tried.
@@ -41,7 +47,7 @@ class _Connecting:
 
     __slots__ = (
         "_pool", "key", "deferred", "head", "body", "is_head", "max_head", "timeout",
-        "connector", "connection", "tried", "_addresses", "_stopped",
+        "connection", "tried", "_addresses", "_pending", "_next", "_stopped",
     )
 
     def __init__(self, pool, key: tuple, head: bytes, body, is_head: bool, max_head: int, timeout: float):
@@ -53,10 +59,13 @@ class _Connecting:
         self.max_head = max_head
         self.timeout = timeout
         self.deferred: Optional[Deferred] = None
-        self.connector = None
         self.connection: Optional[_UpstreamConnection] = None
         self.tried = 0
+        # Addresses not tried yet; connectors still connecting; the call
+        # that starts the next address early.
         self._addresses: List[str] = []
+        self._pending: list = []
+        self._next = None
         self._stopped = False
 
     def begin(self, resolver) -> None:
@@ -94,18 +103,50 @@ class _Connecting:
             if tls:
                 from twisted.internet.ssl import optionsForClientTLS
 
-                self.connector = reactor.connectSSL(address, port, self, optionsForClientTLS(host), timeout=self.timeout)
+                connector = reactor.connectSSL(address, port, self, optionsForClientTLS(host), timeout=self.timeout)
             else:
-                self.connector = reactor.connectTCP(address, port, self, timeout=self.timeout)
+                connector = reactor.connectTCP(address, port, self, timeout=self.timeout)
         except Exception as e:
-            # e.g. no TLS support installed, or a host name that is not text.
-            self._fail(f"Cannot connect: {type(e).__name__}")
+            # e.g. no TLS support installed.
+            self._attempt_failed(f"Cannot connect: {type(e).__name__}")
+            return
+        self._pending.append(connector)
+        if self._addresses and self._next is None:
+            self._next = reactor.callLater(ATTEMPT_DELAY, self._start_next)
+
+    def _start_next(self) -> None:
+        """
+        The latest address has not answered in L{ATTEMPT_DELAY} seconds:
+        try the next one alongside it.
+        """
+        self._next = None
+        if not self._stopped and self.deferred is not None and self._addresses:
+            self._connect(self._addresses.pop(0))
+
+    def _attempt_failed(self, why: str) -> None:
+        """
+        One address failed: try the next at once, or fail the request when
+        none is left and none is still connecting.
+        """
+        if self.connection is not None:
+            return  # one that lost the race, stopped
+        if not self._stopped and self.deferred is not None and self._addresses:
+            self._cancel_next()
+            self._connect(self._addresses.pop(0))
+        elif not self._pending:
+            self._fail(why)
+
+    def _cancel_next(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
 
     def _fail(self, why: str) -> None:
         """
         Give up: the request fails with L{UpstreamUnreachable}.
         """
         self._stopped = True
+        self._cancel_next()
         d, self.deferred = self.deferred, None
         self.body = None
         self._pool._attempt_over(self)
@@ -131,14 +172,18 @@ class _Connecting:
         if self._stopped:
             return
         self._stopped = True
-        if self.connector is None:
+        self._cancel_next()
+        if not self._pending:
             # Still resolving: the answer will be ignored.
             self._fail("Connecting stopped")
             return
-        try:
-            self.connector.stopConnecting()
-        except NotConnectingError:
-            pass
+        # Each stopped connector reports its failure; the last one ends
+        # the attempt.
+        for connector in list(self._pending):
+            try:
+                connector.stopConnecting()
+            except NotConnectingError:
+                pass
 
     # The client factory interface, as tcp.Connector uses it.
 
@@ -152,14 +197,25 @@ class _Connecting:
         pass
 
     def buildProtocol(self, addr) -> _UpstreamConnection:
+        """
+        An address connected: it carries the request; stop the others.
+        """
         self.connection = _UpstreamConnection(self._pool, self.key, self)
+        self._cancel_next()
+        self._addresses = []
+        pending, self._pending = self._pending, []
+        for connector in pending:
+            try:
+                # The winner is no longer connecting and says so.
+                connector.stopConnecting()
+            except NotConnectingError:
+                pass
         return self.connection
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
-        if not self._stopped and self.deferred is not None and self._addresses:
-            self._connect(self._addresses.pop(0))
-            return
-        self._fail(f"{reason.type.__name__}: {reason.getErrorMessage()}")
+        if connector in self._pending:
+            self._pending.remove(connector)
+        self._attempt_failed(f"{reason.type.__name__}: {reason.getErrorMessage()}")
 
     def clientConnectionLost(self, connector, reason: Failure) -> None:
         pass
