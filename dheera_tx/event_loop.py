@@ -18,8 +18,9 @@ for Twisted's loop: C{_doReadOrWrite} catches what C{doRead} and
 C{doWrite} raise, but not what a protocol's C{connectionLost} raises
 while the selectable is disconnected; L{GatewayReactor.doPoll} catches
 that itself, logs it with the selectable's log prefix and goes on with the
-rest of the batch (the selectable is already out of the reactor:
-C{_disconnectSelectable} removes it before calling C{connectionLost}).  A
+rest of the batch.  The selectable was being disconnected: it is taken out
+of the reactor altogether (C{_disconnectSelectable} removes it before
+calling C{connectionLost}, but after a half-close only as a reader).  A
 C{try} costs nothing in CPython 3.11 until something raises.
 
 Installing it is explicit: L{dheera_tx.tap.makeService} calls L{install}
@@ -73,6 +74,19 @@ class GatewayReactor(EPollReactor):
                     raise
                 except BaseException:
                     _log_failure(selectable)
+                    self._drop(selectable)
+
+    def _drop(self, selectable) -> None:
+        """
+        Take a selectable that raised while being disconnected out of the
+        reactor altogether, so that a half-done disconnection (a half-close
+        whose handler raised) is not polled again and again.
+        """
+        try:
+            self.removeReader(selectable)
+            self.removeWriter(selectable)
+        except Exception:
+            _log_failure(selectable)
 
     # EPollReactor binds doIteration to its own doPoll at class creation.
     doIteration = doPoll

@@ -16,8 +16,10 @@ import time
 
 import yaml
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from dheera_tx import event_loop
 from dheera_tx.event_loop import GatewayReactor
@@ -80,6 +82,9 @@ class _Poller:
         return self.events
 
     def unregister(self, fd):
+        pass
+
+    def modify(self, fd, flags):
         pass
 
     def close(self):
@@ -172,6 +177,30 @@ class GatewayReactorTests(SynchronousTestCase):
         self.assertEqual(len(broken.lost), 1)
         self.assertNotIn(108, self.reactor._reads)
         self.assertNotIn(108, self.reactor._selectables)
+
+    def test_failing_half_close_dropped(self):
+        """
+        A half-closeable selectable whose C{readConnectionLost} raises at
+        the end of its input (C{_disconnectSelectable} has removed it as a
+        reader only) is taken out of the reactor as a writer too, so that
+        it is not polled again.
+        """
+
+        @implementer(IHalfCloseableDescriptor)
+        class HalfCloseable(_Selectable):
+            def readConnectionLost(self, reason):
+                raise RuntimeError("readConnectionLost broke")
+
+        broken = HalfCloseable(112)
+        self.reactor._selectables = {112: broken}
+        self.reactor._reads = {112}
+        self.reactor._writes = {112}
+        self.reactor._poller = _Poller([(112, select.EPOLLHUP)])
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn(112, self.reactor._reads)
+        self.assertNotIn(112, self.reactor._writes)
+        self.assertNotIn(112, self.reactor._selectables)
 
     def test_failing_handler_and_disconnect_isolated(self):
         """
