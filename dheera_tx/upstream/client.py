@@ -19,21 +19,21 @@ the server closes before a byte of the answer (it was closing the idle
 connection as the request came) is sent again, once, on a fresh
 connection if its method is idempotent (RFC 9110: GET, HEAD, OPTIONS,
 TRACE, PUT, DELETE) and its body is in memory, as Twisted's
-C{HTTPConnectionPool} does; never a POST or PATCH.  Idle connections are closed after C{idle_timeout} seconds (below
-uvicorn's 5 s, so that the proxy does not reuse one the server is closing),
-or after an endpoint's own timeout (a deployment's C{keepalive_timeout}).
+C{HTTPConnectionPool} does; never a POST or PATCH.  Idle connections are
+closed after C{idle_timeout} seconds (below uvicorn's 5 s, so that the
+proxy does not reuse one the server is closing), or after an endpoint's
+own timeout (a deployment's C{keepalive_timeout}).
 
 This module holds the pool; making a new connection (resolving the host
 name, IPv6 and IPv4, and trying its addresses as C{HostnameEndpoint}
-does) is in
-L{dheera_tx.upstream.connecting}, the connection protocol (sending the
-head, parsing the response) in L{dheera_tx.upstream.connection}, the
-response and the delivery of its body in L{dheera_tx.upstream.response},
-the writing of a request body from its producer in
-L{dheera_tx.upstream.request_body}.  Every error a request fails with
-(L{UpstreamUnreachable}, L{UpstreamFailed}, L{UpstreamMalformed}, defined
-in L{dheera_tx.upstream.errors}) and L{UpstreamResponse} can be imported
-from here.
+does) is in L{dheera_tx.upstream.connecting}, the connection protocol
+(sending the head, parsing the response) in
+L{dheera_tx.upstream.connection}, the response and the delivery of its
+body in L{dheera_tx.upstream.response}, the writing of a request body
+from its producer in L{dheera_tx.upstream.request_body}.  Every error a
+request fails with (L{UpstreamUnreachable}, L{UpstreamFailed},
+L{UpstreamMalformed}, defined in L{dheera_tx.upstream.errors}) and
+L{UpstreamResponse} can be imported from here.
 """
 
 from socket import MSG_DONTWAIT, MSG_PEEK

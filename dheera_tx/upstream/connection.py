@@ -20,7 +20,9 @@ L{dheera_tx.upstream.client} re-exports them).
 
 The pool that owns the connection (C{UpstreamPool} in
 L{dheera_tx.upstream.client}) is passed in; the connection uses only its
-C{_connected}, C{_release}, C{_forget_idle} and C{_gone}, so this module
+C{_connected}, C{_release}, C{_forget_idle}, C{_gone} and C{_replay}
+(which sends a request again on a fresh connection, when the pool gave
+this connection the means to: see C{start}), so this module
 imports nothing from the client.  The leading underscores mark names used
 only by the upstream client modules (C{upstream_client},
 C{upstream_connection}, C{upstream_response}, C{upstream_request_body}).
