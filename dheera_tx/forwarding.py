@@ -29,6 +29,7 @@ from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -83,6 +84,7 @@ class Passthrough:
     ):
         self._reactor = reactor
         self._catalog = catalog
+        self._realtime = RealtimeCalls(reactor, self)
         self._config = config
         self._router = router
         self._auth = authenticator
@@ -130,7 +132,7 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in = request_bytes(progress)
+        call.bytes_in += request_bytes(progress)
         self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
         if self._on_call_end is not None:
             try:
@@ -147,6 +149,9 @@ class Passthrough:
             problem = path_problem(path, query)
             if problem is not None:
                 raise bad_request(f"Refused request path: {problem}.")
+            if request.switching:
+                await self._realtime.serve(request, call, progress, query)
+                return
             principal = await self._auth.authenticate(request.requestHeaders)
             if principal.key is not None:
                 key = principal.key
@@ -182,7 +187,9 @@ class Passthrough:
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
-            progress.admission = await self._accounting.admit(principal, call.end_user, call)
+            progress.admission = await self._accounting.admit(
+                principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+            )
             progress.strip_usage = needs_usage_injection(path, document)
             await self._forward(request, call, route, path + query, raw_json, progress)
         except ProxyError as e:
