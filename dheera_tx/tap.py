@@ -10,11 +10,6 @@ the upstream pool, flush spend and logs, disconnect from Redis, stop the
 embedded Redis last.
 """
 
-from dheera_tx import event_loop
-
-# Before any import below reaches for the global reactor.
-event_loop.install()
-
 import atexit
 import gc
 import os
@@ -28,17 +23,15 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 from twisted.python import usage
 
+from dheera_tx import event_loop
 from dheera_tx.accounting.call_accounting import CallAccounting
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
-from dheera_tx.console.app import Console, RevokingKeyStore
 from dheera_tx.console.sessions import ConsoleSessions
-from dheera_tx.control import ControlPlane, ControlRoot
 from dheera_tx.forwarding import Passthrough
 from dheera_tx.http.listener_limits import ListenerLimits
 from dheera_tx.http.server import GatewaySite
-from dheera_tx.keys.api import KeyAPI
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
@@ -153,6 +146,13 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         proxy with the master key only and no spend tracking.
     :raise ConfigError: for bad log-sink settings.
     """
+    # Klein imports the global reactor: imported here, not at the top, so
+    # that importing this module leaves the choice of reactor to
+    # makeService.
+    from dheera_tx.console.app import Console, RevokingKeyStore
+    from dheera_tx.control import ControlPlane, ControlRoot
+    from dheera_tx.keys.api import KeyAPI
+
     prefix = config.general.redis_key_prefix
     pool = UpstreamPool(reactor, max_idle_per_endpoint=128)
     catalog = ModelCatalog(reactor, config)
@@ -452,7 +452,12 @@ def makeService(options, reactor=None):
     :return: the proxy's service (called by twistd).
     """
     if reactor is None:
+        # Explicitly, before anything imports the global reactor (nothing at
+        # this module's top does); twistd -r has installed its choice.
+        event_loop.install()
         from twisted.internet import reactor
+
+        event_loop.log_reactor(reactor, event_loop.chosen_reactor(options))
     reactor.callWhenRunning(_freeze_startup_objects)
     config = options["proxy_config"]
     if not options["worker-parent"]:
