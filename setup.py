@@ -16,7 +16,7 @@ setup(
         "dheera_tx.upstream",
         "twisted.plugins",
     ],
-    package_data={"twisted": ["plugins/dheera_plugin.py"], "dheera_tx.console": ["static/*.css", "static/*.js"]},
+    package_data={"twisted": ["plugins/dheera_plugin.py"], "dheera_tx.console": ["static/*.css", "static/*.js", "static/vendor/*"]},
     python_requires=">=3.10",
     install_requires=[
         "twisted[tls]>=24.7,<27",  # tls: https api_bases

@@ -19,7 +19,6 @@ import attr
 import yaml
 
 from dheera_tx import config_values
-from dheera_tx.keys.auth import DEFAULT_OPERATOR_ROUTES
 
 ENV_PREFIX = "os.environ/"
 SECTIONS = ("model_list", "general_settings", "dheera_ai_settings", "router_settings", "environment_variables")
@@ -114,7 +113,7 @@ class GeneralSettings:
     redis_key_prefix: str = "dheera:"
     max_request_body_bytes: int = 104857600
     metrics_require_auth: bool = False
-    operator_routes: Tuple[str, ...] = DEFAULT_OPERATOR_ROUTES
+    tenant_routes: Tuple[str, ...] = ()
     data_dir: str = "dheera_data"
     header_timeout: float = 30.0
     body_timeout: float = 60.0
@@ -214,7 +213,7 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "redis_key_prefix": config_values.text,
     "max_request_body_bytes": config_values.whole(1),
     "metrics_require_auth": config_values.flag,
-    "operator_routes": config_values.routes,
+    "tenant_routes": config_values.routes,
     "data_dir": config_values.text,
     "header_timeout": _positive,
     "body_timeout": _positive,
@@ -245,6 +244,16 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "lora_adapters": config_values.lora_adapters,
 }
 PARAMS = tuple(_PARAM_CHECKS)
+# Settings that were replaced: naming one stops start-up with what to write
+# instead, rather than being ignored.
+_RETIRED = {
+    "general_settings": {
+        "operator_routes": "virtual keys may now call only the tenant API (chat, completions, responses, "
+        "messages, embeddings, pooling, score, rerank, classify, tokenize, detokenize, audio, models, "
+        "realtime, invocations) and every other vLLM route needs the master key; delete operator_routes, and list "
+        "any route virtual keys must reach beyond the tenant API in general_settings.tenant_routes",
+    },
+}
 # Env-alone settings, used when the file leaves the setting out.
 _GENERAL_FROM_ENV = (("master_key", "DHEERA_AI_MASTER_KEY"), ("database_url", "DATABASE_URL"))
 
@@ -400,6 +409,9 @@ class _Reader:
 
     def settings(self, data: dict, name: str, cls: type, checks: dict, from_env: tuple) -> Any:
         section = self.section(data, name)
+        for key, instead in _RETIRED.get(name, {}).items():
+            if key in section:
+                raise self.error(f"{name}.{key}", f"no longer supported: {instead}")
         self.known(section, checks, lambda key: f"{name}.{config_values.shown(key)}", "setting")
         values = {key: self.value(f"{name}.{key}", checks[key], raw) for key, raw in section.items() if raw is not None}
         for key, variable in from_env:
