@@ -134,6 +134,9 @@ def dheera_config(directory: str, json_port: int, sse_port: int) -> dict:
             "master_key": MASTER_KEY,
             "data_dir": os.path.join(directory, "dheera_data"),
             "max_request_body_bytes": 4 * 2**30,
+            # The transfers go to bench/upstream.py's own routes, which are
+            # not in the tenant API the virtual key may call by default.
+            "tenant_routes": ["upload", "download"],
         },
         "router_settings": {"allowed_fails": 1000000, "cooldown_time": 1},
         "dheera_ai_settings": {"callbacks": []},
