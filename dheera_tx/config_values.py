@@ -149,7 +149,7 @@ def api_base(value: Any) -> str:
         raise InvalidValue("must not hold a user or password: put the key in api_key")
     try:
         parts = urlsplit(value)
-        parts.port
+        parts.port  # noqa: B018 - reading .port raises ValueError on a bad port
     except ValueError:
         raise InvalidValue(_BASE_HINT + " (it does not parse as one)")
     scheme = parts.scheme.lower()
