@@ -173,7 +173,7 @@ def lora_adapters(value: Any) -> Tuple[Tuple[str, Optional[float], Optional[floa
     """
     if not isinstance(value, list):
         raise InvalidValue(f"expected a list of adapter names, got {kind_of(value)}")
-    adapters = []
+    adapters: list = []
     for item in value:
         costs: dict = {}
         if isinstance(item, dict):
