@@ -29,6 +29,7 @@ from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
@@ -96,6 +97,7 @@ class Passthrough:
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
+        self._tenant_routes = TenantRoutes(config.general.tenant_routes)
 
     def _upstream(self, deployment: Deployment) -> _Upstream:
         upstream = self._upstreams.get(deployment.id)
@@ -179,15 +181,17 @@ class Passthrough:
                     model = form_model or model
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
-            authorize_vllm_call(
-                principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
-            )
+            authorize_vllm_call(principal, path[1:].decode("utf-8", "replace"), model, self._tenant_routes)
+            if principal.key is not None:
+                path, document = self._scope_ids(request, principal.key.token, path, document, progress)
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
-            progress.admission = await self._accounting.admit(principal, call.end_user, call)
+            progress.admission = await self._accounting.admit(
+                principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+            )
             progress.strip_usage = needs_usage_injection(path, document)
             await self._forward(request, call, route, path + query, raw_json, progress)
         except ProxyError as e:
@@ -200,12 +204,30 @@ class Passthrough:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
 
+    def _scope_ids(self, request, token: str, path: bytes, document, progress: "_Progress"):
+        """
+        Move the request ids a virtual key names (header, body, Responses
+        path) into the key's namespace (L{dheera_tx.keys.tenancy}).
+
+        :return: the upstream path and the body document to forward.
+        """
+        scope = request_id_scope(token)
+        progress.id_scope = scope.encode("ascii")
+        path = scoped_path(path, progress.id_scope)
+        if document is not None:
+            creates = request.method == b"POST" and path == b"/v1/responses"
+            changed = scoped_document(document, scope, creates)
+            if changed is not None:
+                progress.document = document = changed
+                progress.rewrite = True
+        return path, document
+
     async def _answer_models(self, request, call: Call, principal, path: bytes) -> None:
         """
         Answer C{GET /v1/models} or C{GET /v1/models/{name}} from the
         catalog: the public names this caller may use.
         """
-        authorize_route(principal, path[1:].decode("utf-8", "replace"), self._config.general.operator_routes)
+        authorize_route(principal, path[1:].decode("utf-8", "replace"), self._tenant_routes)
         if path == _MODELS:
             answer = await self._catalog.listing(principal, self._router.cooling_down)
         else:
@@ -250,7 +272,7 @@ class Passthrough:
             call.api_base = deployment.api_base
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer)
+                response = await self._send(request, call, deployment, target, producer, progress.id_scope)
             except UpstreamUnreachable:
                 self._router.finished(deployment)
                 self._router.failed(deployment)
@@ -270,8 +292,8 @@ class Passthrough:
     def _body_for(self, request, deployment: Deployment, route: Route, raw_json, progress: "_Progress"):
         """
         :return: the body to send to C{deployment}: the client's bytes
-            unchanged unless the served model name or the usage request
-            must be written into the JSON.
+            unchanged unless the served model name, the usage request or
+            a virtual key's request ids must be written into the JSON.
         """
         if raw_json is None:
             return request.body
@@ -284,14 +306,18 @@ class Passthrough:
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
-        if not rename and not progress.strip_usage:
+        if not rename and not progress.strip_usage and not progress.rewrite:
             return raw_json
         changed = with_usage_requested(document) if progress.strip_usage else dict(document)
         if rename:
             changed["model"] = deployment.served_model
         return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment) -> List[Tuple[bytes, bytes]]:
+    def _upstream_headers(self, request, deployment: Deployment, id_scope: Optional[bytes]) -> List[Tuple[bytes, bytes]]:
+        """
+        :param id_scope: a virtual key's request-id namespace (its
+            C{X-Request-Id} is moved into it), or L{None} for the master key.
+        """
         incoming = request.raw_headers
         drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
         headers = []
@@ -303,6 +329,8 @@ class Passthrough:
             if lower == b"x-forwarded-for":
                 forwarded.append(value)
                 continue
+            if lower == b"x-request-id" and id_scope is not None:
+                value = scoped_header(id_scope, value)
             headers.append((name, value))
         client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
@@ -313,9 +341,9 @@ class Passthrough:
             headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body):
+    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes]):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment)
+        headers = self._upstream_headers(request, deployment, id_scope)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -438,7 +466,7 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage")
+    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "rewrite")
 
     def __init__(self):
         self.request = None
@@ -447,6 +475,10 @@ class _Progress:
         self.deployment = None
         self.meter = None
         self.strip_usage = False
+        # A virtual key's request-id namespace, and whether the body's ids
+        # were rewritten into it.
+        self.id_scope: Optional[bytes] = None
+        self.rewrite = False
 
 
 def request_bytes(progress: _Progress) -> int:
