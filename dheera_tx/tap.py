@@ -112,6 +112,9 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [default_listener(config.general.master_key)]
         if not self["inherited-fd"]:
+            # Checking the listeners needs the reactor: install ours first,
+            # as makeService would (twistd -r has installed its choice).
+            event_loop.install()
             from twisted.internet import reactor
 
             self["listeners"] = checked_listeners(
