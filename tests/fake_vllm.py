@@ -1231,13 +1231,17 @@ class FakeVLLM:
             return succeed(None)
         return gatherResults(waits).addCallback(lambda _: None)
 
-    def wait_for_requests(self, n: int) -> Deferred:
+    def wait_for_requests(self, n: int, path: Optional[bytes] = None) -> Deferred:
         """
         :param n: how many requests to wait for.
+        :param path: count only requests whose target starts with this
+            (a proxy also asks ``/v1/models`` on its own, for discovery).
         :return: a Deferred firing with :attr:`received` once it holds ``n``
             records (headers arrived; bodies may still be arriving).
         """
-        return self._wait(lambda: len(self.received) >= n)
+        if path is None:
+            return self._wait(lambda: len(self.received) >= n)
+        return self._wait(lambda: sum(1 for r in self.received if r.uri.startswith(path)) >= n)
 
     def wait_for_bodies(self, n: int) -> Deferred:
         """
