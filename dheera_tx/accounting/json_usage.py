@@ -1,0 +1,249 @@
+"""
+The top-level C{usage} member of a JSON answer, read as the answer streams.
+
+vLLM writes C{usage} wherever its response model declares it: first for
+rerank, last for embeddings, and for chat I{before} C{prompt_logprobs},
+C{prompt_token_ids} and C{kv_transfer_params}, so a long prompt puts it in
+the middle of a large answer.  A client can also make the model write
+C{"usage"} anywhere inside the answer (echoed text, tool arguments), so
+only the member of the top-level object counts.
+
+L{TopLevelUsageScanner} is an incremental tokenizer of just enough JSON to
+know where the top-level object's members start and end: it tracks string
+and escape state and nesting depth over chunks of any boundary, and
+captures the bytes of the C{usage} member's value only (at most
+L{TopLevelUsageScanner.CAPTURE_LIMIT} bytes).  Everything below depth 1 is
+skipped by regular expressions, which consume whole strings, runs of plain
+text and containers nested up to two levels in one call, so the Python
+loop runs once per deeper bracket, not per byte.
+"""
+
+import json
+import re
+from typing import List, Optional
+
+# Inside a string, after its opening quote: everything up to and including
+# the closing quote (possessive: no backtracking on a long string).
+_STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.S)
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_PLAIN = rb'[^"\[\]{}]++'
+_LEAF = rb"(?:\{(?:%s|%s)*+\}|\[(?:%s|%s)*+\])" % (_PLAIN, _STRING, _PLAIN, _STRING)
+_NEST = rb"(?:\{(?:%s|%s|%s)*+\}|\[(?:%s|%s|%s)*+\])" % ((_PLAIN, _STRING, _LEAF) * 2)
+# Below depth 1: plain text, whole strings and containers nested up to two
+# levels deep, up to the next bracket or string this chunk cannot close.
+_SKIP = re.compile(rb"(?:%s|%s|%s)*+" % (_PLAIN, _STRING, _NEST), re.S)
+_SPACE = re.compile(rb"[ \t\r\n]*+")
+# A scalar member value (number, true, false, null) runs to its delimiter.
+_SCALAR = re.compile(rb"[^,}\] \t\r\n]*+")
+
+# States of the top-level object.
+_BEFORE, _KEY, _IN_KEY, _COLON, _VALUE, _IN_VALUE, _COMMA, _DONE = range(8)
+_MAX_KEY = 64
+
+
+class TopLevelUsageScanner:
+    """
+    Finds the value of the C{usage} member of the top-level JSON object in
+    a byte stream fed in chunks; never raises, never holds more than
+    L{CAPTURE_LIMIT} bytes (plus one key of at most 64 bytes).
+
+    :ivar value: the decoded value of the last top-level C{usage} member
+        seen so far, or L{None}.
+    """
+
+    CAPTURE_LIMIT = 64 * 1024
+
+    __slots__ = (
+        "value", "_state", "_nest", "_in_string", "_escaped", "_scalar", "_key", "_capture", "_captured",
+    )
+
+    def __init__(self):
+        self.value = None
+        self._state = _BEFORE
+        # Depth inside the member value being skipped (0: a string or
+        # scalar value, or not yet started).
+        self._nest = 0
+        self._in_string = False
+        self._escaped = False
+        self._scalar = False
+        self._key: Optional[List[bytes]] = None
+        self._capture: Optional[List[bytes]] = None
+        self._captured = 0
+
+    @property
+    def done(self) -> bool:
+        """
+        Whether the top-level value has ended (or cannot be an object).
+        """
+        return self._state == _DONE
+
+    def feed(self, data: bytes) -> None:
+        """
+        Scan the next chunk of the answer.
+        """
+        try:
+            self._feed(data)
+        except Exception:
+            self._state = _DONE
+            self._capture = None
+
+    def _feed(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state == _IN_VALUE:
+                pos = self._skip_value(data, pos, end)
+                continue
+            if state == _DONE:
+                return
+            if state == _IN_KEY:
+                pos = self._read_key(data, pos, end)
+                continue
+            pos = _SPACE.match(data, pos).end()
+            if pos >= end:
+                return
+            c = data[pos]
+            if state == _KEY:
+                if c == 0x22:  # "
+                    self._key = []
+                    self._state = _IN_KEY
+                    pos += 1
+                elif c == 0x7D:  # }
+                    self._state = _DONE
+                else:
+                    self._state = _DONE
+            elif state == _COLON:
+                self._state = _VALUE if c == 0x3A else _DONE
+                pos += 1
+            elif state == _VALUE:
+                pos = self._start_value(data, pos)
+            elif state == _COMMA:
+                self._state = _KEY if c == 0x2C else _DONE
+                pos += 1
+            else:  # _BEFORE
+                self._state = _KEY if c == 0x7B else _DONE
+                pos += 1
+
+    def _read_key(self, data: bytes, pos: int, end: int) -> int:
+        key = self._key
+        if self._escaped:
+            key.append(data[pos:pos + 1])
+            self._escaped = False
+            pos += 1
+            if pos >= end:
+                return pos
+        match = _STRING_REST.match(data, pos)
+        if match is None:
+            tail = data[pos:]
+            key.append(tail)
+            self._escaped = _odd_backslashes(tail)
+            if sum(map(len, key)) > _MAX_KEY:
+                # Too long to be "usage": keep its length, not its text.
+                self._key = [b"\x00" * (_MAX_KEY + 1)]
+            return end
+        key.append(data[pos:match.end() - 1])
+        self._state = _COLON
+        return match.end()
+
+    def _start_value(self, data: bytes, pos: int) -> int:
+        raw = b"".join(self._key or ())
+        self._key = None
+        if raw == b"usage" or (b"\\" in raw and len(raw) <= _MAX_KEY and _decoded_key(raw) == "usage"):
+            self._capture = []
+            self._captured = 0
+            # The last member of a name counts, as for json.loads.
+            self.value = None
+        c = data[pos]
+        self._nest = 0
+        self._scalar = False
+        if c == 0x22:
+            self._in_string = True
+            self._append(data, pos, pos + 1)
+            pos += 1
+        elif c == 0x7B or c == 0x5B:
+            self._nest = 1
+            self._append(data, pos, pos + 1)
+            pos += 1
+        else:
+            self._scalar = True
+        self._state = _IN_VALUE
+        return pos
+
+    def _skip_value(self, data: bytes, pos: int, end: int) -> int:
+        if self._in_string:
+            start = pos
+            if self._escaped:
+                self._escaped = False
+                pos += 1
+                if pos >= end:
+                    self._append(data, start, pos)
+                    return pos
+            match = _STRING_REST.match(data, pos)
+            if match is None:
+                self._escaped = _odd_backslashes(data[pos:]) if data[end - 1] == 0x5C else False
+                self._append(data, start, end)
+                return end
+            pos = match.end()
+            self._append(data, start, pos)
+            self._in_string = False
+            if self._nest == 0:
+                self._value_ended()
+            return pos
+        if self._scalar:
+            stop = _SCALAR.match(data, pos).end()
+            self._append(data, pos, stop)
+            if stop < end:
+                self._value_ended()
+            return stop
+        start = pos
+        pos = _SKIP.match(data, pos).end()
+        if pos < end:
+            c = data[pos]
+            pos += 1
+            if c == 0x22:
+                self._in_string = True
+            elif c == 0x7B or c == 0x5B:
+                self._nest += 1
+            else:
+                self._nest -= 1
+        self._append(data, start, pos)
+        if self._nest == 0 and not self._in_string:
+            self._value_ended()
+        return pos
+
+    def _append(self, data: bytes, start: int, stop: int) -> None:
+        capture = self._capture
+        if capture is None or stop <= start:
+            return
+        self._captured += stop - start
+        if self._captured > self.CAPTURE_LIMIT:
+            # A usage object is a few hundred bytes; this is not one.
+            self._capture = None
+            return
+        capture.append(data[start:stop])
+
+    def _value_ended(self) -> None:
+        self._state = _COMMA
+        self._scalar = False
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            try:
+                self.value = json.loads(b"".join(capture))
+            except (ValueError, RecursionError):
+                self.value = None
+
+
+def _odd_backslashes(text: bytes) -> bool:
+    """
+    :return: whether C{text} ends with an odd run of backslashes (so the
+        next byte is escaped).
+    """
+    return (len(text) - len(text.rstrip(b"\\"))) % 2 == 1
+
+
+def _decoded_key(raw: bytes) -> Optional[str]:
+    try:
+        return json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
