@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
-from dheera_tx.accounting.metering import JSONUsageMeter
+from dheera_tx.accounting.metering import DeclaredUsageMeter, DecodingMeter, JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
@@ -26,7 +26,7 @@ from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_h
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.http.response_relay import ResponseRelay, answer_error, write_response_head
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, cost_header, write_response_head
 from dheera_tx.keys.auth import authorize_vllm_call
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
@@ -126,7 +126,15 @@ class Passthrough:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
         call.bytes_in = request_bytes(progress)
-        self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
+        self._accounting.settle(
+            call,
+            progress.admission,
+            progress.deployment,
+            progress.meter,
+            progress.document,
+            progress.path,
+            call.bytes_in,
+        )
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -136,6 +144,7 @@ class Passthrough:
     async def _serve(self, request, call: Call, progress: "_Progress") -> None:
         path, query = split_target(request.uri)
         progress.request = request
+        progress.path = path
         try:
             if request.rejection is not None:
                 raise request.rejection
@@ -219,7 +228,7 @@ class Passthrough:
             call.api_base = deployment.api_base
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer)
+                response = await self._send(request, call, deployment, target, producer, progress.strip_usage)
             except UpstreamUnreachable:
                 self._router.finished(deployment)
                 self._router.failed(deployment)
@@ -259,7 +268,11 @@ class Passthrough:
             changed["model"] = deployment.served_model
         return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment) -> List[Tuple[bytes, bytes]]:
+    def _upstream_headers(self, request, deployment: Deployment, identity: bool = False) -> List[Tuple[bytes, bytes]]:
+        """
+        :param identity: ask for an uncompressed answer (the proxy rewrites
+            it: the usage chunk it asked for is stripped).
+        """
         incoming = request.raw_headers
         drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
         headers = []
@@ -271,7 +284,11 @@ class Passthrough:
             if lower == b"x-forwarded-for":
                 forwarded.append(value)
                 continue
+            if identity and lower == b"accept-encoding":
+                continue
             headers.append((name, value))
+        if identity:
+            headers.append((b"Accept-Encoding", b"identity"))
         client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
             forwarded.append(client_ip.encode("ascii"))
@@ -281,9 +298,9 @@ class Passthrough:
             headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body):
+    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body, identity: bool = False):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment)
+        headers = self._upstream_headers(request, deployment, identity)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -337,14 +354,24 @@ class Passthrough:
         if request.client_gone:
             response.stopProducing()
             return
-        meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
+        headers = response.headers
+        meter = self._accounting.meter_for(
+            content_type,
+            response.code,
+            progress.strip_usage,
+            first_header(headers, b"content-encoding"),
+            first_header(headers, b"metadata"),
+        )
         progress.meter = meter
-        hold = isinstance(meter, JSONUsageMeter) and (
+        hold = (isinstance(meter, JSONUsageMeter) or (isinstance(meter, DecodingMeter) and not sse)) and (
             response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
         ) and request.method != b"HEAD"
-        rewritten = sse and progress.strip_usage
+        rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
         head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
-        if not hold:
+        if isinstance(meter, DeclaredUsageMeter):
+            # Usage declared in the head: the cost goes with it, no holding.
+            head(cost_header(meter, deployment, response.code))
+        elif not hold:
             head()
         relay = ResponseRelay(
             self._reactor, request, call, deployment, sse, meter, None if not hold else head, self._relay_watch
@@ -396,10 +423,11 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage")
+    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage")
 
     def __init__(self):
         self.request = None
+        self.path = b""
         self.document = None
         self.admission = None
         self.deployment = None
