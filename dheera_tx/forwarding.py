@@ -177,6 +177,12 @@ class Passthrough:
             authorize_vllm_call(
                 principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
             )
+            form_watch = getattr(request, "form_watch", None)
+            if form_watch is not None:
+                # Every model part of the form, wherever it sits (also after
+                # the file, where the peek above does not look), must be
+                # the model just authorized: vLLM uses the form's.
+                form_watch.authorize(model)
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:

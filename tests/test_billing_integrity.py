@@ -15,7 +15,7 @@ import gzip
 import json
 import struct
 
-from tests.passthrough_harness import auth, deployment, multipart
+from tests.passthrough_harness import MASTER_KEY, auth, deployment, error_of, multipart
 from tests.test_gateway_spend import (
     PRICES,
     GatewayTestCase,
@@ -317,3 +317,46 @@ class UnreadableAnswerTests(BillingTestCase):
         completion = -(-len(answer) // 4)
         self.assertEqual((record["prompt_tokens"], record["completion_tokens"]), (prompt, completion))
         self.assertEqual(record["cost_nanos"], seconds * SECOND_NANOS + cost(prompt, completion))
+
+
+class MultipartModelTests(BillingTestCase):
+    """
+    Item 6: a form's C{model} part anywhere must be the model authorized.
+    """
+
+    BOUNDARY = b"model-after-file"
+
+    def form(self, audio_bytes: int, model: bytes) -> bytes:
+        return multipart(self.BOUNDARY, [("file", b"\x01" * audio_bytes, "a.wav"), ("model", model, None)])
+
+    async def send(self, key: str, body: bytes):
+        headers = dict(auth(key), **{"content-type": "multipart/form-data; boundary=" + self.BOUNDARY.decode()})
+        headers["x-dheera-model"] = "alpha"
+        return await self.request(b"POST", "/vllm/v1/audio/transcriptions", headers, body)
+
+    async def test_model_after_file_must_match(self):
+        """
+        A key restricted to C{alpha} sending the file first and
+        C{model=tiny} after it, with C{x-dheera-model: alpha}, gets 400
+        naming C{model}, and the upstream never gets the whole form:
+        whether the part arrived before forwarding began (small form) or
+        after (a 2 MB upload already streaming upstream).
+        """
+        key, _ = await self.new_key(models=["alpha"])
+        for size in (1000, 2 * 1024 * 1024):
+            response, answer = await self.send(key, self.form(size, b"tiny"))
+            self.assertEqual(response.code, 400, answer)
+            self.assertEqual(error_of(answer)["param"], "model")
+        self.assertFalse(any(r.body_done for r in self.upstream.received))
+        self.assertEqual(self.records()[0]["status"], 400)
+
+    async def test_matching_model_after_file_forwarded(self):
+        """
+        A form whose C{model} part, after the file, names the model the
+        call was authorized for is forwarded whole (the fake serves
+        C{tiny}, so it answers the form's C{alpha} with its own 404).
+        """
+        response, answer = await self.send(MASTER_KEY, self.form(1000, b"alpha"))
+        self.assertEqual(response.code, 404, answer)
+        self.assertEqual(error_of(answer)["param"], "model")
+        self.assertTrue(self.upstream.received[-1].body_done)
