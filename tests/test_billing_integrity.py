@@ -15,6 +15,7 @@ import gzip
 import json
 import struct
 
+from dheera_tx.accounting.call_accounting import estimate_prompt_tokens
 from tests.passthrough_harness import MASTER_KEY, auth, deployment, error_of, multipart
 from tests.test_gateway_spend import (
     PRICES,
@@ -26,8 +27,6 @@ from tests.test_gateway_spend import (
     header_nanos,
     sse_events,
 )
-
-from dheera_tx.accounting.call_accounting import estimate_prompt_tokens
 
 # The audio deployment's price: 0.0001 USD (100000 nano-USD) per second.
 SECOND_NANOS = 100_000

@@ -2,15 +2,14 @@
 Tests for L{dheera_tx.accounting.metering}: usage read off JSON and SSE answers.
 """
 
+import gzip
 import json
 import re
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
-
-import gzip
-import zlib
 
 from dheera_tx.accounting.json_usage import TopLevelUsageScanner
 from dheera_tx.accounting.metering import (

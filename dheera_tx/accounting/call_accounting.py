@@ -11,14 +11,14 @@ its parallel slot and is billed for what was delivered.
 
 import json
 import math
-from typing import Optional
+from typing import Optional, Union
 
 from twisted.logger import Logger
 
 from dheera_tx.accounting.limits import Admission
 from dheera_tx.accounting.metering import (
-    DecodingMeter,
     DeclaredUsageMeter,
+    DecodingMeter,
     JSONUsageMeter,
     SSEUsageMeter,
     Usage,
@@ -203,6 +203,7 @@ class CallAccounting:
         if metadata is not None and status < 300:
             return DeclaredUsageMeter.from_metadata(metadata)
         encoded = encoding is not None and encoding.strip().lower() not in (b"", b"identity")
+        meter: Union[SSEUsageMeter, JSONUsageMeter]
         if kind == b"text/event-stream":
             # A compressed stream cannot be rewritten: it is relayed as is.
             meter = SSEUsageMeter(strip_usage_chunk and not encoded)
@@ -213,7 +214,7 @@ class CallAccounting:
         if encoded:
             # Unreadable encodings (br, zstd) leave the answer without
             # usage: it is estimated, never free.
-            return DecodingMeter(meter) if DecodingMeter.decodes(encoding) else _Unreadable(meter)
+            return DecodingMeter(meter) if DecodingMeter.decodes(encoding or b"") else _Unreadable(meter)
         return meter
 
     def settle(
@@ -273,7 +274,8 @@ class CallAccounting:
             # A stream that carried no usage (cut short, or usage not
             # asked for): what it generated, and always the prompt.
             estimate = meter.estimate()
-            return Usage(estimate_prompt_tokens(document), estimate.completion_tokens, estimated=True)
+            completion = estimate.completion_tokens if estimate is not None else 0
+            return Usage(estimate_prompt_tokens(document), completion, estimated=True)
         return None
 
     @staticmethod

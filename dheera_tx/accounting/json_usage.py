@@ -66,7 +66,7 @@ class TopLevelUsageScanner:
         self._in_string = False
         self._escaped = False
         self._scalar = False
-        self._key: Optional[List[bytes]] = None
+        self._key: List[bytes] = []
         self._capture: Optional[List[bytes]] = None
         self._captured = 0
 
@@ -100,7 +100,7 @@ class TopLevelUsageScanner:
             if state == _IN_KEY:
                 pos = self._read_key(data, pos, end)
                 continue
-            pos = _SPACE.match(data, pos).end()
+            pos = _SPACE.match(data, pos).end()  # type: ignore[union-attr]  # a starred pattern always matches
             if pos >= end:
                 return
             c = data[pos]
@@ -138,7 +138,7 @@ class TopLevelUsageScanner:
             tail = data[pos:]
             key.append(tail)
             self._escaped = _odd_backslashes(tail)
-            if sum(map(len, key)) > _MAX_KEY:
+            if sum(len(piece) for piece in key) > _MAX_KEY:
                 # Too long to be "usage": keep its length, not its text.
                 self._key = [b"\x00" * (_MAX_KEY + 1)]
             return end
@@ -147,8 +147,8 @@ class TopLevelUsageScanner:
         return match.end()
 
     def _start_value(self, data: bytes, pos: int) -> int:
-        raw = b"".join(self._key or ())
-        self._key = None
+        raw = b"".join(self._key)
+        self._key = []
         if raw == b"usage" or (b"\\" in raw and len(raw) <= _MAX_KEY and _decoded_key(raw) == "usage"):
             self._capture = []
             self._captured = 0
@@ -191,13 +191,13 @@ class TopLevelUsageScanner:
                 self._value_ended()
             return pos
         if self._scalar:
-            stop = _SCALAR.match(data, pos).end()
+            stop = _SCALAR.match(data, pos).end()  # type: ignore[union-attr]  # always matches
             self._append(data, pos, stop)
             if stop < end:
                 self._value_ended()
             return stop
         start = pos
-        pos = _SKIP.match(data, pos).end()
+        pos = _SKIP.match(data, pos).end()  # type: ignore[union-attr]  # always matches
         if pos < end:
             c = data[pos]
             pos += 1

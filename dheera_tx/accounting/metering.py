@@ -150,7 +150,7 @@ class JSONUsageMeter:
                 self._scanner = scanner = TopLevelUsageScanner()
                 for chunk in chunks:
                     scanner.feed(chunk)
-        else:
+        elif self._scanner is not None:
             self._scanner.feed(data)
         return data
 
@@ -158,10 +158,10 @@ class JSONUsageMeter:
         """
         :return: the answer's usage, or L{None}.
         """
-        if self._chunks is None:
+        if self._scanner is not None:
             return usage_from_object(self._scanner.value)
         try:
-            document = json.loads(b"".join(self._chunks))
+            document = json.loads(b"".join(self._chunks or ()))
         except (ValueError, RecursionError):
             return None
         return usage_from_object(document.get("usage")) if isinstance(document, dict) else None
