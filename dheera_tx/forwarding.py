@@ -372,6 +372,9 @@ class Passthrough:
         hold = (isinstance(meter, JSONUsageMeter) or (isinstance(meter, DecodingMeter) and not sse)) and (
             response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
         ) and request.method != b"HEAD"
+        if not hold and isinstance(meter, (JSONUsageMeter, DecodingMeter)):
+            # Not held: read as it streams, never kept.
+            meter.stream()
         rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
         head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
         if isinstance(meter, DeclaredUsageMeter):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.accounting.json_usage import TopLevelUsageScanner
+from dheera_tx.accounting.json_usage import TopLevelUsageScanner, whole_answer_usage
 from dheera_tx.accounting.metering import (
     DeclaredUsageMeter,
     DecodingMeter,
@@ -188,7 +188,7 @@ class TopLevelUsageScannerTests(SynchronousTestCase):
     C{json.loads} reads it, over any chunking.
     """
 
-    @settings(max_examples=1500, deadline=None)
+    @settings(max_examples=600, deadline=None)
     @given(st.dictionaries(_KEYS, _VALUES, max_size=6) | _VALUES, st.lists(st.integers(0, 600), max_size=10), _FORMATS)
     def test_agrees_with_json_loads(self, document, cuts, fmt):
         """
@@ -200,6 +200,28 @@ class TopLevelUsageScannerTests(SynchronousTestCase):
         data = json.dumps(document, **fmt).encode("utf-8")
         expected = document.get("usage") if isinstance(document, dict) else None
         self.assertEqual(_scan(data, cuts).value, expected)
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.dictionaries(_KEYS, _VALUES, max_size=6) | _VALUES, _FORMATS)
+    def test_whole_answer_agrees_with_json_loads(self, document, fmt):
+        """
+        The reading of a whole answer (last C{"usage"} keys checked from
+        the end, else a scan) agrees with C{json.loads} too.
+        """
+        data = json.dumps(document, **fmt).encode("utf-8")
+        expected = document.get("usage") if isinstance(document, dict) else None
+        self.assertEqual(whole_answer_usage(data), expected)
+
+    def test_whole_answer_nested_after_top_level(self):
+        """
+        A nested C{"usage"} after the top-level one (the last occurrence is
+        not a top-level member) does not hide it, nor does an escaped
+        quote before a key named C{usage}.
+        """
+        doc = {"usage": {"prompt_tokens": 1}, "kv_transfer_params": {"usage": {"prompt_tokens": 2}}}
+        self.assertEqual(whole_answer_usage(json.dumps(doc).encode()), {"prompt_tokens": 1})
+        doc = {'x\\"usage': 5, "y": {"usage": 3}}
+        self.assertIsNone(whole_answer_usage(json.dumps(doc).encode()))
 
     @settings(max_examples=300, deadline=None)
     @given(_VALUES, st.lists(st.integers(0, 300), max_size=10))
@@ -241,9 +263,15 @@ class JSONUsageMeterTests(SynchronousTestCase):
     Tests for L{JSONUsageMeter}.
     """
 
-    def _read(self, document, pieces=3):
+    def _read(self, document, pieces=3, held=True):
+        """
+        :param held: read the answer whole at its end (as the relay holds
+            it), else scan it as it streams.
+        """
         data = json.dumps(document).encode()
         meter = JSONUsageMeter()
+        if not held:
+            meter.stream()
         step = max(1, len(data) // pieces)
         for i in range(0, len(data), step):
             self.assertEqual(meter.feed(data[i : i + step]), data[i : i + step])
@@ -292,7 +320,8 @@ class JSONUsageMeterTests(SynchronousTestCase):
             "kv_transfer_params": None,
         }
         for pieces in (1, 7, 300):
-            self.assertEqual(self._read(doc, pieces=pieces), Usage(3000, 400))
+            for held in (True, False):
+                self.assertEqual(self._read(doc, pieces=pieces, held=held), Usage(3000, 400))
 
     def test_nested_usage_not_taken(self):
         """
@@ -302,9 +331,11 @@ class JSONUsageMeterTests(SynchronousTestCase):
         for pad in (0, 100_000):
             doc = {"choices": [{"message": {"tool_calls": [{"function": {"arguments": {"usage": {"prompt_tokens": 1}}}}]}}],
                    "pad": "p" * pad}
-            self.assertIsNone(self._read(doc))
+            for held in (True, False):
+                self.assertIsNone(self._read(doc, held=held))
             doc["usage"] = {"prompt_tokens": 2, "completion_tokens": 3}
-            self.assertEqual(self._read(doc), Usage(2, 3))
+            for held in (True, False):
+                self.assertEqual(self._read(doc, held=held), Usage(2, 3))
 
     def test_estimate(self):
         """

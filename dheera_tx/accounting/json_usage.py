@@ -8,6 +8,11 @@ the middle of a large answer.  A client can also make the model write
 C{"usage"} anywhere inside the answer (echoed text, tool arguments), so
 only the member of the top-level object counts.
 
+A whole answer (held by the relay) is read by L{whole_answer_usage}: the
+last C{"usage"} key, checked to be a member of the top-level object by
+parsing what follows it (the rest of that object's members, in C) to the
+end of the answer; otherwise it is scanned.
+
 L{TopLevelUsageScanner} is an incremental tokenizer of just enough JSON to
 know where the top-level object's members start and end: it tracks string
 and escape state and nesting depth over chunks of any boundary, and
@@ -39,6 +44,115 @@ _SCALAR = re.compile(rb"[^,}\] \t\r\n]*+")
 # States of the top-level object.
 _BEFORE, _KEY, _IN_KEY, _COLON, _VALUE, _IN_VALUE, _COMMA, _DONE = range(8)
 _MAX_KEY = 64
+_TEXT_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
+_WS = rb"[ \t\r\n]*+"
+# After a key, its colon and a value nested at most two levels deep, or a
+# plain one (group 1); or where a deeper value starts (group 2).
+_MEMBER_VALUE = re.compile(
+    rb'%s:%s(?:(%s|%s|[^,{}\[\]" \t\r\n]++)(?=[ \t\r\n]*[,}])|()[\[{])' % (_WS, _WS, _NEST, _STRING), re.S
+)
+# The rest of the top-level object after a member's value, when its other
+# values are plain or shallow (vLLM's chat tail: prompt_logprobs,
+# prompt_token_ids, kv_transfer_params, null or short).
+_TAIL = re.compile(
+    rb"(?:%s,%s%s%s:%s(?:%s|%s|[^,{}\[\]\" \t\r\n]++))*+%s\}%s" % (_WS, _WS, _STRING, _WS, _WS, _NEST, _STRING, _WS, _WS),
+    re.S,
+)
+# The members before a key, when their values are plain (rerank: id and
+# model before usage).
+_HEAD = re.compile(
+    rb"\{%s(?:%s%s:%s(?:%s|[^,{}\[\]\" \t\r\n]++)%s,%s)*+" % (_WS, _STRING, _WS, _WS, _STRING, _WS, _WS), re.S
+)
+_NEXT_MEMBER = re.compile(r'[ \t\r\n]*(?:(,)[ \t\r\n]*"|(\})[ \t\r\n]*\Z)')
+# The C scanners behind json.loads: one value, one string, from an index.
+_scan_value = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
+# Candidate keys tried from the end before scanning the whole answer.
+_CANDIDATES = 4
+
+
+def whole_answer_usage(data: bytes):
+    """
+    :param data: a complete JSON answer.
+    :return: the value of its top-level C{usage} member, or L{None}.
+    """
+    found, value = _last_usage_member(data)
+    if found:
+        return value
+    scanner = TopLevelUsageScanner()
+    scanner.feed(data)
+    return scanner.value
+
+
+def _last_usage_member(data: bytes):
+    """
+    The fast way: try the last C{"usage"} keys.  A key preceded only by
+    members with plain values since the opening brace, or whose value is
+    followed by members and a closing brace that end the answer, is a
+    member of the top-level object (nested deeper, its object would close
+    before the end).
+
+    :return: C{(True, value)} when decided (C{value} L{None}: no usage),
+        C{(False, None)} when the answer must be scanned.
+    """
+    if data[:1] != b"{":
+        return False, None
+    at = len(data)
+    for _ in range(_CANDIDATES):
+        at = data.rfind(b'"usage"', 0, at)
+        if at < 0:
+            # No key spells it plainly; one might with escapes.
+            return (b"\\u" not in data), None
+        if data[at - 1] == 0x5C and _odd_backslashes(data[max(0, at - 64):at]):
+            continue
+        member = _MEMBER_VALUE.match(data, at + 7)
+        if member is None:
+            continue
+        start, stop = member.span(1)
+        try:
+            if start >= 0 and _top_level_member(data, at, stop):
+                return True, _scan_value(data[start:stop].decode("utf-8"), 0)[0]
+            if start < 0:
+                start = member.start(2)
+            # Deeper values or tail members: parse what follows in C.
+            text = data[start:].decode("utf-8")
+            found, end = _scan_value(text, 0)
+            if _rest_of_top_level(text, end):
+                return True, found
+        except (ValueError, StopIteration, RecursionError):
+            return False, None
+    return False, None
+
+
+def _top_level_member(data: bytes, at: int, stop: int) -> bool:
+    """
+    :param at: where a key starts.
+    :param stop: where its value ends.
+    :return: whether the members before the key, or those after its value,
+        show that it is a member of the top-level object (the cheaper side
+        first).
+    """
+    if at > len(data) // 2:
+        return _TAIL.fullmatch(data, stop) is not None or _HEAD.match(data).end() == at  # type: ignore[union-attr]
+    return _HEAD.match(data).end() == at or _TAIL.fullmatch(data, stop) is not None  # type: ignore[union-attr]
+
+
+def _rest_of_top_level(text: str, pos: int) -> bool:
+    """
+    :return: whether C{text[pos:]} is the rest of an object's members and
+        its closing brace, then the end.
+    """
+    while True:
+        match = _NEXT_MEMBER.match(text, pos)
+        if match is None:
+            return False
+        if match.group(2):
+            return True
+        _, pos = _scan_string(text, match.end())
+        colon = _TEXT_COLON.match(text, pos)
+        if colon is None:
+            return False
+        _, pos = _scan_value(text, colon.end())
 
 
 class TopLevelUsageScanner:

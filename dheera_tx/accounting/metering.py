@@ -6,8 +6,8 @@ buffer a whole stream:
 
 * L{JSONUsageMeter} reads the C{usage} member of the top-level object of a
   JSON answer, wherever it sits (rerank puts it first, embeddings last,
-  chat before C{prompt_logprobs}): a small answer is parsed whole, a large
-  one scanned as it streams (L{dheera_tx.accounting.json_usage}).  Audio
+  chat before C{prompt_logprobs}): from the answer the relay holds, or
+  scanned as it streams (L{dheera_tx.accounting.json_usage}).  Audio
   transcriptions report C{{"type": "duration", "seconds": N}}.
 * L{SSEUsageMeter} splits the event stream on blank lines (C{\\n\\n} or
   C{\\r\\n\\r\\n}, across any chunk boundaries), parses only events that
@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 
 import attr
 
-from dheera_tx.accounting.json_usage import TopLevelUsageScanner
+from dheera_tx.accounting.json_usage import TopLevelUsageScanner, whole_answer_usage
 
 NANOS_PER_USD = 10**9
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -123,12 +123,14 @@ def nanos_to_usd(nanos: int) -> float:
 
 class JSONUsageMeter:
     """
-    Reads the top-level C{usage} of a JSON answer: an answer of up to
-    L{WHOLE} bytes is parsed whole when it ends (one C call); past that it
-    is scanned as it streams, keeping at most a usage object's bytes.
+    Reads the top-level C{usage} of a JSON answer.  An answer of up to
+    L{KEEP} bytes (the relay holds it anyway, to put the cost in its head)
+    is read whole when it ends; past that, or once L{stream} says the
+    answer is not held, it is scanned as it streams, keeping at most a
+    usage object's bytes.
     """
 
-    WHOLE = 64 * 1024
+    KEEP = 8 * 1024 * 1024
 
     __slots__ = ("_chunks", "_size", "_scanner")
 
@@ -136,6 +138,17 @@ class JSONUsageMeter:
         self._chunks: Optional[List[bytes]] = []
         self._size = 0
         self._scanner: Optional[TopLevelUsageScanner] = None
+
+    def stream(self) -> None:
+        """
+        The answer is relayed as it arrives, not held: scan it from now on
+        instead of keeping it.
+        """
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            self._scanner = scanner = TopLevelUsageScanner()
+            for chunk in chunks:
+                scanner.feed(chunk)
 
     def feed(self, data: bytes) -> bytes:
         """
@@ -145,11 +158,8 @@ class JSONUsageMeter:
         chunks = self._chunks
         if chunks is not None:
             chunks.append(data)
-            if self._size > self.WHOLE:
-                self._chunks = None
-                self._scanner = scanner = TopLevelUsageScanner()
-                for chunk in chunks:
-                    scanner.feed(chunk)
+            if self._size > self.KEEP:
+                self.stream()
         elif self._scanner is not None:
             self._scanner.feed(data)
         return data
@@ -161,10 +171,10 @@ class JSONUsageMeter:
         if self._scanner is not None:
             return usage_from_object(self._scanner.value)
         try:
-            document = json.loads(b"".join(self._chunks or ()))
-        except (ValueError, RecursionError):
+            value = whole_answer_usage(b"".join(self._chunks or ()))
+        except Exception:
             return None
-        return usage_from_object(document.get("usage")) if isinstance(document, dict) else None
+        return usage_from_object(value)
 
     def estimate(self) -> Usage:
         """
@@ -262,6 +272,13 @@ class DecodingMeter:
         except zlib.error:
             self._failed = True
         return data
+
+    def stream(self) -> None:
+        """
+        The answer is not held: the inner meter scans instead of keeping.
+        """
+        if isinstance(self._inner, JSONUsageMeter):
+            self._inner.stream()
 
     def flush(self) -> bytes:
         return b""
