@@ -276,9 +276,9 @@ class UnreadableAnswerTests(BillingTestCase):
         self.assertEqual(record["completion_tokens"], 8)
         self.assertGreater(record["cost_nanos"], 0)
 
-    async def upload(self, path: str, key: str, audio_bytes: int):
+    async def upload(self, path: str, key: str, audio_bytes: int, *fields):
         boundary = b"audio-boundary"
-        body = multipart(boundary, [("file", b"\x01" * audio_bytes, "a.wav"), ("language", b"en", None)])
+        body = multipart(boundary, [("file", b"\x01" * audio_bytes, "a.wav"), ("language", b"en", None), *fields])
         headers = dict(auth(key), **{"content-type": "multipart/form-data; boundary=" + boundary.decode()})
         headers["x-dheera-model"] = "audio"
         response, answer = await self.request(b"POST", "/vllm" + path, headers, body)
@@ -298,6 +298,25 @@ class UnreadableAnswerTests(BillingTestCase):
         record = await self.billed(token, "audio")
         self.assertFalse(record["usage_estimated"])
         self.assertEqual(record["cost_nanos"], 3 * SECOND_NANOS)
+
+    async def test_streamed_transcription_seconds_estimated(self):
+        """
+        A streamed transcription's usage is in tokens (vLLM reports seconds
+        only for a whole one): on a deployment priced by the second, the
+        tokens are billed and the seconds estimated from the upload (16000
+        bytes a second), flagged.
+        """
+        key, token = await self.new_key()
+        response, answer, sent = await self.upload(
+            "/v1/audio/transcriptions", key, 96_000, ("stream", b"true", None), ("stream_include_usage", b"true", None)
+        )
+        self.assertEqual(response.code, 200, answer)
+        usage = json.loads(event_data(sse_events(answer)[-2]))["usage"]
+        record = await self.billed(token, "audio")
+        self.assertTrue(record["usage_estimated"])
+        self.assertEqual((record["prompt_tokens"], record["completion_tokens"]), (usage["prompt_tokens"], 8))
+        seconds = -(-sent // 16000)
+        self.assertEqual(record["cost_nanos"], seconds * SECOND_NANOS + cost(usage["prompt_tokens"], 8))
 
     async def test_translation_without_usage_estimated(self):
         """

@@ -13,6 +13,7 @@ import json
 import math
 from typing import Optional, Union
 
+import attr
 from twisted.logger import Logger
 
 from dheera_tx.accounting.limits import Admission
@@ -238,9 +239,20 @@ class CallAccounting:
             that are not JSON).
         """
         try:
-            usage = self._usage(meter, document)
+            usage = self._usage(meter, document, body_bytes)
             if usage is None and path in BILLABLE and call.status is not None and 200 <= call.status < 300:
-                usage = self._unread(meter, document, call, path, body_bytes, deployment)
+                usage = self._unread(meter, document, call, body_bytes)
+            if (
+                usage is not None
+                and not usage.seconds
+                and path in _AUDIO
+                and deployment is not None
+                and deployment.input_cost_per_second
+            ):
+                # vLLM reports seconds only for a whole transcription (a
+                # stream's usage is in tokens, a translation has none): the
+                # upload's length stands for them.
+                usage = attr.evolve(usage, seconds=math.ceil(body_bytes / AUDIO_BYTES_PER_SECOND), estimated=True)
             if usage is not None:
                 call.prompt_tokens = usage.prompt_tokens
                 call.completion_tokens = usage.completion_tokens
@@ -264,7 +276,7 @@ class CallAccounting:
             log.failure("Settling call {call_id} failed", call_id=call.call_id)
 
     @staticmethod
-    def _usage(meter, document) -> Optional[Usage]:
+    def _usage(meter, document, body_bytes: int = 0) -> Optional[Usage]:
         if meter is None:
             return None
         usage = meter.usage()
@@ -275,23 +287,19 @@ class CallAccounting:
             # asked for): what it generated, and always the prompt.
             estimate = meter.estimate()
             completion = estimate.completion_tokens if estimate is not None else 0
-            return Usage(estimate_prompt_tokens(document), completion, estimated=True)
+            return Usage(estimate_prompt_tokens(document, body_bytes), completion, estimated=True)
         return None
 
     @staticmethod
-    def _unread(meter, document, call: Call, path: bytes, body_bytes: int, deployment: Optional[Deployment]) -> Usage:
+    def _unread(meter, document, call: Call, body_bytes: int) -> Usage:
         """
         :return: the estimate of a 2xx answer whose usage could not be read:
             the whole request as prompt, the answer's length in tokens of 4
-            bytes as completion, and for audio priced by the second, the
-            upload at L{AUDIO_BYTES_PER_SECOND}.
+            bytes as completion.
         """
         estimate = meter.estimate() if meter is not None else None
         completion = estimate.completion_tokens if estimate is not None else math.ceil(call.bytes_out / 4)
-        seconds = 0
-        if deployment is not None and deployment.input_cost_per_second and path in _AUDIO:
-            seconds = math.ceil(body_bytes / AUDIO_BYTES_PER_SECOND)
-        return Usage(estimate_prompt_tokens(document, body_bytes), completion, estimated=True, seconds=seconds)
+        return Usage(estimate_prompt_tokens(document, body_bytes), completion, estimated=True)
 
 
 class _Unreadable:
