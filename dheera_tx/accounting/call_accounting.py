@@ -258,7 +258,7 @@ class CallAccounting:
                 call.completion_tokens = usage.completion_tokens
                 call.usage_estimated = usage.estimated
                 if deployment is not None:
-                    call.cost_nanos = deployment_cost_nanos(usage, deployment)
+                    call.cost_nanos = deployment_cost_nanos(usage, deployment, call.model_name)
             if admission is not None and self._ledger is not None:
                 self._ledger.settle(
                     Settlement(

@@ -105,13 +105,13 @@ def cost_nanos(
     return int((cost * NANOS_PER_USD).to_integral_value())
 
 
-def deployment_cost_nanos(usage: Usage, deployment) -> int:
+def deployment_cost_nanos(usage: Usage, deployment, model: Optional[str] = None) -> int:
     """
+    :param model: the name the call was routed by (a LoRA adapter may have
+        its own token prices).
     :return: the cost of C{usage} at a deployment's prices.
     """
-    return cost_nanos(
-        usage, deployment.input_cost_per_token, deployment.output_cost_per_token, deployment.input_cost_per_second
-    )
+    return cost_nanos(usage, *deployment.prices_for(model), deployment.input_cost_per_second)
 
 
 def nanos_to_usd(nanos: int) -> float:

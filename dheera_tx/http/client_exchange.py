@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 
 from dheera_tx.errors import ProxyError, reason_phrase
 from dheera_tx.http.request_body import BodyAborted, StreamingBody
-from dheera_tx.http.socket_write import write_now
+from dheera_tx.socket_write import write_now
 
 log = Logger()
 

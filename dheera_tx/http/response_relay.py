@@ -65,6 +65,21 @@ def answer_error(request, error: ProxyError, call: Call) -> None:
     call.bytes_out += request.answer_error(error, ((b"x-dheera-call-id", call.call_id.encode("ascii")),))
 
 
+def answer_json(request, status: int, body: bytes, call: Call) -> None:
+    """
+    Answer with a JSON document the proxy made itself (the model list),
+    unless the client is gone.
+    """
+    call.status = status
+    if request.client_gone or request.finished:
+        return
+    headers = [(b"Content-Type", b"application/json"), (b"x-dheera-call-id", call.call_id.encode("ascii"))]
+    request.write_head(status, None, headers, len(body))
+    request.write(body)
+    request.finish()
+    call.bytes_out += len(body)
+
+
 class ResponseRelay:
     """
     Writes an upstream response body to the client as each chunk arrives
@@ -145,7 +160,7 @@ class ResponseRelay:
             self._request.write(chunk)
 
     def _cost_header(self):
-        return cost_header(self._meter, self._deployment, self._call.status)
+        return cost_header(self._meter, self._deployment, self._call.status, self._call.model_name)
 
     def timed_out(self, kind: str) -> None:
         """
@@ -199,15 +214,17 @@ class ResponseRelay:
         done.callback(None)
 
 
-def cost_header(meter, deployment: Deployment, status: int):
+def cost_header(meter, deployment: Deployment, status: int, model: Optional[str] = None):
     """
+    :param model: the name the call was routed by (a LoRA adapter may have
+        its own prices).
     :return: the C{x-dheera-response-cost} header (decimal USD) of an answer
         whose usage its meter read, or no header.
     """
     usage = meter.usage() if meter is not None else None
     if usage is None or status >= 400:
         return ()
-    nanos = deployment_cost_nanos(usage, deployment)
+    nanos = deployment_cost_nanos(usage, deployment, model)
     usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
     return ((b"x-dheera-response-cost", usd),)
 
