@@ -29,6 +29,7 @@ from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, cost_header, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -83,6 +84,7 @@ class Passthrough:
     ):
         self._reactor = reactor
         self._catalog = catalog
+        self._realtime = RealtimeCalls(reactor, self)
         self._config = config
         self._router = router
         self._auth = authenticator
@@ -130,7 +132,8 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in = request_bytes(progress)
+        body_bytes = request_bytes(progress)
+        call.bytes_in += body_bytes
         self._accounting.settle(
             call,
             progress.admission,
@@ -138,7 +141,7 @@ class Passthrough:
             progress.meter,
             progress.document,
             progress.path,
-            call.bytes_in,
+            body_bytes,
         )
         if self._on_call_end is not None:
             try:
@@ -156,6 +159,9 @@ class Passthrough:
             problem = path_problem(path, query)
             if problem is not None:
                 raise bad_request(f"Refused request path: {problem}.")
+            if request.switching:
+                await self._realtime.serve(request, call, progress, query)
+                return
             principal = await self._auth.authenticate(request.requestHeaders)
             if principal.key is not None:
                 key = principal.key

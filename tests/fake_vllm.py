@@ -277,6 +277,8 @@ class _TrackedChannel(http.HTTPChannel):
     """
 
     fake: "FakeVLLM"
+    _realtime: Any = None
+    _first_read = True
 
     def connectionMade(self) -> None:
         """
@@ -284,6 +286,23 @@ class _TrackedChannel(http.HTTPChannel):
         """
         super().connectionMade()
         self.fake._channel_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        A connection that starts with a realtime upgrade is a WebSocket
+        session (:mod:`tests.fake_realtime`), not HTTP.
+        """
+        if self._realtime is not None:
+            self._realtime.dataReceived(data)
+            return
+        if self._first_read and data.startswith(b"GET /v1/realtime"):
+            from tests.fake_realtime import FakeRealtimeSession
+
+            self._realtime = FakeRealtimeSession(self.fake, self.transport)
+            self._realtime.dataReceived(data)
+            return
+        self._first_read = False
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
         """
@@ -1226,6 +1245,7 @@ class FakeVLLM:
         self.idle_timeout: Optional[float] = None
         self.big_body_written = 0
         self.sleeping = False
+        self.realtime_sessions = 0
         self.requests_running = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

@@ -71,6 +71,7 @@ class ClientExchange:
         "_next_token",
         "_producer",
         "_refused",
+        "switching",
     )
 
     def __init__(
@@ -110,6 +111,8 @@ class ClientExchange:
         self._next_token = 0
         self._producer = None
         self._refused = False
+        # A WebSocket upgrade the data plane may switch to (see take_over).
+        self.switching = False
 
     # The request.
 
@@ -264,6 +267,21 @@ class ClientExchange:
             self.abort_response()
             return
         self.answer_error(error)
+
+    # Switching protocols.
+
+    def take_over(self, consumer):
+        """
+        After a C{101 Switching Protocols} (written by the caller): the
+        connection stops being HTTP; every byte the client sends from now
+        on goes to C{consumer.dataReceived}, and its end to
+        C{consumer.connectionLost}.
+
+        :return: the client's transport.
+        """
+        self.finished = True
+        self.startedWriting = True
+        return self._connection.take_over(consumer)
 
     # Backpressure of the answer.
 
