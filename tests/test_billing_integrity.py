@@ -321,8 +321,9 @@ class UnreadableAnswerTests(BillingTestCase):
     async def test_translation_without_usage_estimated(self):
         """
         A translation answer has no usage (vLLM's C{TranslationResponse}):
-        it is billed an estimate, flagged: the upload's seconds at 16000
-        bytes a second, the request as prompt, the answer as completion.
+        it is billed an estimate, flagged: on a deployment priced by the
+        second, the upload's seconds at 16000 bytes a second (not its bytes
+        as prompt tokens), and the answer as completion.
         """
         key, token = await self.new_key()
         response, answer, sent = await self.upload("/v1/audio/translations", key, 96_000)
@@ -331,10 +332,9 @@ class UnreadableAnswerTests(BillingTestCase):
         record = await self.billed(token, "audio")
         self.assertTrue(record["usage_estimated"])
         seconds = -(-sent // 16000)
-        prompt = -(-sent // 4)
         completion = -(-len(answer) // 4)
-        self.assertEqual((record["prompt_tokens"], record["completion_tokens"]), (prompt, completion))
-        self.assertEqual(record["cost_nanos"], seconds * SECOND_NANOS + cost(prompt, completion))
+        self.assertEqual((record["prompt_tokens"], record["completion_tokens"]), (0, completion))
+        self.assertEqual(record["cost_nanos"], seconds * SECOND_NANOS + cost(0, completion))
 
 
 class MultipartModelTests(BillingTestCase):

@@ -251,8 +251,14 @@ class CallAccounting:
             ):
                 # vLLM reports seconds only for a whole transcription (a
                 # stream's usage is in tokens, a translation has none): the
-                # upload's length stands for them.
-                usage = attr.evolve(usage, seconds=math.ceil(body_bytes / AUDIO_BYTES_PER_SECOND), estimated=True)
+                # upload's length stands for them, and an estimated prompt
+                # (the upload's bytes as tokens) gives way to them.
+                usage = attr.evolve(
+                    usage,
+                    seconds=math.ceil(body_bytes / AUDIO_BYTES_PER_SECOND),
+                    prompt_tokens=0 if usage.estimated else usage.prompt_tokens,
+                    estimated=True,
+                )
             if usage is not None:
                 call.prompt_tokens = usage.prompt_tokens
                 call.completion_tokens = usage.completion_tokens
