@@ -400,6 +400,7 @@ class EncodedAnswerTests(SynchronousTestCase):
         meter = DecodingMeter(JSONUsageMeter())
         self.assertEqual(meter.feed(b"not gzip at all"), b"not gzip at all")
         self.assertIsNone(meter.usage())
+        self.assertEqual(meter.estimate(), Usage(0, 4, estimated=True))
 
     def test_metadata_header(self):
         """

@@ -239,10 +239,11 @@ class DecodingMeter:
     # Decoded per step, so memory stays bounded whatever the ratio.
     STEP = 256 * 1024
 
-    __slots__ = ("_inner", "_decoder", "_decoded", "_failed")
+    __slots__ = ("_inner", "_decoder", "_decoded", "_failed", "_size")
 
     def __init__(self, inner):
         self._inner = inner
+        self._size = 0
         # 32 + MAX_WBITS: a gzip or zlib header, detected.
         self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
         self._decoded = 0
@@ -256,6 +257,7 @@ class DecodingMeter:
         return encoding.strip().lower() in (b"gzip", b"x-gzip", b"deflate")
 
     def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
         if self._failed:
             return data
         try:
@@ -287,7 +289,17 @@ class DecodingMeter:
         return None if self._failed else self._inner.usage()
 
     def estimate(self) -> Optional[Usage]:
-        return self._inner.estimate()
+        """
+        :return: the inner meter's estimate, and for an answer that did not
+            decode at least its bytes as sent, in tokens of 4 bytes.
+        """
+        inner = self._inner.estimate()
+        if not self._failed:
+            return inner
+        relayed = math.ceil(self._size / 4)
+        if inner is None or inner.completion_tokens < relayed:
+            return Usage(completion_tokens=relayed, estimated=True)
+        return inner
 
 
 class SSEUsageMeter:
