@@ -43,7 +43,7 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # tool calls ("arguments", Anthropic "partial_json").  Chat's "delta" is an
 # object, so it is not counted twice.
 _GENERATED = re.compile(
-    rb'"(?:content|text|delta|reasoning_content|reasoning|arguments|thinking|partial_json)"\s*:\s*"[^"]'
+    rb'"(?:content|text|delta|reasoning(?:_content)?|arguments|thinking|partial_json)"[ \t\r\n]*:[ \t\r\n]*"[^"]'
 )
 
 
