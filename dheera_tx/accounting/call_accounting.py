@@ -109,7 +109,7 @@ def needs_usage_injection(path: bytes, document) -> bool:
     if include is None:
         return True
     if isinstance(include, str):
-        include = include.strip().lower()
+        include = include.lower()
     try:
         if include in _FALSE:
             return True
@@ -215,7 +215,7 @@ class CallAccounting:
         if encoded:
             # Unreadable encodings (br, zstd) leave the answer without
             # usage: it is estimated, never free.
-            return DecodingMeter(meter) if DecodingMeter.decodes(encoding or b"") else _Unreadable(meter)
+            return DecodingMeter(meter) if DecodingMeter.decodes(encoding or b"") else _Unreadable()
         return meter
 
     def settle(
@@ -314,10 +314,7 @@ class _Unreadable:
     no readable usage.
     """
 
-    __slots__ = ("_inner",)
-
-    def __init__(self, inner):
-        self._inner = inner
+    __slots__ = ()
 
     def feed(self, data: bytes) -> bytes:
         return data
