@@ -125,6 +125,11 @@ class GeneralSettings:
     background_health_checks: bool = False
     health_check_interval: float = 30.0
     max_connections: int = 10000
+    # Admission (SPEC 9): the completion tokens reserved for a call that
+    # names no max_tokens; end users seen only in traffic.
+    default_max_tokens_reservation: int = 4096
+    end_user_ttl_days: int = 35
+    max_new_end_users_per_day: int = 10000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -220,6 +225,9 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "background_health_checks": config_values.flag,
     "health_check_interval": _positive,
     "max_connections": config_values.whole(1),
+    "default_max_tokens_reservation": config_values.whole(0),
+    "end_user_ttl_days": config_values.whole(1),
+    "max_new_end_users_per_day": config_values.whole(0),
 }
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "allowed_fails": config_values.whole(1),

@@ -203,7 +203,9 @@ class Passthrough:
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
-            progress.admission = await self._accounting.admit(principal, call.end_user, call)
+            progress.admission = await self._accounting.admit(
+                principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+            )
             progress.strip_usage = needs_usage_injection(path, document)
             await self._forward(request, call, route, path + query, raw_json, progress)
         except ProxyError as e:

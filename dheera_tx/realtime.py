@@ -159,7 +159,9 @@ class RealtimeCalls:
         call.model_name = route.model_name
         call.stream = True
         progress.meter = RealtimeMeter()
-        progress.admission = await passthrough._accounting.admit(principal, None, call)
+        # A session reserves what a generating call naming no max_tokens does
+        # (general_settings.default_max_tokens_reservation).
+        progress.admission = await passthrough._accounting.admit(principal, None, call, REALTIME_PATH, None, 0, route.replicas)
         tried: List[Deployment] = []
         while True:
             deployment = passthrough._router.pick(route, tried)

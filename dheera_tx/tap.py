@@ -32,6 +32,8 @@ from dheera_tx.accounting.call_accounting import CallAccounting
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
+from dheera_tx.console.app import Console, RevokingKeyStore
+from dheera_tx.console.sessions import ConsoleSessions
 from dheera_tx.control import ControlPlane, ControlRoot
 from dheera_tx.forwarding import Passthrough
 from dheera_tx.http.listener_limits import ListenerLimits
@@ -147,7 +149,15 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         stored_keys = RedisKeyStore(redis, prefix, now=now)
         key_store = CachedKeyStore(stored_keys, redis, reactor)
         stale_after = max([d.timeout for d in config.deployments] + [600.0]) + 60
-        limiter = CallLimiter(redis, prefix, now, stale_after=stale_after, reactor=reactor)
+        limiter = CallLimiter(
+            redis,
+            prefix,
+            now,
+            stale_after=stale_after,
+            reactor=reactor,
+            end_user_ttl=config.general.end_user_ttl_days * 86400,
+            new_end_users_per_day=config.general.max_new_end_users_per_day,
+        )
         ledger = SpendLedger(redis, prefix, limiter, reactor)
 
         async def redis_answers() -> bool:
@@ -155,9 +165,16 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
 
         probes["redis"] = redis_answers
     authenticator = Authenticator(config.general.master_key, key_store, now=now)
+    prober = DeploymentProber(reactor, config, router)
     if key_store is not None:
-        key_api = KeyAPI(authenticator, stored_keys, now=now).app.resource()
-        branches = {b"key": key_api, b"end_user": key_api}
+        sessions = ConsoleSessions(redis, prefix, config.general.master_key, now=now)
+        # Blocking, regenerating or deleting a key, from either the JSON API
+        # or the console, ends its console sessions.
+        managed_keys = RevokingKeyStore(stored_keys, sessions)
+        key_api = KeyAPI(authenticator, managed_keys, now=now).app.resource()
+        stream = prefix + "log" if "redis_stream" in config.callbacks else None
+        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream).app.resource()
+        branches = {b"key": key_api, b"end_user": key_api, b"ui": console}
     metrics = ProxyMetrics(router, config)
     call_log = CallLog(build_sinks(config, reactor, redis, stdout=stdout), metrics=metrics)
     passthrough = Passthrough(
@@ -166,12 +183,13 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         router,
         authenticator,
         pool,
-        accounting=CallAccounting(limiter, ledger, now=now),
+        accounting=CallAccounting(
+            limiter, ledger, now=now, default_max_tokens=config.general.default_max_tokens_reservation
+        ),
         on_call_end=call_log.emit,
         catalog=catalog,
     )
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
-    prober = DeploymentProber(reactor, config, router)
     control = ControlPlane(
         probes,
         metrics=metrics,

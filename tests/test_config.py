@@ -529,6 +529,9 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
                 "background_health_checks": True,
                 "health_check_interval": 15,
                 "max_connections": 50,
+                "default_max_tokens_reservation": 512,
+                "end_user_ttl_days": 7,
+                "max_new_end_users_per_day": 100,
             }
         }
         self.assertEqual(set(data["general_settings"]), {a.name for a in attr.fields(GeneralSettings)})

@@ -111,7 +111,8 @@ def deployment_cost_nanos(usage: Usage, deployment, model: Optional[str] = None)
         its own token prices).
     :return: the cost of C{usage} at a deployment's prices.
     """
-    return cost_nanos(usage, *deployment.prices_for(model), deployment.input_cost_per_second)
+    input_cost, output_cost = deployment.prices_for(model)
+    return cost_nanos(usage, input_cost, output_cost, deployment.input_cost_per_second)
 
 
 def nanos_to_usd(nanos: int) -> float:
