@@ -254,3 +254,56 @@ class ConsoleSecurityTests(ConsoleHarness, TestCase):
         _, headers, csv_text = await self.ui(b"GET", "/ui/spend.csv?group_by=model")
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/csv; charset=utf-8"])
         self.assertTrue(csv_text.startswith("model,spend_usd"))
+
+    async def test_edit_key_and_team_pages(self):
+        """
+        A key's page edits it (with the CSRF token; limits validated as by
+        /key/update), and the teams page lists its team with a link to the
+        team's end users, who appear with their spend once they called.
+        """
+        made = await self.generate(key_alias="editable", team_id="red")
+        await self.sign_in(MASTER_KEY)
+        csrf = await self.csrf(f"/ui/keys/{made['token']}")
+        status, _, _ = await self.ui(b"POST", f"/ui/keys/{made['token']}/edit", {"csrf": csrf, "rpm_limit": "7", "models": ALLOWED})
+        self.assertEqual(status, 303)
+        info = await self.admin(f"/key/info?key={made['token']}", method=b"GET")
+        self.assertEqual((info["info"]["rpm_limit"], info["info"]["models"]), (7, [ALLOWED]))
+        status, _, page = await self.ui(b"POST", f"/ui/keys/{made['token']}/edit", {"csrf": csrf, "rpm_limit": "-3"})
+        self.assertEqual(status, 400)
+        self.assertIn('role="alert"', page)
+        status, _, _ = await self.ui(b"POST", f"/ui/keys/{made['token']}/edit", {"rpm_limit": "9"})
+        self.assertEqual(status, 403)
+        await self.call(b"POST", "/vllm/v1/chat/completions", made["key"], {"model": ALLOWED, "user": "alice", "messages": [{"role": "user", "content": "hi"}]})
+        _, _, teams = await self.ui(b"GET", "/ui/teams")
+        self.assertIn("/ui/teams/red", teams)
+        for _ in range(200):
+            _, _, team = await self.ui(b"GET", "/ui/teams/red")
+            if "alice" in team:
+                break
+            await sleep(0.02)
+        self.assertIn("alice", team)
+
+    async def test_spend_chart_data_and_vendored_library(self):
+        """
+        The spend page's chart reads /ui/spend.json (30 days, the total and
+        the top ids of the group), and the vendored uPlot is served as
+        JavaScript under the same CSP.
+        """
+        made = await self.generate(key_alias="charted")
+        await self.assertWorks(made["key"])
+        await self.sign_in(MASTER_KEY)
+        for _ in range(200):
+            _, _, body = await self.ui(b"GET", "/ui/spend.json?group_by=key")
+            data = json.loads(body)
+            if data["series"]:
+                break
+            await sleep(0.02)
+        self.assertEqual(len(data["days"]), 30)
+        self.assertEqual(list(data["series"]), [made["token"]])
+        self.assertGreater(data["total"][-1], 0)
+        status, headers, script = await self.ui(b"GET", "/ui/static/vendor/uPlot.iife.min.js")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/javascript; charset=utf-8"])
+        self.assertIn("uPlot", script)
+        for bad in ("/ui/static/vendor/README", "/ui/static/..%2Fapp.py", "/ui/static/nope.js"):
+            self.assertEqual((await self.ui(b"GET", bad))[0], 404, bad)

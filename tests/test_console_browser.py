@@ -95,23 +95,16 @@ class ConsoleBrowserTests(ConsoleHarness, TestCase):
             browser.save_screenshot(os.path.join(self.shots, "1-sign-in.png"))
             browser.find_element(By.NAME, "key").send_keys(MASTER_KEY)
             browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-            try:
-                wait.until(ready.presence_of_element_located((By.ID, "create-key")))
-            except Exception:
-                print("DEBUG", browser.current_url, browser.page_source[:2000])
-                raise
+            wait.until(ready.presence_of_element_located((By.ID, "create-key")))
             self.assertTrue(browser.current_url.endswith("/ui/keys"))
 
             form = browser.find_element(By.ID, "create-key")
             form.find_element(By.NAME, "key_alias").send_keys("browser")
+            form.find_element(By.NAME, "team_id").send_keys("red")
             form.find_element(By.NAME, "models").send_keys(ALLOWED)
             form.find_element(By.NAME, "max_budget").send_keys("0.001")
             form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-            try:
-                key = wait.until(ready.presence_of_element_located((By.ID, "new-key"))).text
-            except Exception:
-                print("DEBUG", browser.current_url, browser.page_source[:3000])
-                raise
+            key = wait.until(ready.presence_of_element_located((By.ID, "new-key"))).text
             self.assertTrue(key.startswith("sk-"))
             browser.save_screenshot(os.path.join(self.shots, "2-key-created.png"))
             # Shown once: the keys page itself does not hold it.
@@ -128,22 +121,42 @@ class ConsoleBrowserTests(ConsoleHarness, TestCase):
             browser.save_screenshot(os.path.join(self.shots, "3-live-calls.png"))
 
             browser.get(self.base + "/ui/keys")
-            row = wait.until(ready.presence_of_element_located((By.XPATH, "//tr[td[1][text()='browser']]")))
+            row = wait.until(ready.presence_of_element_located((By.XPATH, "//tr[td[1]/a[text()='browser']]")))
             meter = row.find_element(By.TAG_NAME, "meter")
             self.assertGreater(float(meter.get_attribute("value")), 0)
             browser.save_screenshot(os.path.join(self.shots, "4-keys-spend.png"))
 
             row.find_element(By.XPATH, ".//button[text()='Block']").click()
-            wait.until(ready.presence_of_element_located((By.XPATH, "//tr[td[1][text()='browser']]/td[text()='blocked']")))
+            wait.until(ready.presence_of_element_located((By.XPATH, "//tr[td[1]/a[text()='browser']]/td[text()='blocked']")))
             deadline = time.monotonic() + 10
             while self.call(key) != 401 and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.assertEqual(self.call(key), 401)
 
-            for page, name in (("/ui/spend?group_by=model", "5-spend.png"), ("/ui/deployments", "6-deployments.png")):
-                browser.get(self.base + page)
-                wait.until(ready.presence_of_element_located((By.TAG_NAME, "table")))
-                browser.save_screenshot(os.path.join(self.shots, name))
+            browser.get(self.base + "/ui/spend?group_by=key")
+            wait.until(lambda b: b.find_element(By.ID, "spend-chart").get_attribute("data-drawn") == "true")
+            self.assertTrue(browser.find_elements(By.CSS_SELECTOR, "#spend-chart canvas"))
+            browser.save_screenshot(os.path.join(self.shots, "5-spend.png"))
+            browser.get(self.base + "/ui/teams")
+            self.assertIn("red", wait.until(ready.presence_of_element_located((By.ID, "teams"))).text)
+            browser.save_screenshot(os.path.join(self.shots, "6-teams.png"))
+            browser.get(self.base + "/ui/deployments")
+            wait.until(ready.presence_of_element_located((By.ID, "deployments")))
+            browser.save_screenshot(os.path.join(self.shots, "7-deployments.png"))
+
+            # Edit the key on its page: a new rpm limit shows after saving.
+            browser.get(self.base + "/ui/keys")
+            browser.find_element(By.LINK_TEXT, "browser").click()
+            edit = wait.until(ready.presence_of_element_located((By.ID, "edit-key")))
+            limit = edit.find_element(By.NAME, "rpm_limit")
+            limit.clear()
+            limit.send_keys("42")
+            edit.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            wait.until(lambda b: b.find_element(By.NAME, "rpm_limit").get_attribute("value") == "42")
+            browser.save_screenshot(os.path.join(self.shots, "8-key.png"))
+            # No console error from the CSP (inline code) on any page seen.
+            problems = [entry for entry in browser.get_log("browser") if "Content Security Policy" in entry.get("message", "")]
+            self.assertEqual(problems, [])
 
             browser.find_element(By.CSS_SELECTOR, "form.signout button").click()
             wait.until(ready.presence_of_element_located((By.NAME, "key")))

@@ -33,7 +33,7 @@ from dheera_tx.accounting.spend import GROUPS
 from dheera_tx.console import pages
 from dheera_tx.console.sessions import SESSION_SECONDS, ConsoleSessions, Session
 from dheera_tx.errors import ProxyError
-from dheera_tx.keys.fields import GENERATE_FIELDS, validate_key_fields
+from dheera_tx.keys.fields import GENERATE_FIELDS, UPDATE_FIELDS, validate_key_fields
 
 log = Logger()
 
@@ -44,6 +44,8 @@ CSP = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
+#: Keys listed per page.
+KEYS_PER_PAGE = 50
 #: Call records read from the stream for a page.
 CALLS_SHOWN = 200
 
@@ -242,8 +244,11 @@ class Console:
     async def keys(self, request, new_key: Optional[str] = None, message: Optional[str] = None, session=None):
         self._secure(request)
         session = session or await self._page_session(request)
-        records, _ = await self._store.list_keys(page=1, size=100)
-        return await self._send(request, pages.keys_page(records, session.csrf, new_key, message))
+        text = (request.args.get(b"page") or [b"1"])[-1]
+        page = int(text) if text.isdigit() and 0 < len(text) < 7 else 1
+        records, total = await self._store.list_keys(page=page, size=KEYS_PER_PAGE)
+        pages_count = max(1, -(-total // KEYS_PER_PAGE))
+        return await self._send(request, pages.keys_page(records, session.csrf, new_key, message, page, pages_count))
 
     @app.route("/ui/keys", methods=["POST"])
     async def create_key(self, request):
@@ -395,11 +400,113 @@ class Console:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"calls": calls}).encode("utf-8")
 
+    @app.route("/ui/keys/<token>", methods=["GET"])
+    async def key_page(self, request, token: str, message: Optional[str] = None, session=None):
+        self._secure(request)
+        session = session or await self._page_session(request)
+        record = await self._store.get_key(token)
+        if record is None:
+            raise _Redirect(b"/ui/keys")
+        calls = await self._calls(lambda r: r.get("key_hash_prefix") == token[:12])
+        return await self._send(request, pages.key_page(record, session.csrf, calls, message))
+
+    @app.route("/ui/keys/<token>/edit", methods=["POST"])
+    async def edit_key(self, request, token: str):
+        self._secure(request)
+        session, form = await self._posted(request)
+        fields: dict = {"key": token}
+        for name in ("key_alias", "team_id", "budget_duration"):
+            if name in form:
+                fields[name] = form[name].strip() or None
+        if "models" in form:
+            fields["models"] = [m.strip() for m in form["models"].split(",") if m.strip()]
+        try:
+            for name, kind in (("max_budget", float), ("rpm_limit", int), ("tpm_limit", int), ("max_parallel_requests", int)):
+                if name in form:
+                    fields[name] = kind(form[name]) if form[name].strip() else None
+            checked = validate_key_fields(fields, allowed=UPDATE_FIELDS)
+            checked.pop("key", None)
+            await self._store.update_key(token, checked)
+        except (ValueError, ProxyError) as e:
+            request.setResponseCode(400)
+            message = e.message if isinstance(e, ProxyError) else "Budget and limits must be numbers."
+            return await self.key_page(request, token, message=message, session=session)
+        raise _Redirect(b"/ui/keys/" + token.encode("ascii"))
+
+    @app.route("/ui/teams", methods=["GET"])
+    async def teams(self, request):
+        self._secure(request)
+        session = await self._page_session(request)
+        end = self._today()
+        rows = await self._ledger.report("team", end - datetime.timedelta(days=29), end)
+        keys_per_team: dict = {}
+        page, total = 1, 1
+        while (page - 1) * 100 < total and page <= 100:
+            records, total = await self._store.list_keys(page=page, size=100)
+            for record in records:
+                if record.team_id:
+                    keys_per_team[record.team_id] = keys_per_team.get(record.team_id, 0) + 1
+            page += 1
+        known = {r["id"] for r in rows}
+        rows += [{"id": team, "spend_nanos": 0, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+                 for team in sorted(keys_per_team) if team not in known]
+        return await self._send(request, pages.teams_page(rows, keys_per_team, session.csrf))
+
+    @app.route("/ui/teams/<team>", methods=["GET"])
+    async def team(self, request, team: str):
+        """
+        A team's end users (C{-} is the default scope of keys without a
+        team): spend over 30 days, budget and state.
+        """
+        self._secure(request)
+        session = await self._page_session(request)
+        scope = None if team == "-" else team
+        end = self._today()
+        rows = await self._ledger.report("end_user", end - datetime.timedelta(days=29), end, team_id=scope)
+        users = []
+        for row in rows[:200]:
+            if scope is None and row.get("team_id") is not None:
+                continue
+            record = await self._store.get_end_user(row["id"], team_id=scope)
+            users.append((row, record))
+        return await self._send(request, pages.team_page(team if scope else "(no team)", users, session.csrf))
+
+    @app.route("/ui/spend.json", methods=["GET"])
+    async def spend_json(self, request):
+        """
+        Spend per day over 30 days: the total, and the five largest ids of
+        C{group_by} (for the spend page's chart).
+        """
+        self._secure(request)
+        await self._page_session(request)
+        group = self._group(request)
+        end = self._today()
+        start = end - datetime.timedelta(days=29)
+        top = [r["id"] for r in (await self._ledger.report(group, start, end))[:5]]
+        days, total, series = [], [], {ident: [] for ident in top}
+        for offset in range(30):
+            day = start + datetime.timedelta(days=offset)
+            rows = {r["id"]: r["spend_nanos"] for r in await self._ledger.report(group, day, day)}
+            days.append(day.isoformat())
+            model_rows = await self._ledger.report("model", day, day)
+            total.append(sum(r["spend_nanos"] for r in model_rows) / 1e9)
+            for ident in top:
+                series[ident].append(rows.get(ident, 0) / 1e9)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"group_by": group, "days": days, "total": total, "series": series}).encode("utf-8")
+
+    @app.route("/ui/static/vendor/<name>", methods=["GET"])
+    def vendor(self, request, name: str):
+        return self._file(request, os.path.join(_STATIC, "vendor"), name)
+
     @app.route("/ui/static/<name>", methods=["GET"])
     def static(self, request, name: str):
+        return self._file(request, _STATIC, name)
+
+    def _file(self, request, folder: str, name: str):
         self._secure(request)
         kind = _STATIC_TYPES.get(os.path.splitext(name)[1])
-        path = os.path.join(_STATIC, name)
+        path = os.path.join(folder, name)
         if kind is None or "/" in name or name.startswith(".") or not os.path.isfile(path):
             raise ProxyError(404, "No such file.", type="not_found_error", code="404")
         with open(path, "rb") as f:

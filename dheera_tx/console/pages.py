@@ -11,7 +11,13 @@ from twisted.web.template import Tag, flattenString, tags
 from dheera_tx.accounting.metering import nanos_to_usd
 from dheera_tx.keys.records import KeyRecord, iso_time
 
-MASTER_NAV = (("Keys", "/ui/keys"), ("Spend", "/ui/spend"), ("Deployments", "/ui/deployments"), ("Live calls", "/ui/calls"))
+MASTER_NAV = (
+    ("Keys", "/ui/keys"),
+    ("Teams", "/ui/teams"),
+    ("Spend", "/ui/spend"),
+    ("Deployments", "/ui/deployments"),
+    ("Live calls", "/ui/calls"),
+)
 KEY_NAV = (("My key", "/ui/me"),)
 
 
@@ -41,7 +47,9 @@ def layout(title: str, body, csrf: Optional[str] = None, nav: Sequence = (), act
             tags.meta(charset="utf-8"),
             tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
             tags.title(f"{title} · dheera_tx"),
+            tags.link(rel="stylesheet", href="/ui/static/vendor/uPlot.min.css"),
             tags.link(rel="stylesheet", href="/ui/static/console.css"),
+            tags.script(src="/ui/static/vendor/uPlot.iife.min.js", defer="defer"),
             tags.script(src="/ui/static/console.js", defer="defer"),
         ),
         tags.body(tags.header(*header), Tag("main")(tags.h1(title), body)),
@@ -91,7 +99,9 @@ def _action(token: str, verb: str, csrf: str, label: str, danger: bool = False) 
     )
 
 
-def keys_page(records: Iterable[KeyRecord], csrf: str, new_key: Optional[str] = None, message: Optional[str] = None) -> Tag:
+def keys_page(
+    records: Iterable[KeyRecord], csrf: str, new_key: Optional[str] = None, message: Optional[str] = None, page: int = 1, pages_count: int = 1
+) -> Tag:
     body: List = []
     if new_key is not None:
         body.append(
@@ -111,7 +121,7 @@ def keys_page(records: Iterable[KeyRecord], csrf: str, new_key: Optional[str] = 
         ]
         rows.append(
             tags.tr(**{"data-token": record.token[:12]})(
-                tags.td(record.key_alias or "—"),
+                tags.td(tags.a(record.key_alias or "—", href=f"/ui/keys/{record.token}")),
                 tags.td(tags.code(record.token[:12])),
                 tags.td(", ".join(record.models) or "all"),
                 tags.td(spend_bar(record)),
@@ -128,6 +138,14 @@ def keys_page(records: Iterable[KeyRecord], csrf: str, new_key: Optional[str] = 
             tags.tbody(*rows),
         )
     )
+    if pages_count > 1:
+        links = [f"Page {page} of {pages_count}"]
+        if page > 1:
+            links.append(tags.a("previous", href=f"/ui/keys?page={page - 1}"))
+        if page < pages_count:
+            links.append(tags.a("next", href=f"/ui/keys?page={page + 1}"))
+        body.append(tags.p(*links, class_="pages"))
+
     def field(label, name, kind="text", hint=""):
         extra = {"step": "any", "min": "0"} if kind == "number" else {}
         return tags.label(label, tags.input(type=kind, name=name, placeholder=hint, **extra))
@@ -217,7 +235,8 @@ def spend_page(group: str, rows: Sequence[dict], days: Sequence[dict], csrf: str
         tags.thead(tags.tr(tags.th("day"), tags.th("spend"), tags.th(""))),
         tags.tbody(*[tags.tr(tags.td(d["day"]), tags.td(_money(d["spend_nanos"])), tags.td(tags.meter(value=str(d["spend_nanos"]), max=str(max(x["spend_nanos"] for x in days) or 1)))) for d in days]),
     )
-    body = [choice, tags.h2(f"Last 30 days by {group}"), table, tags.h2("Per day"), daily]
+    chart = tags.div(id="spend-chart", **{"data-source": f"/ui/spend.json?group_by={group}"})
+    body = [choice, chart, tags.h2(f"Last 30 days by {group}"), table, tags.h2("Per day"), daily]
     return layout("Spend", body, csrf, MASTER_NAV, "/ui/spend")
 
 
@@ -240,3 +259,87 @@ def deployments_page(health: dict, csrf: str) -> Tag:
         tags.tbody(*rows),
     )
     return layout("Deployments", [table], csrf, MASTER_NAV, "/ui/deployments")
+
+
+def key_page(record: KeyRecord, csrf: str, calls: Sequence[dict], message: Optional[str] = None) -> Tag:
+    """
+    One key: its numbers, an edit form, and its recent calls.
+    """
+
+    def field(label, name, value, kind="text", hint=""):
+        extra = {"step": "any", "min": "0"} if kind == "number" else {}
+        shown = "" if value is None else str(value)
+        return tags.label(label, tags.input(type=kind, name=name, value=shown, placeholder=hint, **extra))
+
+    body: List = []
+    if message:
+        body.append(tags.p(message, class_="error", role="alert"))
+    body += [
+        tags.dl(
+            tags.dt("Key"), tags.dd(tags.code(record.token[:12])),
+            tags.dt("Spend"), tags.dd(spend_bar(record)),
+            tags.dt("State"), tags.dd("blocked" if record.blocked else "active"),
+            tags.dt("Expires"), tags.dd(iso_time(record.expires) or "never"),
+        ),
+        tags.form(method="post", action=f"/ui/keys/{record.token}/edit", class_="create", id="edit-key")(
+            tags.h2("Edit"),
+            csrf_field(csrf),
+            field("Alias", "key_alias", record.key_alias),
+            field("Models", "models", ", ".join(record.models), hint="comma-separated; empty: all"),
+            field("Budget (USD)", "max_budget", record.max_budget, "number"),
+            field("Budget window", "budget_duration", record.budget_duration, hint="e.g. 30d"),
+            field("rpm limit", "rpm_limit", record.rpm_limit, "number"),
+            field("tpm limit", "tpm_limit", record.tpm_limit, "number"),
+            field("Parallel", "max_parallel_requests", record.max_parallel_requests, "number"),
+            field("Team", "team_id", record.team_id),
+            tags.button("Save", type="submit"),
+        ),
+        tags.h2("Recent calls"),
+        calls_table(calls),
+    ]
+    return layout(f"Key {record.key_alias or record.token[:12]}", body, csrf, MASTER_NAV, "/ui/keys")
+
+
+def teams_page(rows: Sequence[dict], keys_per_team: dict, csrf: str) -> Tag:
+    table = tags.table(id="teams")(
+        tags.thead(tags.tr(*[tags.th(h) for h in ("Team", "Keys", "Spend (30 days)", "Requests", "")]))
+    )(
+        tags.tbody(
+            *[
+                tags.tr(
+                    tags.td(r["id"]),
+                    tags.td(str(keys_per_team.get(r["id"], 0))),
+                    tags.td(_money(r["spend_nanos"])),
+                    tags.td(str(r["requests"])),
+                    tags.td(tags.a("End users", href=f"/ui/teams/{r['id']}")),
+                )
+                for r in rows
+            ],
+            tags.tr(tags.td("(no team)"), tags.td("—"), tags.td("—"), tags.td("—"), tags.td(tags.a("End users", href="/ui/teams/-"))),
+        )
+    )
+    return layout("Teams", [table], csrf, MASTER_NAV, "/ui/teams")
+
+
+def team_page(team: str, users: Sequence, csrf: str) -> Tag:
+    rows = []
+    for row, record in users:
+        budget = "—"
+        state = "—"
+        if record is not None:
+            budget = f"${record.max_budget:g}" if record.max_budget is not None else "none"
+            state = "blocked" if record.blocked else "active"
+        rows.append(
+            tags.tr(
+                tags.td(row["id"]),
+                tags.td(_money(row["spend_nanos"])),
+                tags.td(budget),
+                tags.td(state, class_=state if state != "—" else ""),
+                tags.td(str(row["requests"])),
+            )
+        )
+    table = tags.table(id="end-users")(
+        tags.thead(tags.tr(*[tags.th(h) for h in ("End user", "Spend (30 days)", "Budget", "State", "Requests")])),
+        tags.tbody(*rows),
+    )
+    return layout(f"End users of {team}", [table], csrf, MASTER_NAV, "/ui/teams")

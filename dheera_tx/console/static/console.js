@@ -34,3 +34,27 @@
   }
   window.setTimeout(poll, 1500);
 })();
+
+// The spend chart (uPlot, vendored): spend per day, total and the top five.
+(function () {
+  "use strict";
+  var holder = document.getElementById("spend-chart");
+  if (!holder || typeof uPlot === "undefined") { return; }
+  var colors = ["#1d2330", "#2457c5", "#1e7a3c", "#b3261e", "#8a5cc2", "#c98a0b"];
+  fetch(holder.getAttribute("data-source"), { credentials: "same-origin" })
+    .then(function (answer) { return answer.json(); })
+    .then(function (data) {
+      var x = data.days.map(function (day) { return Date.parse(day + "T00:00:00Z") / 1000; });
+      var series = [{}, { label: "total (USD)", stroke: colors[0], width: 2 }];
+      var values = [x, data.total];
+      Object.keys(data.series).forEach(function (name, i) {
+        series.push({ label: name.length > 24 ? name.slice(0, 12) + "\u2026" : name, stroke: colors[(i + 1) % colors.length] });
+        values.push(data.series[name]);
+      });
+      holder.setAttribute("data-drawn", "true");
+      new uPlot({ width: Math.min(1100, holder.clientWidth || 900), height: 260, series: series,
+                  axes: [{}, { size: 90, values: function (u, ticks) { return ticks.map(function (v) { return "$" + v.toPrecision(3); }); } }] },
+                values, holder);
+    })
+    .catch(function () {});
+})();
