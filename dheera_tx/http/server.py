@@ -7,13 +7,23 @@ Content-Length with Transfer-Encoding, no second Content-Length, no folded
 or malformed header lines, no bad chunk framing).  A C{/vllm} call becomes
 a L{ClientExchange} as soon as its headers have arrived and is served by
 the data plane (L{dheera_tx.forwarding.Passthrough}) while its body streams
-on; every other request is read whole and handed to the Klein control
-plane through L{dheera_tx.http.control_bridge}.  On top of the parser the
-connection enforces what the proxy needs: a deadline for request headers
-(and for an idle keep-alive connection), size and count limits on the
-head (414/431), one Transfer-Encoding (plain C{chunked}), no second copy of
-a header the proxy and vLLM could read differently, the body size limit
+on; every other request has its key checked when its headers arrive
+(L{dheera_tx.http.control_requests}), is then read whole and handed to the
+Klein control plane through L{dheera_tx.http.control_bridge}.  On top of the
+parser the connection enforces what the proxy needs: a deadline for request
+headers (and for an idle keep-alive connection), size and count limits on
+the head (414/431), one Transfer-Encoding (plain C{chunked}), no second
+copy of a header the proxy and vLLM could read differently, the body caps
 (413) and the body's pace (408).  L{GatewaySite} caps the open connections.
+
+What a client may make the connection hold is bounded: bytes are fed to
+the parser a request at a time (L{_piece_end}), at most L{PIPELINE_DEPTH}
+pipelined requests are parsed ahead of the one being answered, and while
+the socket's send buffer is over its high-water mark
+(L{dheera_tx.http.answer_flow}) no further request starts and nothing more
+is read.  Whatever a client sends or leaves unread, a connection holds at
+most one read of unparsed bytes, a few parsed heads and one buffer of
+answer.
 
 Every answer the listening side makes itself is in the OpenAI error shape
 (L{dheera_tx.http.listener_limits}).
@@ -30,8 +40,10 @@ from twisted.web import server as webserver
 from zope.interface import implementer
 
 from dheera_tx.errors import ProxyError, bad_request
+from dheera_tx.http.answer_flow import AnswerFlow
 from dheera_tx.http.client_exchange import ClientExchange
 from dheera_tx.http.control_bridge import ControlBridge
+from dheera_tx.http.control_requests import ControlGate, ControlRequest
 from dheera_tx.http.listener_limits import (
     CLOSE_GRACE,
     BodyPace,
@@ -45,13 +57,25 @@ from dheera_tx.http.listener_limits import (
 )
 from dheera_tx.http.paths import is_passthrough
 from dheera_tx.http.request_body import BodyTooLarge, StreamingBody
-from dheera_tx.http.request_head import MALFORMED, RequestHead, RequestLine, framing, headers_too_large, request_line_too_long
-from dheera_tx.routing.model_choice import MultipartModelWatch, multipart_boundary
+from dheera_tx.http.request_head import (
+    MALFORMED,
+    RequestHead,
+    RequestLine,
+    framing,
+    headers_too_large,
+    request_line_too_long,
+)
+from dheera_tx.routing.model_choice import MultipartModelWatch, is_json, multipart_boundary
 
 log = Logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+_HEAD_END = b"\r\n\r\n"
+
+# Requests parsed ahead of the one being answered: enough for any client
+# that pipelines in earnest, few enough that their heads cost little.
+PIPELINE_DEPTH = 16
 
 
 class _Stop(Exception):
@@ -61,23 +85,6 @@ class _Stop(Exception):
 
 
 _STARTING = object()
-
-
-class _ControlRequest:
-    """
-    A control-plane request being read whole.
-    """
-
-    __slots__ = ("method", "target", "version", "headers", "chunks", "size", "complete")
-
-    def __init__(self, method: bytes, target: bytes, version: bytes, headers):
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
-        self.chunks: List[bytes] = []
-        self.size = 0
-        self.complete = False
 
 
 class GatewayConnection(Protocol):
@@ -95,10 +102,20 @@ class GatewayConnection(Protocol):
         self._lost = False
         self._close_timer = None
         self._held: set = set()
+        # Bytes read but not parsed yet, and whether they are being parsed.
+        self._unparsed = b""
+        self._parsing = False
+        self._reading_done = False
+        # The last bytes fed while a head (or a chunked body) was
+        # incomplete: its end may straddle two reads.
+        self._tail = b""
+        # Bytes left of a Content-Length body being parsed, or None.
+        self._body_left: Optional[int] = None
         # The request being parsed.
         self._incoming = None
         self._in_head = False
         self._head_bytes = 0
+        self._trailer_bytes = 0
         self._head = RequestHead(self._limits)
         self._body_limit = self._limits.max_request_body_bytes
         self._pace: Optional[BodyPace] = None
@@ -108,9 +125,11 @@ class GatewayConnection(Protocol):
         # The request being answered, and those waiting for their turn.
         self._active = None
         self._queue: list = []
-        # A request with Expect: 100-continue that arrived behind an
-        # unfinished answer: its 100 goes out when its turn comes.
+        # A control request with Expect: 100-continue whose 100 waits for
+        # its key check or for the answer before it.
         self._continue_owed = None
+        self._control_keep_alive = True
+        self._flow = AnswerFlow(self._write_blocked, self._write_unblocked)
 
     # Connection events.
 
@@ -121,30 +140,113 @@ class GatewayConnection(Protocol):
             self.transport.setTcpNoDelay(True)
         except Exception:
             pass
+        self._flow.register(self.transport)
         self.site.deadlines.watch(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self._reading_done:
             return
-        if self._incoming is None or self._in_head:
-            self._head_bytes += len(data)
-            if self._incoming is None:
-                # A request starts with this read: check its request line.
+        self._unparsed = self._unparsed + data if self._unparsed else data
+        self._parse()
+
+    def _parse(self) -> None:
+        """
+        Feed the unparsed bytes to the parser a request (or the rest of a
+        body) at a time, while requests may be parsed; keep the rest, and
+        stop reading, until they may again.  A loop: a read full of
+        pipelined (or upgrade) requests never recurses.
+        """
+        if self._parsing:
+            # Called back from inside the loop: it goes on by itself.
+            return
+        self._parsing = True
+        try:
+            data, self._unparsed = self._unparsed, b""
+            size = len(data)
+            offset = 0
+            view = None
+            while offset < size and not self._refused and not self._lost and not self._parse_paused():
+                end = self._piece_end(data, offset)
+                if offset == 0 and end == size:
+                    piece = data
+                else:
+                    if view is None:
+                        view = memoryview(data)
+                    piece = view[offset:end]
+                offset += self._take(piece)
+            if self._refused or self._lost:
+                self._unparsed = b""
+            elif offset < size:
+                rest = data[offset:]
+                self._unparsed = rest + self._unparsed if self._unparsed else rest
+        finally:
+            self._parsing = False
+        if self._closing or self._lost:
+            return
+        if self._unparsed or self._parse_paused():
+            self._hold(b"ahead")
+        else:
+            self._release(b"ahead")
+
+    def _parse_paused(self) -> bool:
+        """
+        :return: whether no more bytes may be parsed now: the answers are
+            not being read, enough requests wait, a control request's key
+            is being checked, or the next bytes are the body of a request
+            waiting for its turn.
+        """
+        if self._flow.is_blocked or len(self._queue) >= PIPELINE_DEPTH or self._reading_done:
+            return True
+        incoming = self._incoming
+        if incoming is None or self._in_head:
+            return False
+        if isinstance(incoming, ControlRequest):
+            return not incoming.admitted
+        return incoming is not self._active
+
+    def _piece_end(self, data: bytes, offset: int) -> int:
+        """
+        :return: where the piece of C{data} to feed next, from C{offset},
+            ends: the end of a Content-Length body, else just past the next
+            empty line (every head, and every chunked body, ends with one;
+            a cut inside chunk data is harmless), else the end of the data.
+        """
+        left = self._body_left
+        if left is not None and not self._in_head and self._incoming is not None:
+            return min(len(data), offset + left)
+        tail = self._tail
+        if tail and offset == 0:
+            at = (tail + data[:3]).find(_HEAD_END)
+            if at >= 0:
+                return at + 4 - len(tail)
+        at = data.find(_HEAD_END, offset)
+        return len(data) if at < 0 else at + 4
+
+    def _take(self, piece) -> int:
+        """
+        Parse one piece of the input.
+
+        :return: the bytes of it consumed (all, unless an upgrade request
+            ended inside it: the rest is parsed as what follows).
+        """
+        starts = self._incoming is None
+        if starts or self._in_head:
+            self._head_bytes += len(piece)
+            if starts:
+                # A request starts with this piece: check its request line.
                 self._line.start()
-            if self._line.checking and not self._line.feed(data):
+            if self._line.checking and not self._line.feed(bytes(piece)):
                 self._refuse(bad_request(MALFORMED))
-                return
-        rest = self._feed(data)
+                return len(piece)
+        consumed = self._feed(piece)
+        self._tail = bytes(piece[-3:]) if self._incoming is not None and self._body_left is None else b""
         if self._to_dispatch is not None:
             exchange, self._to_dispatch = self._to_dispatch, None
             if not self._refused:
                 self.site.passthrough.serve(exchange)
-        if rest:
-            self.dataReceived(rest)
-            return
         incoming = self._incoming
         if incoming is None:
-            return
+            return consumed
         if self._in_head:
             if self._head_bytes > self._limits.max_header_bytes:
                 limit = self._limits.max_header_bytes
@@ -153,29 +255,31 @@ class GatewayConnection(Protocol):
             self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
             if self._held:
                 self._pace.pause()
+        return consumed
 
-    def _feed(self, data: bytes) -> bytes:
+    def _feed(self, data) -> int:
         """
         Parse C{data}.
 
-        :return: bytes left to parse after an upgrade request (answered as
-            a plain request: upgrades are not supported), else C{b""}.
+        :return: the bytes parsed: fewer than given after an upgrade
+            request (answered as a plain request: upgrades are not
+            supported), whose end the parser stops at.
         """
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            offset = e.args[0] if e.args else len(data)
-            return data[offset:]
+            return e.args[0] if e.args else len(data)
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Stop):
                 log.failure("Request parsing failed", Failure(e.__context__ or e))
                 self._malformed()
         except httptools.HttpParserError:
             self._malformed()
-        return b""
+        return len(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
+        self._unparsed = b""
         self.site.deadlines.forget(self)
         self._stop_pace()
         if self._close_timer is not None:
@@ -200,6 +304,8 @@ class GatewayConnection(Protocol):
         self._in_head = True
         self._head = RequestHead(self._limits)
         self._incoming = True
+        self._body_left = None
+        self._trailer_bytes = 0
 
     def on_url(self, fragment: bytes) -> None:
         self._head.url.append(fragment)
@@ -207,6 +313,14 @@ class GatewayConnection(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._refused:
             raise _Stop()
+        if not self._in_head:
+            # A trailer field of a chunked body: dropped (RFC 9110 6.5.1:
+            # never merged into the header section), but counted.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self._limits.max_header_bytes:
+                self._refuse_incoming(headers_too_large(self._limits.max_header_bytes))
+                raise _Stop()
+            return
         try:
             self._head.add_header(name, value)
         except ProxyError as e:
@@ -220,8 +334,10 @@ class GatewayConnection(Protocol):
         self._head_bytes = 0
         self.site.deadlines.forget(self)
         parser = self._parser
+        head = self._head
         try:
-            target = self._head.target()
+            target = head.target()
+            head.check_connection()
         except ProxyError as e:
             self._refuse(e)
             raise _Stop()
@@ -230,78 +346,132 @@ class GatewayConnection(Protocol):
             self._refuse(bad_request("Only HTTP/1.0 and HTTP/1.1 are served."))
             raise _Stop()
         method = parser.get_method()
-        headers = self._head.headers
+        headers = head.headers
         length, chunked, expect = framing(headers)
-        rejection = None
+        has_body = chunked or bool(length)
+        if has_body and head.upgrade(method):
+            # llhttp would read what follows the head as the upgraded
+            # protocol: the body would be parsed as the next request.
+            self._refuse(bad_request("Upgrade requests with a body are not served."))
+            raise _Stop()
         if not target.startswith(b"/") and target != b"*":
             # Absolute-form ("http://host/...") and other targets that are
             # not a path: the host comes from config only.
-            rejection = bad_request("The request target must be a path (origin-form), not a URL.")
-        elif length is not None and length > self._body_limit:
-            rejection = too_large(self._body_limit)
-        has_body = chunked or bool(length)
-        keep_alive = parser.should_keep_alive()
+            self._refuse(bad_request("The request target must be a path (origin-form), not a URL."))
+            raise _Stop()
+        # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has
+        # faulty framing: answer it, then close.
+        keep_alive = parser.should_keep_alive() and not (chunked and version != b"HTTP/1.1")
+        expect = expect and has_body and version == b"HTTP/1.1"
+        if not chunked and length:
+            self._body_left = length
         site = self.site
         if is_passthrough(target) and site.passthrough is not None:
-            exchange = ClientExchange(self, method, target, version, headers, site.reactor.seconds(), keep_alive)
-            exchange.rejection = rejection
-            if has_body and rejection is None:
+            self._incoming_call(method, target, version, headers, length, chunked, has_body, expect, keep_alive)
+            return
+        request = ControlRequest(method, target, version, headers)
+        request.keep_alive = keep_alive
+        if length is not None and length > self._limits.max_control_body_bytes:
+            request.rejection = too_large(self._limits.max_control_body_bytes)
+        self._incoming = request
+        if expect:
+            self._continue_owed = request
+        # Fires at once for the master key, no key or a public route.
+        site.gate.check(target, headers).addCallbacks(
+            self._admit_control, self._gate_failed, callbackArgs=(request,), errbackArgs=(request,)
+        )
+
+    def _incoming_call(self, method, target, version, headers, length, chunked, has_body, expect, keep_alive) -> None:
+        """
+        A C{/vllm} call's head has arrived: make its exchange, dispatched
+        at once unless an answer is in progress.
+        """
+        site = self.site
+        exchange = ClientExchange(self, method, target, version, headers, site.reactor.seconds(), keep_alive)
+        if has_body:
+            content_type = exchange.getHeader(b"content-type")
+            # A JSON body is parsed whole: its own, smaller cap.
+            limit = self._limits.max_json_body_bytes if is_json(content_type) else self._limits.max_request_body_bytes
+            self._body_limit = limit
+            if length is not None and length > limit:
+                exchange.rejection = too_large(limit)
+            else:
                 try:
-                    boundary = multipart_boundary(exchange.getHeader(b"content-type"))
+                    boundary = multipart_boundary(content_type)
                 except ProxyError as e:
-                    exchange.rejection = rejection = e
+                    exchange.rejection = e
                 else:
                     if boundary is not None:
                         self._form_watch = MultipartModelWatch(boundary)
-                    exchange.body = StreamingBody(
-                        None if chunked else length, self._hold_body, self._release_body, self._body_limit
-                    )
-            self._incoming = exchange
-            # Never before an earlier answer: a request pipelined with
-            # Expect gets its 100 when its turn comes.
-            if expect and has_body and rejection is None and version == b"HTTP/1.1":
-                self._expects_continue(exchange)
-            if self._active is None:
-                self._active = exchange
-                self._to_dispatch = exchange
-            else:
-                self._queue.append(exchange)
-                self._hold(b"queue")
-            return
-        if rejection is not None:
-            self._refuse(rejection)
-            raise _Stop()
-        self._incoming = _ControlRequest(method, target, version, headers)
-        if expect and has_body and version == b"HTTP/1.1":
-            self._expects_continue(self._incoming)
-
-    def _expects_continue(self, request) -> None:
-        """
-        Send C{100 Continue} for C{request} now, or once the answer before
-        it is complete.
-        """
-        if self._active is None:
-            self.transport.write(_CONTINUE)
+                    exchange.body = StreamingBody(None if chunked else length, self._hold_body, self._release_body, limit)
+                    if expect:
+                        # Sent once the call wants its body: after the key,
+                        # the route and the limits are checked.
+                        exchange.body.on_demand = lambda: self._send_continue(exchange)
+        self._incoming = exchange
+        if self._active is None and not self._flow.is_blocked:
+            self._active = exchange
+            self._to_dispatch = exchange
         else:
-            self._continue_owed = request
+            self._queue.append(exchange)
+
+    def _send_continue(self, exchange: ClientExchange) -> None:
+        """
+        C{exchange} asks for its body: send its C{100 Continue}, unless
+        its client started the body anyway (after its own expect timeout).
+        """
+        body = exchange.body
+        if body is not None and body.received == 0 and not exchange.startedWriting and not self._closing and not self._lost:
+            self.transport.write(_CONTINUE)
+
+    def _admit_control(self, error: Optional[ProxyError], request: ControlRequest) -> None:
+        """
+        The key check of control request C{request} is done: let its body
+        be read, or answer C{error} when its turn comes (its body unread).
+        """
+        if self._lost or self._refused:
+            return
+        if error is not None:
+            request.rejection = error
+        if request.rejection is not None:
+            # Nothing more is read from this connection.
+            self._continue_owed = None
+            request.complete = True
+            # Nothing after this request is read: it is answered and the
+            # connection closed.
+            self._unparsed = b""
+            self._reading_done = True
+            self._hold(b"done")
+            if self._incoming is request:
+                self._incoming = None
+            self._enqueue_control(request)
+            return
+        request.admitted = True
+        if self._active is None:
+            self._pay_continue(request)
+        if not self._parsing:
+            self._parse()
+
+    def _gate_failed(self, failure: Failure, request: ControlRequest) -> None:
+        log.failure("Checking a control request's key failed", failure)
+        self._admit_control(ProxyError(500, "The proxy failed to handle this request.", type="internal_error", code="500"), request)
 
     def _pay_continue(self, request) -> None:
         """
-        C{request}'s turn came: send its owed C{100 Continue}, unless its
-        client already started the body (after its own expect timeout).
+        Send C{request}'s owed C{100 Continue} (its key is good, and no
+        other answer is being written), unless its client already started
+        the body.
         """
-        if request is not self._continue_owed:
+        if request is not self._continue_owed or not request.admitted:
             return
         self._continue_owed = None
-        if isinstance(request, _ControlRequest):
-            started = request.size > 0
-        else:
-            started = request.body is None or request.body.received > 0
-        if not started and not self._closing and not self._lost:
+        if request.size == 0 and not self._closing and not self._lost:
             self.transport.write(_CONTINUE)
 
     def on_body(self, data: bytes) -> None:
         incoming = self._incoming
+        if self._body_left is not None:
+            self._body_left -= len(data)
         if self._pace is not None:
             self._pace.arrived(len(data))
             if self._refused:
@@ -323,40 +493,50 @@ class GatewayConnection(Protocol):
             failure = body.failure
             if failure is not None and failure.check(BodyTooLarge):
                 self._stop_pace()
-                incoming.refuse(too_large(self._body_limit))
-        elif isinstance(incoming, _ControlRequest):
+                incoming.refuse(too_large(failure.value.limit or self._body_limit))
+        elif isinstance(incoming, ControlRequest):
             incoming.size += len(data)
-            if incoming.size > self._body_limit:
-                self._refuse(too_large(self._body_limit))
+            if incoming.size > self._limits.max_control_body_bytes:
+                self._refuse(too_large(self._limits.max_control_body_bytes))
                 raise _Stop()
             incoming.chunks.append(data)
 
     def on_message_complete(self) -> None:
         self._stop_pace()
         self._form_watch = None
+        self._body_left = None
         incoming, self._incoming = self._incoming, None
         self._in_head = False
         self._head_bytes = 0
-        # Only a request line that starts a read is checked.
+        self._body_limit = self._limits.max_request_body_bytes
         self._line.stop()
         if isinstance(incoming, ClientExchange):
             if incoming.body is not None:
                 incoming.body.end()
-        elif isinstance(incoming, _ControlRequest):
+        elif isinstance(incoming, ControlRequest):
             incoming.complete = True
-            if self._active is None:
-                self._start_control(incoming)
-            else:
-                self._queue.append(incoming)
-                self._hold(b"queue")
+            self._enqueue_control(incoming)
+
+    def _enqueue_control(self, request: ControlRequest) -> None:
+        if self._active is None and not self._queue and not self._flow.is_blocked:
+            self._start_control(request)
+        else:
+            self._queue.append(request)
 
     # Answers done, next requests.
 
-    def _start_control(self, request: _ControlRequest) -> None:
+    def _start_control(self, request: ControlRequest) -> None:
+        if request.rejection is not None:
+            self._refused = True
+            self._active = _STARTING
+            self.transport.write(raw_answer(request.rejection))
+            self._close()
+            return
         # The answer may be complete before serve() returns.
         self._active = _STARTING
+        self._control_keep_alive = request.keep_alive
         exchange = self.site.control.serve(
-            self, request.method, request.target, request.version, request.headers, b"".join(request.chunks)
+            self, request.method, request.target, request.version, request.headers, request.body()
         )
         if self._active is _STARTING:
             self._active = exchange
@@ -371,7 +551,7 @@ class GatewayConnection(Protocol):
         """
         A control-plane request's answer is complete.
         """
-        self._answer_done(keep_alive)
+        self._answer_done(keep_alive and self._control_keep_alive)
 
     def _answer_done(self, keep_alive: bool) -> None:
         self._active = None
@@ -382,28 +562,56 @@ class GatewayConnection(Protocol):
             return
         if self._queue:
             self.site.reactor.callLater(0, self._start_next)
-        elif self._incoming is not None:
+            return
+        if self._incoming is not None:
             # A control request still reading its body.
             self._pay_continue(self._incoming)
-        else:
+        elif not self._unparsed:
             # Between requests the connection gets the header deadline too,
             # so an idle keep-alive connection does not hold its place.
             self.site.deadlines.watch(self)
+        self._parse()
 
     def _start_next(self) -> None:
-        if self._active is not None or not self._queue or self._closing or self._lost:
+        if self._active is not None or not self._queue or self._closing or self._lost or self._flow.is_blocked:
             return
         request = self._queue.pop(0)
-        self._pay_continue(request)
-        if not self._queue:
-            self._release(b"queue")
         if isinstance(request, ClientExchange):
             self._active = request
             self.site.passthrough.serve(request)
         else:
             self._start_control(request)
-        if self._active is None and self._incoming is None and not self._queue:
+        if self._active is None and self._incoming is None and not self._queue and not self._unparsed:
             self.site.deadlines.watch(self)
+        self._parse()
+
+    # Write backpressure (AnswerFlow).
+
+    def _write_blocked(self) -> None:
+        # Stop reading: requests read now could not be answered anyway.
+        self._hold(b"write")
+
+    def _write_unblocked(self) -> None:
+        self._release(b"write")
+        if self._lost or self._closing:
+            return
+        if self._queue and self._active is None:
+            self._start_next()
+        else:
+            self._parse()
+
+    def attach_producer(self, producer) -> None:
+        """
+        Let the connection's write backpressure pause and resume
+        C{producer} (the producer of the answer being written).
+        """
+        self._flow.attach(producer)
+
+    def detach_producer(self) -> None:
+        """
+        Undo L{attach_producer}.
+        """
+        self._flow.detach()
 
     # Refusals and closing.
 
@@ -422,11 +630,16 @@ class GatewayConnection(Protocol):
         self._refuse(request_timeout("The request headers did not arrive in time."))
 
     def _malformed(self) -> None:
-        error = bad_request(MALFORMED)
+        self._refuse_incoming(bad_request(MALFORMED))
+
+    def _refuse_incoming(self, error: ProxyError) -> None:
+        """
+        Refuse the request being parsed: a call already dispatched answers
+        itself (and fails the body it is streaming upstream); anything else
+        is answered on the raw connection.
+        """
         incoming = self._incoming
         if isinstance(incoming, ClientExchange) and incoming is self._active and not incoming.finished:
-            # A call already dispatched answers itself, and fails the body
-            # it is streaming upstream.
             self._refused = True
             self._stop_pace()
             incoming.refuse(error)
@@ -435,14 +648,8 @@ class GatewayConnection(Protocol):
 
     def _body_too_slow(self, message: str) -> None:
         log.info("Dropping a client whose request body is too slow: {why}", why=message)
-        error = BodyStalled(message)
-        incoming = self._incoming
         self._pace = None
-        if isinstance(incoming, ClientExchange) and incoming is self._active:
-            self._refused = True
-            incoming.refuse(error)
-            return
-        self._refuse(error)
+        self._refuse_incoming(BodyStalled(message))
 
     def _refuse(self, error: ProxyError) -> None:
         """
@@ -452,6 +659,7 @@ class GatewayConnection(Protocol):
         if self._lost or self._refused:
             return
         self._refused = True
+        self._unparsed = b""
         self.site.deadlines.forget(self)
         self._stop_pace()
         active = self._active
@@ -466,6 +674,9 @@ class GatewayConnection(Protocol):
     def _close(self) -> None:
         self._closing = True
         self.site.deadlines.forget(self)
+        # A transport whose producer is paused would wait for it instead of
+        # closing once its buffer drains.
+        self._flow.unregister()
         self.transport.loseConnection()
         if self._close_timer is None:
             self._close_timer = self.site.reactor.callLater(CLOSE_GRACE, self._cut_off)
@@ -484,9 +695,9 @@ class GatewayConnection(Protocol):
 
     def _hold(self, reason: bytes) -> None:
         """
-        Stop reading from the client (the upstream holds the body back, or
-        a pipelined request waits for its turn); the body's pace clock
-        stops too.
+        Stop reading from the client (the upstream holds the body back, a
+        pipelined request waits for its turn, the answers are not being
+        read); the body's pace clock stops too.
         """
         if not self._held:
             self.transport.pauseProducing()
@@ -519,6 +730,8 @@ class GatewaySite(Factory):
     :param passthrough: the data plane (L{dheera_tx.forwarding.Passthrough}),
         or L{None} to serve the control plane only.
     :param limits: a L{ListenerLimits}.
+    :param gate: the L{ControlGate} checking control-plane keys when the
+        headers arrive (default: none, every request is read).
     :ivar open_connections: connections open now (in this process:
         C{max_connections} holds per worker).
     :ivar refused_connections: connections refused for being over the
@@ -527,11 +740,14 @@ class GatewaySite(Factory):
 
     protocol = GatewayConnection
 
-    def __init__(self, control, passthrough, limits: ListenerLimits, reactor):
+    def __init__(self, control, passthrough, limits: ListenerLimits, reactor, gate: Optional[ControlGate] = None):
         self.passthrough = passthrough
         self.limits = limits
         self.reactor = reactor
-        self.control_site = webserver.Site(control, reactor=reactor)
+        self.gate = gate or ControlGate(None)
+        # No handler reads a form; twisted.web would parse one on the
+        # reactor (a 1 MiB urlencoded body is a quarter million fields).
+        self.control_site = webserver.Site(control, reactor=reactor, parsePOSTFormSubmission=False)
         self.control_site.displayTracebacks = False
         # Pass-through calls are logged as call records (dheera_tx.call);
         # the stock access log would print URIs with secrets in queries.
