@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 import attr
 from twisted.internet.defer import Deferred, fail
 
+from dheera_tx.accounting.full_windows import WindowFull
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
 
 WINDOW_MS = 60_000
@@ -294,6 +295,10 @@ class CallLimiter:
             who = "key" if reason == "budget" else "end user"
             raise ProxyError(429, f"Budget exceeded for this {who}.", type="budget_exceeded", code="429", headers=retry_after)
         names = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
+        if reason in ("rpm", "tpm"):
+            # Full until the window reopens: remembered, so that the key's
+            # next calls are refused before their bodies are read.
+            raise WindowFull(f"Rate limit exceeded: {names[reason]} of this key.", retry_ms)
         raise ProxyError(
             429,
             f"Rate limit exceeded: {names.get(reason, reason)} of this key.",

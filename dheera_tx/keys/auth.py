@@ -166,6 +166,17 @@ def authorize_vllm_call(
     :param model_name: the model the call names, or L{None}.
     :raise ProxyError: 403 when the key may not call this route or model.
     """
+    authorize_vllm_route(principal, path, operator_routes)
+    authorize_vllm_model(principal, model_name)
+
+
+def authorize_vllm_route(principal: Principal, path: str, operator_routes: Sequence[str]) -> None:
+    """
+    The route part of L{authorize_vllm_call}, decided from the request
+    head alone (so before any body is read).
+
+    :raise ProxyError: 403 when the key may not call this route.
+    """
     if principal.is_master:
         return
     if is_operator_route(path, operator_routes):
@@ -175,6 +186,18 @@ def authorize_vllm_call(
         full = "/" + path
         if not any(_route_allows(prefix, full) for prefix in key.allowed_routes):
             raise forbidden("This key may not call this route.")
+
+
+def authorize_vllm_model(principal: Principal, model_name: Optional[str]) -> None:
+    """
+    The model part of L{authorize_vllm_call}; also applied, before the
+    body is read, to a model named by header or query.
+
+    :raise ProxyError: 403 when the key may not use C{model_name}.
+    """
+    if principal.is_master:
+        return
+    key = principal.key
     if key.models and model_name not in key.models:
         if model_name is None:
             raise forbidden("This key is restricted to certain models: name one in the body, the x-dheera-model header or the model query parameter.")
