@@ -11,7 +11,7 @@ trailers, HTTP/1.0 chunked bodies and Connection tokens.
 import json
 from typing import List
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
