@@ -187,6 +187,23 @@ class PipelineTests(ListenerTestCase):
         self.assertEqual(len(calls.calls), 41)
         self.assertEqual(transport.producerState, "producing")
 
+    def test_client_not_reading_dropped(self):
+        """
+        A client that reads nothing of its answers for C{body_timeout}
+        seconds is dropped; one that reads a little in time is not.
+        """
+        calls = Calls(answer_at_once=True)
+        protocol, transport = self.connect(self.site(calls, body_timeout=5))
+        protocol.dataReceived(get(b"/vllm/a"))
+        transport.producer.pauseProducing()
+        self.clock.advance(4)
+        transport.producer.resumeProducing()
+        transport.producer.pauseProducing()
+        self.clock.advance(4)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
     def test_answer_producer_follows_backpressure(self):
         """
         The producer of an answer being written is paused and resumed with

@@ -92,6 +92,8 @@ class GatewayConnection(RequestIntake):
         self._continue_owed = None
         self._control_keep_alive = True
         self._flow = AnswerFlow(self._write_blocked, self._write_unblocked)
+        # Runs while the answers wait in a full send buffer.
+        self._unread_timer = None
 
     # Connection events.
 
@@ -108,6 +110,7 @@ class GatewayConnection(RequestIntake):
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
         self._unparsed = b""
+        self._cancel_unread_timer()
         self.site.deadlines.forget(self)
         self._stop_pace()
         if self._close_timer is not None:
@@ -252,8 +255,11 @@ class GatewayConnection(RequestIntake):
     def _write_blocked(self) -> None:
         # Stop reading: requests read now could not be answered anyway.
         self._hold(b"write")
+        if self._unread_timer is None:
+            self._unread_timer = self.site.reactor.callLater(self._limits.body_timeout, self._answers_unread)
 
     def _write_unblocked(self) -> None:
+        self._cancel_unread_timer()
         self._release(b"write")
         if self._lost or self._closing:
             return
@@ -261,6 +267,21 @@ class GatewayConnection(RequestIntake):
             self._start_next()
         else:
             self._parse()
+
+    def _answers_unread(self) -> None:
+        """
+        The client read nothing of its answers for C{body_timeout}
+        seconds: it holds a connection and a buffer it does not use.
+        """
+        self._unread_timer = None
+        log.info("Dropping a client that read none of its answer for {timeout} s", timeout=self._limits.body_timeout)
+        self._closing = True
+        self.transport.abortConnection()
+
+    def _cancel_unread_timer(self) -> None:
+        timer, self._unread_timer = self._unread_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def attach_producer(self, producer) -> None:
         """
