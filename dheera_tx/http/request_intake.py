@@ -105,30 +105,24 @@ class RequestIntake(Protocol):
         body) at a time, while requests may be parsed; keep the rest, and
         stop reading, until they may again.  A loop: a read full of
         pipelined (or upgrade) requests never recurses.
+
+        A call whose head arrived is dispatched once the read is parsed
+        (or parsing pauses), so that a call that came whole in one read
+        finds its body complete.
         """
         if self._parsing:
             # Called back from inside the loop: it goes on by itself.
             return
         self._parsing = True
         try:
-            data, self._unparsed = self._unparsed, b""
-            size = len(data)
-            offset = 0
-            view = None
-            while offset < size and not self._refused and not self._lost and not self._parse_paused():
-                end = self._piece_end(data, offset)
-                if offset == 0 and end == size:
-                    piece = data
-                else:
-                    if view is None:
-                        view = memoryview(data)
-                    piece = view[offset:end]
-                offset += self._take(piece)
-            if self._refused or self._lost:
-                self._unparsed = b""
-            elif offset < size:
-                rest = data[offset:]
-                self._unparsed = rest + self._unparsed if self._unparsed else rest
+            while True:
+                self._parse_some()
+                exchange, self._to_dispatch = self._to_dispatch, None
+                if exchange is None or self._refused:
+                    break
+                self.site.passthrough.serve(exchange)
+                if not self._unparsed:
+                    break
         finally:
             self._parsing = False
         if self._closing or self._lost:
@@ -137,6 +131,32 @@ class RequestIntake(Protocol):
             self._hold(b"ahead")
         else:
             self._release(b"ahead")
+        if self._pace is None and self._incoming is not None and not self._in_head and not self._refused:
+            # A body is on its way: watch its pace (a body that came whole
+            # with its head costs no timer).
+            self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
+            if self._held:
+                self._pace.pause()
+
+    def _parse_some(self) -> None:
+        data, self._unparsed = self._unparsed, b""
+        size = len(data)
+        offset = 0
+        view = None
+        while offset < size and not self._refused and not self._lost and not self._parse_paused():
+            end = self._piece_end(data, offset)
+            if offset == 0 and end == size:
+                piece = data
+            else:
+                if view is None:
+                    view = memoryview(data)
+                piece = view[offset:end]
+            offset += self._take(piece)
+        if self._refused or self._lost:
+            self._unparsed = b""
+        elif offset < size:
+            rest = data[offset:]
+            self._unparsed = rest + self._unparsed if self._unparsed else rest
 
     def _parse_paused(self) -> bool:
         """
@@ -189,22 +209,14 @@ class RequestIntake(Protocol):
                 self._refuse(bad_request(MALFORMED))
                 return len(piece)
         consumed = self._feed(piece)
-        self._tail = bytes(piece[-3:]) if self._incoming is not None and self._body_left is None else b""
-        if self._to_dispatch is not None:
-            exchange, self._to_dispatch = self._to_dispatch, None
-            if not self._refused:
-                self.site.passthrough.serve(exchange)
         incoming = self._incoming
         if incoming is None:
+            self._tail = b""
             return consumed
-        if self._in_head:
-            if self._head_bytes > self._limits.max_header_bytes:
-                limit = self._limits.max_header_bytes
-                self._refuse(headers_too_large(limit) if self._head.headers else request_line_too_long(limit))
-        elif self._pace is None and not self._refused:
-            self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
-            if self._held:
-                self._pace.pause()
+        self._tail = bytes(piece[-3:]) if self._body_left is None else b""
+        if self._in_head and self._head_bytes > self._limits.max_header_bytes:
+            limit = self._limits.max_header_bytes
+            self._refuse(headers_too_large(limit) if self._head.headers else request_line_too_long(limit))
         return consumed
 
     def _feed(self, data) -> int:
@@ -338,7 +350,7 @@ class RequestIntake(Protocol):
                         # the route and the limits are checked.
                         exchange.body.on_demand = lambda: self._send_continue(exchange)
         self._incoming = exchange
-        if self._active is None and not self._flow.is_blocked:
+        if self._active is None and not self._queue and not self._flow.is_blocked:
             self._active = exchange
             self._to_dispatch = exchange
         else:

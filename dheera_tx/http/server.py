@@ -356,6 +356,9 @@ class GatewayConnection(RequestIntake):
 
     def _close(self) -> None:
         self._closing = True
+        # Whatever else arrives is not parsed.
+        self._reading_done = True
+        self._unparsed = b""
         self.site.deadlines.forget(self)
         # A transport whose producer is paused would wait for it instead of
         # closing once its buffer drains.
