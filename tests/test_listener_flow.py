@@ -75,6 +75,30 @@ class Calls:
         exchange.finish()
 
 
+class Collecting(Calls):
+    """
+    A data plane that reads each call's body whole, then answers 200.
+
+    :ivar bodies: the bodies read, in order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bodies: List[bytes] = []
+
+    def serve(self, exchange) -> None:
+        self.calls.append(exchange)
+        if exchange.body is None:
+            self.answer(exchange)
+            return
+
+        def read(body: bytes) -> None:
+            self.bodies.append(body)
+            self.answer(exchange)
+
+        exchange.body.collect().addCallback(read)
+
+
 class PendingKeys:
     """
     An authenticator whose lookups of C{sk-slow} wait until released; the
@@ -165,6 +189,41 @@ class PipelineTests(ListenerTestCase):
         self.assertEqual([c.uri for c in calls.calls], [b"/vllm/%d" % i for i in range(100)])
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 100)
         self.assertEqual(transport.producerState, "producing")
+
+    def test_byte_at_a_time(self):
+        """
+        Pipelined requests arriving a byte at a time (heads ending across
+        reads) are each served once, in order, bodies intact.
+        """
+        calls = Collecting()
+        protocol, transport = self.connect(self.site(calls))
+        stream = b"".join(
+            get(b"/vllm/%d" % i, b"Content-Length: 3", b"Content-Type: application/octet-stream", method=b"POST") + b"a\r\n"
+            for i in range(20)
+        )
+        for i in range(len(stream)):
+            protocol.dataReceived(stream[i:i + 1])
+            self.settle(2)
+        self.assertEqual([c.uri for c in calls.calls], [b"/vllm/%d" % i for i in range(20)])
+        self.assertEqual(calls.bodies, [b"a\r\n"] * 20)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 20)
+
+    def test_chunk_data_with_empty_lines(self):
+        """
+        Chunk data holding empty lines (where the input is cut, harmlessly)
+        arrives whole, and the request pipelined after the body is served.
+        """
+        calls = Collecting()
+        protocol, transport = self.connect(self.site(calls))
+        data = b"\r\n\r\n0\r\n\r\n" * 50
+        protocol.dataReceived(
+            get(b"/vllm/a", b"Transfer-Encoding: chunked", b"Content-Type: application/octet-stream", method=b"POST")
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+            + get(b"/vllm/b")
+        )
+        self.settle()
+        self.assertEqual(calls.bodies, [data])
+        self.assertEqual([c.uri for c in calls.calls], [b"/vllm/a", b"/vllm/b"])
 
     def test_unread_answers_stop_everything(self):
         """
