@@ -19,7 +19,6 @@ import attr
 import yaml
 
 from dheera_tx import config_values
-from dheera_tx.keys.auth import DEFAULT_OPERATOR_ROUTES
 
 ENV_PREFIX = "os.environ/"
 SECTIONS = ("model_list", "general_settings", "dheera_ai_settings", "router_settings", "environment_variables")
@@ -62,6 +61,9 @@ class Deployment:
     :ivar keepalive_timeout: seconds an idle connection to the server is
         kept for reuse; under the server's own keep-alive timeout, so that
         the proxy never sends on a connection the server is closing.
+    :ivar lora_adapters: the LoRA adapters this server serves, declared in
+        the config: C{(name, input cost, output cost)}, a cost L{None} where
+        the base model's applies.
     :ivar index: position in C{model_list}; -1 for the default upstream.
     """
 
@@ -75,7 +77,23 @@ class Deployment:
     stream_timeout: float = 60.0
     connect_timeout: float = 10.0
     keepalive_timeout: float = 4.0
+    lora_adapters: Tuple[Tuple[str, Optional[float], Optional[float]], ...] = ()
     index: int = -1
+
+    def prices_for(self, model: Optional[str]) -> Tuple[float, float]:
+        """
+        :param model: the name the call was routed by (a C{model_name} or
+            one of this deployment's LoRA adapters).
+        :return: C{(input, output)} USD per token: an adapter's own prices
+            where it has them, else this deployment's.
+        """
+        for name, input_cost, output_cost in self.lora_adapters:
+            if name == model:
+                return (
+                    self.input_cost_per_token if input_cost is None else input_cost,
+                    self.output_cost_per_token if output_cost is None else output_cost,
+                )
+        return self.input_cost_per_token, self.output_cost_per_token
 
     @property
     def id(self) -> str:
@@ -97,7 +115,7 @@ class GeneralSettings:
     max_json_body_bytes: int = 16777216
     max_control_body_bytes: int = 1048576
     metrics_require_auth: bool = False
-    operator_routes: Tuple[str, ...] = DEFAULT_OPERATOR_ROUTES
+    tenant_routes: Tuple[str, ...] = ()
     data_dir: str = "dheera_data"
     header_timeout: float = 30.0
     body_timeout: float = 60.0
@@ -107,6 +125,11 @@ class GeneralSettings:
     background_health_checks: bool = False
     health_check_interval: float = 30.0
     max_connections: int = 10000
+    # Admission (SPEC 9): the completion tokens reserved for a call that
+    # names no max_tokens; end users seen only in traffic.
+    default_max_tokens_reservation: int = 4096
+    end_user_ttl_days: int = 35
+    max_new_end_users_per_day: int = 10000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -141,12 +164,24 @@ class ProxyConfig:
     callbacks: Tuple[str, ...] = ()
     dheera_ai_settings: Dict[str, Any] = attr.ib(factory=dict, repr=False, hash=False)
     _by_name: Dict[str, Tuple[Deployment, ...]] = attr.ib(init=False, repr=False, eq=False)
+    _by_adapter: Dict[str, Tuple[Deployment, ...]] = attr.ib(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         by_name: Dict[str, list] = {}
+        by_adapter: Dict[str, list] = {}
         for deployment in self.deployments:
             by_name.setdefault(deployment.model_name, []).append(deployment)
+            for adapter in deployment.lora_adapters:
+                by_adapter.setdefault(adapter[0], []).append(deployment)
         object.__setattr__(self, "_by_name", {name: tuple(group) for name, group in by_name.items()})
+        object.__setattr__(self, "_by_adapter", {name: tuple(group) for name, group in by_adapter.items()})
+
+    def adapter_replicas(self, name: str) -> Tuple[Deployment, ...]:
+        """
+        :return: the deployments whose config declares the LoRA adapter
+            C{name}, in file order; empty when none does.
+        """
+        return self._by_adapter.get(name, ())
 
     def replicas(self, model_name: str) -> Tuple[Deployment, ...]:
         """
@@ -182,7 +217,7 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "max_json_body_bytes": config_values.whole(1),
     "max_control_body_bytes": config_values.whole(1),
     "metrics_require_auth": config_values.flag,
-    "operator_routes": config_values.routes,
+    "tenant_routes": config_values.routes,
     "data_dir": config_values.text,
     "header_timeout": _positive,
     "body_timeout": _positive,
@@ -192,6 +227,9 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "background_health_checks": config_values.flag,
     "health_check_interval": _positive,
     "max_connections": config_values.whole(1),
+    "default_max_tokens_reservation": config_values.whole(0),
+    "end_user_ttl_days": config_values.whole(1),
+    "max_new_end_users_per_day": config_values.whole(0),
 }
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "allowed_fails": config_values.whole(1),
@@ -207,8 +245,19 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "stream_timeout": _positive,
     "connect_timeout": _positive,
     "keepalive_timeout": _positive,
+    "lora_adapters": config_values.lora_adapters,
 }
 PARAMS = tuple(_PARAM_CHECKS)
+# Settings that were replaced: naming one stops start-up with what to write
+# instead, rather than being ignored.
+_RETIRED = {
+    "general_settings": {
+        "operator_routes": "virtual keys may now call only the tenant API (chat, completions, responses, "
+        "messages, embeddings, pooling, score, rerank, classify, tokenize, detokenize, audio, models, "
+        "realtime, invocations) and every other vLLM route needs the master key; delete operator_routes, and list "
+        "any route virtual keys must reach beyond the tenant API in general_settings.tenant_routes",
+    },
+}
 # Env-alone settings, used when the file leaves the setting out.
 _GENERAL_FROM_ENV = (("master_key", "DHEERA_AI_MASTER_KEY"), ("database_url", "DATABASE_URL"))
 
@@ -288,6 +337,7 @@ class _Reader:
                 raise self.error(config_values.shown(key), f"unknown top-level section; expected one of {', '.join(SECTIONS)}{hint}")
         self.export(self.section(data, "environment_variables"))
         deployments = self.model_list(data.get("model_list"))
+        self.check_adapters(deployments)
         settings = self.resolve(self.section(data, "dheera_ai_settings"), "dheera_ai_settings")
         return ProxyConfig(
             path=self.path,
@@ -323,6 +373,14 @@ class _Reader:
             raise self.error("model_list", f"expected a list of model entries, got {config_values.kind_of(entries)}")
         return tuple(self.deployment(index, entry) for index, entry in enumerate(entries))
 
+    def check_adapters(self, deployments: Tuple[Deployment, ...]) -> None:
+        names = {deployment.model_name for deployment in deployments}
+        for deployment in deployments:
+            for adapter in deployment.lora_adapters:
+                if adapter[0] in names:
+                    where = f"model_list[{deployment.index}] ({deployment.model_name}): lora_adapters"
+                    raise self.error(where, f"adapter {adapter[0]} has the name of a configured model_name; a name routes to one thing")
+
     def deployment(self, index: int, entry: Any) -> Deployment:
         label = f"model_list[{index}]"
         if not isinstance(entry, dict):
@@ -355,6 +413,9 @@ class _Reader:
 
     def settings(self, data: dict, name: str, cls: type, checks: dict, from_env: tuple) -> Any:
         section = self.section(data, name)
+        for key, instead in _RETIRED.get(name, {}).items():
+            if key in section:
+                raise self.error(f"{name}.{key}", f"no longer supported: {instead}")
         self.known(section, checks, lambda key: f"{name}.{config_values.shown(key)}", "setting")
         values = {key: self.value(f"{name}.{key}", checks[key], raw) for key, raw in section.items() if raw is not None}
         for key, variable in from_env:

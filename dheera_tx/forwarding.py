@@ -10,8 +10,9 @@ L{dheera_tx.upstream.client} on a shared pool of persistent connections:
 no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
+import json
 from typing import Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -27,8 +28,10 @@ from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_h
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.http.response_relay import ResponseRelay, answer_error, write_response_head
-from dheera_tx.keys.auth import authorize_vllm_call, authorize_vllm_model, authorize_vllm_route
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
+from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_vllm_model
+from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
+from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -73,12 +76,17 @@ class Passthrough:
     :param accounting: admits, meters and settles calls (L{CallAccounting}).
     :param on_call_end: called with each finished L{Call} (log sinks,
         metrics); must not raise.
+    :param catalog: answers C{GET /v1/models} (a
+        L{dheera_tx.routing.catalog.ModelCatalog}); L{None} passes it
+        through to the default upstream.
     """
 
     def __init__(
-        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None
+        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None
     ):
         self._reactor = reactor
+        self._catalog = catalog
+        self._realtime = RealtimeCalls(reactor, self)
         self._config = config
         self._router = router
         self._auth = authenticator
@@ -91,6 +99,7 @@ class Passthrough:
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
+        self._tenant_routes = TenantRoutes(config.general.tenant_routes)
 
     def _upstream(self, deployment: Deployment) -> _Upstream:
         upstream = self._upstreams.get(deployment.id)
@@ -127,7 +136,7 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in = request_bytes(progress)
+        call.bytes_in += request_bytes(progress)
         self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
         if self._on_call_end is not None:
             try:
@@ -144,6 +153,9 @@ class Passthrough:
             problem = path_problem(path, query)
             if problem is not None:
                 raise bad_request(f"Refused request path: {problem}.")
+            if request.switching:
+                await self._realtime.serve(request, call, progress, query)
+                return
             principal = await self._auth.authenticate(request.requestHeaders)
             if principal.key is not None:
                 key = principal.key
@@ -151,14 +163,18 @@ class Passthrough:
                 call.key_alias = key.key_alias
                 call.user_id = key.user_id
                 call.team_id = key.team_id
-                self._full_windows.check(key)
+            named = header_or_query_model(request.requestHeaders, query)
+            if self._catalog is not None and request.method == b"GET" and _names_models(path):
+                if named is None:
+                    await self._answer_models(request, call, principal, path)
+                    return
             # What the head decides is refused before the body is read.
             route_path = path[1:].decode("utf-8", "replace")
-            operator_routes = self._config.general.operator_routes
-            authorize_vllm_route(principal, route_path, operator_routes)
-            named = header_or_query_model(request.requestHeaders, query)
-            if named is not None:
-                authorize_vllm_model(principal, named)
+            authorize_route(principal, route_path, self._tenant_routes)
+            if principal.key is not None:
+                self._full_windows.check(principal.key)
+                if named is not None:
+                    authorize_vllm_model(principal, named)
             document, raw_json = await self._json_document(request)
             progress.document = document
             model = body_model(document) if document is not None else None
@@ -175,14 +191,18 @@ class Passthrough:
                     model = form_model or model
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
-            authorize_vllm_call(principal, route_path, model, operator_routes)
+            authorize_vllm_call(principal, route_path, model, self._tenant_routes)
+            if principal.key is not None:
+                path, document = self._scope_ids(request, principal.key.token, path, document, progress)
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
             try:
-                progress.admission = await self._accounting.admit(principal, call.end_user, call)
+                progress.admission = await self._accounting.admit(
+                    principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+                )
             except WindowFull as e:
                 if principal.key is not None:
                     self._full_windows.remember(principal.key, e)
@@ -198,6 +218,41 @@ class Passthrough:
         except BodyAborted:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
+
+    def _scope_ids(self, request, token: str, path: bytes, document, progress: "_Progress"):
+        """
+        Move the request ids a virtual key names (header, body, Responses
+        path) into the key's namespace (L{dheera_tx.keys.tenancy}).
+
+        :return: the upstream path and the body document to forward.
+        """
+        scope = request_id_scope(token)
+        progress.id_scope = scope.encode("ascii")
+        path = scoped_path(path, progress.id_scope)
+        if document is not None:
+            creates = request.method == b"POST" and path == b"/v1/responses"
+            changed = scoped_document(document, scope, creates)
+            if changed is not None:
+                progress.document = document = changed
+                progress.rewrite = True
+        return path, document
+
+    async def _answer_models(self, request, call: Call, principal, path: bytes) -> None:
+        """
+        Answer C{GET /v1/models} or C{GET /v1/models/{name}} from the
+        catalog: the public names this caller may use.
+        """
+        authorize_route(principal, path[1:].decode("utf-8", "replace"), self._tenant_routes)
+        if path == _MODELS:
+            answer = await self._catalog.listing(principal, self._router.cooling_down)
+        else:
+            name = unquote(path[len(_MODELS) + 1 :].decode("utf-8", "replace"))
+            answer = await self._catalog.model(principal, name, self._router.cooling_down)
+            if answer is None:
+                raise ProxyError(
+                    404, f"The model {name!r} does not exist.", type="invalid_request_error", code="model_not_found", param="model"
+                )
+        answer_json(request, 200, json.dumps(answer, separators=(",", ":")).encode("utf-8"), call)
 
     async def _json_document(self, request):
         body = request.body
@@ -232,7 +287,7 @@ class Passthrough:
             call.api_base = deployment.api_base
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer)
+                response = await self._send(request, call, deployment, target, producer, progress.id_scope)
             except UpstreamUnreachable:
                 self._router.finished(deployment)
                 self._router.failed(deployment)
@@ -252,8 +307,8 @@ class Passthrough:
     def _body_for(self, request, deployment: Deployment, route: Route, raw_json, progress: "_Progress"):
         """
         :return: the body to send to C{deployment}: the client's bytes
-            unchanged unless the served model name or the usage request
-            must be written into the JSON.
+            unchanged unless the served model name, the usage request or
+            a virtual key's request ids must be written into the JSON.
         """
         if raw_json is None:
             return request.body
@@ -262,17 +317,22 @@ class Passthrough:
             return raw_json if raw_json else None
         rename = (
             route.model_name is not None
+            and not route.adapter
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
-        if not rename and not progress.strip_usage:
+        if not rename and not progress.strip_usage and not progress.rewrite:
             return raw_json
         changed = with_usage_requested(document) if progress.strip_usage else dict(document)
         if rename:
             changed["model"] = deployment.served_model
         return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment) -> List[Tuple[bytes, bytes]]:
+    def _upstream_headers(self, request, deployment: Deployment, id_scope: Optional[bytes]) -> List[Tuple[bytes, bytes]]:
+        """
+        :param id_scope: a virtual key's request-id namespace (its
+            C{X-Request-Id} is moved into it), or L{None} for the master key.
+        """
         incoming = request.raw_headers
         drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
         headers = []
@@ -284,6 +344,8 @@ class Passthrough:
             if lower == b"x-forwarded-for":
                 forwarded.append(value)
                 continue
+            if lower == b"x-request-id" and id_scope is not None:
+                value = scoped_header(id_scope, value)
             headers.append((name, value))
         client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
@@ -294,9 +356,9 @@ class Passthrough:
             headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body):
+    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes]):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment)
+        headers = self._upstream_headers(request, deployment, id_scope)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -377,6 +439,16 @@ class Passthrough:
             request.forget_client_gone(gone)
 
 
+_MODELS = b"/v1/models"
+
+
+def _names_models(path: bytes) -> bool:
+    """
+    :return: whether C{path} is the model list or one model's entry.
+    """
+    return path == _MODELS or (path.startswith(_MODELS + b"/") and len(path) > len(_MODELS) + 1)
+
+
 class _ClientGone(ProxyError):
     def __init__(self):
         super().__init__(499, "client disconnected", type="client_disconnected")
@@ -409,7 +481,7 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage")
+    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "rewrite")
 
     def __init__(self):
         self.request = None
@@ -418,6 +490,10 @@ class _Progress:
         self.deployment = None
         self.meter = None
         self.strip_usage = False
+        # A virtual key's request-id namespace, and whether the body's ids
+        # were rewritten into it.
+        self.id_scope: Optional[bytes] = None
+        self.rewrite = False
 
 
 def request_bytes(progress: _Progress) -> int:

@@ -272,6 +272,8 @@ class _TrackedChannel(http.HTTPChannel):
     """
 
     fake: "FakeVLLM"
+    _realtime: Any = None
+    _first_read = True
 
     def connectionMade(self) -> None:
         """
@@ -279,6 +281,23 @@ class _TrackedChannel(http.HTTPChannel):
         """
         super().connectionMade()
         self.fake._channel_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        A connection that starts with a realtime upgrade is a WebSocket
+        session (:mod:`tests.fake_realtime`), not HTTP.
+        """
+        if self._realtime is not None:
+            self._realtime.dataReceived(data)
+            return
+        if self._first_read and data.startswith(b"GET /v1/realtime"):
+            from tests.fake_realtime import FakeRealtimeSession
+
+            self._realtime = FakeRealtimeSession(self.fake, self.transport)
+            self._realtime.dataReceived(data)
+            return
+        self._first_read = False
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
         """
@@ -667,6 +686,8 @@ class VLLMRoutes:
             if scheme.lower() != b"bearer" or token.strip() != key.encode("utf-8"):
                 return json_answer({"error": "Unauthorized"}, 401)
         route = self._table.get(path)
+        if route is None and path.startswith(b"/v1/responses/"):
+            return self.stored_response(exchange, path[len(b"/v1/responses/"):])
         if route is None:
             return json_answer({"detail": "Not Found"}, 404)
         allowed, handler, wants_json = route
@@ -695,12 +716,15 @@ class VLLMRoutes:
             return refused.answer
 
     def _unknown_model(self, model: Any) -> Optional[Answer]:
-        if model is None or model == self.fake.served_model:
+        if model is None or model == self.fake.served_model or model in self.fake.lora_modules:
             return None
         return error_answer(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
     def _ids(self, exchange: _Exchange, payload: dict) -> tuple:
-        request_id = exchange.record.header("x-request-id") or "fake%028x" % (exchange.record.index,)
+        # Like vLLM's _base_request_id: the header, else the body's
+        # request_id, else a new id.
+        request_id = (exchange.record.header("x-request-id") or payload.get("request_id")
+                      or "fake%028x" % (exchange.record.index,))
         return request_id, int(self.fake.reactor.seconds()), payload.get("model") or self.fake.served_model
 
     @staticmethod
@@ -816,13 +840,19 @@ class VLLMRoutes:
         ``POST /v1/responses``: JSON, or named SSE events ending with
         ``response.completed`` (no ``[DONE]``).
         """
+        previous = payload.get("previous_response_id")
+        if previous is not None and previous not in self.fake.responses:
+            return self._response_not_found(previous)
         prompt = words(payload.get("instructions")) + input_words(payload.get("input"))
         count, finish = self._generation(exchange, payload, "max_output_tokens")
-        request_id, created, model = self._ids(exchange, payload)
+        _, created, model = self._ids(exchange, payload)
+        # The Responses API names a response by the body's request_id alone
+        # (vLLM ignores X-Request-Id here), default resp_<random>.
+        response_id = payload.get("request_id") or "resp_fake%028x" % (exchange.record.index,)
         tokens = [f"tok{i} " for i in range(count)]
         text = "".join(tokens)
         self.fake.account(prompt, count, finish)
-        item_id = "msg_" + request_id
+        item_id = "msg_" + response_id
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
                  "output_tokens": count, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": prompt + count}
@@ -831,15 +861,17 @@ class VLLMRoutes:
                 "content": [part]}
 
         def response(status: str, output: list, usage: Optional[dict]) -> dict:
-            return {"id": "resp_" + request_id, "object": "response", "created_at": created,
+            return {"id": response_id, "object": "response", "created_at": created,
                     "model": model, "status": status, "output": output, "usage": usage,
                     "instructions": payload.get("instructions"),
                     "max_output_tokens": payload.get("max_output_tokens"),
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-                    "background": False, "previous_response_id": None,
+                    "background": False, "previous_response_id": previous,
                     "text": {"format": {"type": "text"}}, "incomplete_details": None,
                     "error": None, "metadata": None}
 
+        if payload.get("store") is not False:
+            self.fake.responses[response_id] = response("completed", [item], usage)
         if not payload.get("stream"):
             return json_answer(response("completed", [item], usage))
         events: list = []
@@ -861,6 +893,27 @@ class VLLMRoutes:
         event("response.output_item.done", output_index=0, item=item)
         event("response.completed", response=response("completed", [item], usage))
         return Answer(content_type=b"text/event-stream; charset=utf-8", events=events)
+
+    def stored_response(self, exchange: _Exchange, rest: bytes) -> Answer:
+        """
+        ``GET /v1/responses/{id}`` (a stored response) and
+        ``POST /v1/responses/{id}/cancel`` (400: only background responses
+        can be cancelled, and the fake has none); 404 for an unknown id.
+        """
+        response_id, _, action = rest.decode("utf-8", "replace").partition("/")
+        method = exchange.request.method
+        if action not in ("", "cancel") or method != (b"POST" if action else b"GET"):
+            return json_answer({"detail": "Not Found"}, 404)
+        stored = self.fake.responses.get(response_id)
+        if stored is None:
+            return self._response_not_found(response_id)
+        if action == "cancel":
+            return error_answer(400, "Cannot cancel a synchronous response.", "invalid_request_error")
+        return json_answer(stored)
+
+    @staticmethod
+    def _response_not_found(response_id: str) -> Answer:
+        return error_answer(404, f"Response with id '{response_id}' not found.", "invalid_request_error")
 
     def _pooled(self, exchange: _Exchange, payload: dict, prefix: str, data: list,
                 prompt: int, **extra: Any) -> Answer:
@@ -1020,9 +1073,15 @@ class VLLMRoutes:
                       "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                       "allow_fine_tuning": False, "organization": "*", "group": None,
                       "is_blocking": False}
-        return json_answer({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "vllm",
-             "root": name, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}]})
+        # vLLM lists the base model, then each LoRA adapter with its path
+        # as root, the base model as parent and no max_model_len
+        # (vllm/entrypoints/openai/serving_models.py, show_available_models).
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "vllm",
+                  "root": name, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}]
+        cards += [{"id": lora, "object": "model", "created": created, "owned_by": "vllm",
+                   "root": path, "parent": name, "max_model_len": None, "permission": [permission]}
+                  for lora, path in self.fake.lora_modules.items()]
+        return json_answer({"object": "list", "data": cards})
 
     def health(self, exchange: _Exchange) -> Answer:
         """
@@ -1093,6 +1152,8 @@ class FakeVLLM:
     :param served_model: the one served model name.
     :param api_key: if given, ``/v1`` and ``/v2`` paths need
         ``Authorization: Bearer <api_key>``.
+    :param lora_modules: LoRA adapters served beside the base model, name ->
+        path (vLLM's ``--lora-modules name=path``).
 
     :ivar fault: the default fault spec for every request.
     :ivar received: every request, in arrival order, from its headers on.
@@ -1105,9 +1166,10 @@ class FakeVLLM:
     """
 
     def __init__(self, reactor: Any, served_model: str = "tiny",
-                 api_key: Optional[str] = None) -> None:
+                 api_key: Optional[str] = None, lora_modules: Optional[dict] = None) -> None:
         self.reactor = reactor
         self.served_model = served_model
+        self.lora_modules = dict(lora_modules or {})
         self.api_key = api_key
         self.fault: Optional[str] = None
         self.received: list = []
@@ -1116,6 +1178,9 @@ class FakeVLLM:
         self.idle_timeout: Optional[float] = None
         self.big_body_written = 0
         self.sleeping = False
+        # Stored Responses API answers by id (vLLM's response store).
+        self.responses: dict = {}
+        self.realtime_sessions = 0
         self.requests_running = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -1255,8 +1320,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="A fake vLLM server (OpenAI-compatible, deterministic).")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="qwen2.5-7b-instruct")
+    parser.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters to serve beside the model, as vLLM's flag")
     args = parser.parse_args(argv)
-    fake = FakeVLLM(reactor, served_model=args.model)
+    loras = dict(module.partition("=")[::2] for module in args.lora_modules)
+    fake = FakeVLLM(reactor, served_model=args.model, lora_modules=loras)
     fake.start(args.port).addCallback(lambda f: print(f"fake vLLM serving {args.model!r} on {f.url}", flush=True))
     reactor.run()
 

@@ -100,6 +100,8 @@ class GatewayTestCase(ProxyHarness, TestCase):
     """
 
     timeout = 30
+    # Extra general_settings of the proxy under test (subclasses override).
+    general_settings: dict = {}
 
     def setUp(self):
         self.harness()
@@ -117,7 +119,7 @@ class GatewayTestCase(ProxyHarness, TestCase):
                     deployment("alpha", "tiny", self.upstream, **PRICES),
                     deployment("beta", "tiny", self.upstream, timeout=1, **PRICES),
                 ],
-                "general_settings": {"master_key": MASTER_KEY},
+                "general_settings": dict({"master_key": MASTER_KEY}, **self.general_settings),
                 "dheera_ai_settings": {"callbacks": ["json_log"]},
             }
         )
@@ -302,7 +304,7 @@ class CostTests(GatewayTestCase):
         self.assertEqual(self.hash("spend:model:alpha"), counters)
         self.assertEqual(self.hash("spend:user:ursula"), counters)
         self.assertEqual(self.hash("spend:team:teal"), counters)
-        status, end_user = await self.admin("GET", "/end_user/info?end_user_id=erin")
+        status, end_user = await self.admin("GET", "/end_user/info?end_user_id=erin&team_id=teal")
         self.assertEqual(status, 200, end_user)
         self.assertEqual(end_user["spend_nanos"], expected)
         for group, ident in (("key", token), ("user", "ursula"), ("team", "teal"), ("end_user", "erin"), ("model", "alpha")):

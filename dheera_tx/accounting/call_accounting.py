@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from dheera_tx.accounting.limits import Admission
 from dheera_tx.accounting.metering import JSONUsageMeter, SSEUsageMeter, Usage, cost_nanos
+from dheera_tx.accounting.reservation import worst_case
 from dheera_tx.accounting.spend import Settlement
 from dheera_tx.call import Call
 from dheera_tx.config import Deployment
@@ -111,15 +112,24 @@ class CallAccounting:
         Redis: nothing is limited or recorded).
     :param ledger: a L{dheera_tx.accounting.spend.SpendLedger}, or L{None}.
     :param now: epoch seconds, for settlement dates.
+    :param default_max_tokens: completion tokens reserved at admission for
+        a generating call that names no C{max_tokens}
+        (C{general_settings.default_max_tokens_reservation}).
     """
 
-    def __init__(self, limiter=None, ledger=None, now=None):
+    def __init__(self, limiter=None, ledger=None, now=None, default_max_tokens: int = 4096):
         self._limiter = limiter
         self._ledger = ledger
         self._now = now
+        self._default_max_tokens = default_max_tokens
 
-    async def admit(self, principal, end_user: Optional[str], call: Call) -> Optional[Admission]:
+    async def admit(
+        self, principal, end_user: Optional[str], call: Call, path: bytes = b"", document=None, body_bytes: int = 0, replicas=()
+    ) -> Optional[Admission]:
         """
+        :param path: the call's path after C{/vllm}; with C{document} (its
+            JSON body), C{body_bytes} (that body's length) and C{replicas}
+            (where it may go), what its worst case is reckoned from.
         :return: the admission to settle later, or L{None} when nothing is
             tracked.
         :raise ProxyError: over a limit or budget, end user blocked, or
@@ -127,13 +137,14 @@ class CallAccounting:
         """
         if self._limiter is None:
             return None
+        reservation = worst_case(path, document, body_bytes, replicas, self._default_max_tokens)
         try:
-            return await self._limiter.admit(principal, end_user, call.call_id)
+            return await self._limiter.admit(principal, end_user, call.call_id, reservation)
         except ProxyError as e:
             if e.status == 503 and self._ledger is not None:
-                # The script may have run and taken a parallel slot although
-                # its reply was lost: give the slot back.
-                self._ledger.release_lost_slot(self._limiter.admission_of(principal, end_user, call.call_id))
+                # The script may have run and taken a parallel slot and
+                # reservations although its reply was lost: give them back.
+                self._ledger.release_lost_slot(self._limiter.admission_of(principal, end_user, call.call_id, reservation))
             raise
 
     @staticmethod
@@ -161,7 +172,7 @@ class CallAccounting:
                 call.completion_tokens = usage.completion_tokens
                 call.usage_estimated = usage.estimated
                 if deployment is not None:
-                    call.cost_nanos = cost_nanos(usage, deployment.input_cost_per_token, deployment.output_cost_per_token)
+                    call.cost_nanos = cost_nanos(usage, *deployment.prices_for(call.model_name))
             if admission is not None and self._ledger is not None:
                 self._ledger.settle(
                     Settlement(

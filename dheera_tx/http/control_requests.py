@@ -5,7 +5,8 @@ Every request that is not C{/vllm} is read whole and then run through the
 Klein control plane (L{dheera_tx.http.control_bridge}).  Reading a body
 costs memory and time, so it is earned first: L{ControlGate} checks the
 caller's key as soon as the headers have arrived (every route but the
-public health and metrics routes needs one), and the connection reads no
+public health and metrics routes, and the console, which checks its own
+session cookie, needs one), and the connection reads no
 byte of the body until the key is good; a body is capped at
 C{max_control_body_bytes} (413 from the Content-Length, or as soon as it
 grows past).  A L{ControlRequest} is one such request on its way.
@@ -22,6 +23,10 @@ from dheera_tx.errors import ProxyError
 # without credentials.  Their handlers take no body.
 PUBLIC_ROUTES = frozenset([b"/health/liveliness", b"/health/liveness", b"/health/readiness"])
 METRICS_ROUTE = b"/metrics"
+# The console signs in with a form and then checks its own session cookie
+# on every request (dheera_tx.console): no key header to check here; its
+# bodies are small forms, capped like any control body.
+CONSOLE_ROOT = b"/ui"
 
 
 class ControlRequest:
@@ -73,9 +78,11 @@ class ControlGate:
 
     def is_public(self, target: bytes) -> bool:
         """
-        :return: whether C{target}'s route needs no key.
+        :return: whether C{target}'s route needs no key header (public, or
+            the console's, which authenticates with its session cookie).
         """
-        return target.split(b"?", 1)[0] in self._public
+        path = target.split(b"?", 1)[0]
+        return path in self._public or path == CONSOLE_ROOT or path.startswith(CONSOLE_ROOT + b"/")
 
     def check(self, target: bytes, headers: List[Tuple[bytes, bytes]]) -> "Deferred[Optional[ProxyError]]":
         """

@@ -34,6 +34,7 @@ from dheera_tx.http.listener_limits import BodyPace, ListenerLimits, too_large
 from dheera_tx.http.paths import is_passthrough
 from dheera_tx.http.request_body import BodyTooLarge, StreamingBody
 from dheera_tx.http.request_head import MALFORMED, RequestHead, RequestLine, framing, headers_too_large, request_line_too_long
+from dheera_tx.http.websocket import is_websocket_upgrade
 from dheera_tx.routing.model_choice import MultipartModelWatch, is_json, multipart_boundary
 
 log = Logger()
@@ -44,6 +45,11 @@ _HEAD_END = b"\r\n\r\n"
 # Requests parsed ahead of the one being answered: enough for any client
 # that pipelines in earnest, few enough that their heads cost little.
 PIPELINE_DEPTH = 16
+
+#: The upgrade target the data plane may switch to a WebSocket.
+REALTIME_TARGET = b"/vllm/v1/realtime"
+#: Bytes held after an upgrade request's head until the switch.
+MAX_HELD_UPGRADE_BYTES = 65536
 
 
 class Stop(Exception):
@@ -92,11 +98,23 @@ class RequestIntake(Protocol):
         self._form_watch: Optional[MultipartModelWatch] = None
         self._to_dispatch = None
         self._line = RequestLine(limits.max_header_bytes)
+        # A WebSocket upgrade waiting for the data plane's switch (what came
+        # after its head waits unparsed), and the relay once switched.
+        self._switching = None
+        self._taken = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self._taken is not None:
+            self._taken.dataReceived(data)
+            return
         if self._refused or self._reading_done:
             return
         self._unparsed = self._unparsed + data if self._unparsed else data
+        if self._switching is not None:
+            if len(self._unparsed) > MAX_HELD_UPGRADE_BYTES:
+                # A client sends frames only after the 101.
+                self.transport.abortConnection()
+            return
         self._parse()
 
     def _parse(self) -> None:
@@ -167,6 +185,8 @@ class RequestIntake(Protocol):
         """
         if self._flow.is_blocked or len(self._queue) >= PIPELINE_DEPTH or self._reading_done:
             return True
+        if self._switching is not None:
+            return True
         incoming = self._incoming
         if incoming is None or self._in_head:
             return False
@@ -230,6 +250,16 @@ class RequestIntake(Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            upgraded = self._queue[-1] if self._queue else self._active
+            if isinstance(upgraded, ClientExchange) and upgraded.switching:
+                if self._queue:
+                    # Behind unfinished answers: served as a plain request.
+                    upgraded.switching = False
+                else:
+                    # The data plane may switch this connection to a
+                    # WebSocket: what follows the head is not HTTP; it waits
+                    # unparsed for the relay.
+                    self._switching = upgraded
             return e.args[0] if e.args else len(data)
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, Stop):
@@ -329,6 +359,11 @@ class RequestIntake(Protocol):
         """
         site = self.site
         exchange = ClientExchange(self, method, target, version, headers, site.reactor.seconds(), keep_alive)
+        if method == b"GET" and target.split(b"?", 1)[0] == REALTIME_TARGET and is_websocket_upgrade(exchange.requestHeaders):
+            exchange.switching = True
+            # Unless it switches, the connection ends with its answer: what
+            # the client sent after the head is not HTTP.
+            exchange.keep_alive = False
         if has_body:
             content_type = exchange.getHeader(b"content-type")
             # A JSON body is parsed whole: its own, smaller cap.

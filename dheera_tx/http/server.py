@@ -107,7 +107,36 @@ class GatewayConnection(RequestIntake):
         self._flow.register(self.transport)
         self.site.deadlines.watch(self)
 
+    def take_over(self, consumer):
+        """
+        Hand the connection to C{consumer} after a protocol switch (see
+        L{ClientExchange.take_over}): from now on every byte goes to
+        C{consumer.dataReceived}, and the connection's reading and write
+        backpressure are the consumer's to drive.
+
+        :return: the transport.
+        """
+        self._taken = consumer
+        self._switching = None
+        self.site.deadlines.forget(self)
+        self._stop_pace()
+        self._cancel_unread_timer()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        # The relay registers its own producers on the transport.
+        self._flow.unregister()
+        if self._held:
+            self._held.clear()
+            self.transport.resumeProducing()
+        held, self._unparsed = self._unparsed, b""
+        if held:
+            self.site.reactor.callLater(0, consumer.dataReceived, held)
+        return self.transport
+
     def connectionLost(self, reason: Failure = None) -> None:
+        if self._taken is not None:
+            taken, self._taken = self._taken, None
+            taken.connectionLost(reason)
         self._lost = True
         self._unparsed = b""
         self._cancel_unread_timer()

@@ -2,7 +2,7 @@
 Which vLLM deployment serves a call.
 
 L{Router} maps the model a call names to the replicas configured under that
-C{model_name}, picks the least busy healthy one, and cools down a replica
+C{model_name} (or serving the LoRA adapter of that name), picks the least busy healthy one, and cools down a replica
 whose connections keep failing.  Calls that name no configured model go to
 the default upstream, if there is one.
 """
@@ -24,10 +24,14 @@ class Route:
     :ivar model_name: the configured C{model_name} the call named, or
         L{None} when it goes to the default upstream.
     :ivar replicas: the deployments that may serve it.
+    :ivar adapter: whether C{model_name} is a LoRA adapter of those
+        deployments (vLLM serves it under that very name: the body's
+        C{model} is not rewritten).
     """
 
     model_name: Optional[str]
     replicas: Sequence[Deployment]
+    adapter: bool = False
 
 
 @attr.s(slots=True)
@@ -45,12 +49,22 @@ class Router:
     :param now: a clock returning seconds (the reactor's C{seconds}).
     :param shuffle: tie-breaker for replicas with equal load (injected in
         tests for determinism).
+    :param adapters: the replicas serving a LoRA adapter, by its name
+        (L{dheera_tx.routing.catalog.ModelCatalog.adapter_replicas}); by
+        default the adapters the config declares.
     """
 
     FAILURE_WINDOW = 60.0
 
-    def __init__(self, config: ProxyConfig, now: Callable[[], float], choice=random.choice):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        now: Callable[[], float],
+        choice=random.choice,
+        adapters: Optional[Callable[[str], Sequence[Deployment]]] = None,
+    ):
         self._config = config
+        self._adapters = config.adapter_replicas if adapters is None else adapters
         self._now = now
         self._choice = choice
         self._state: Dict[str, _ReplicaState] = {}
@@ -70,6 +84,9 @@ class Router:
             replicas = self._config.replicas(model)
             if replicas:
                 return Route(model, replicas)
+            replicas = self._adapters(model)
+            if replicas:
+                return Route(model, tuple(replicas), adapter=True)
         default = self._config.default_deployment
         if default is None:
             if model is None:
