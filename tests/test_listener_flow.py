@@ -177,6 +177,22 @@ class PipelineTests(ListenerTestCase):
         self.assertEqual(len(calls.calls), 2)
         self.assertLessEqual(len(protocol._queue), PIPELINE_DEPTH)
 
+    def test_parsed_ahead_bytes_bounded(self):
+        """
+        Behind an answer that does not come, pipelined calls with big heads
+        are parsed ahead only until their heads hold 64 KiB.
+        """
+        calls = Calls()
+        protocol, transport = self.connect(self.site(calls))
+        big = get(b"/vllm/a", b"X-Pad: " + b"p" * 10_000)
+        protocol.dataReceived(big * 16)
+        self.assertEqual(len(calls.calls), 1)
+        self.assertEqual(len(protocol._queue), 7)
+        self.assertEqual(transport.producerState, "paused")
+        calls.answer(calls.calls[0])
+        self.settle()
+        self.assertEqual(len(calls.calls), 2)
+
     def test_all_answered_in_order(self):
         """
         100 pipelined calls answered one after the other are all served, in

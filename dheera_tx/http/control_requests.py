@@ -38,10 +38,21 @@ class ControlRequest:
     :ivar rejection: the error to answer instead of serving it, or L{None}.
     :ivar keep_alive: the connection may outlive the answer as far as the
         request's framing goes (not after an HTTP/1.0 chunked body).
+    :ivar head_size: the bytes of its head.
     """
 
     __slots__ = (
-        "method", "target", "version", "headers", "chunks", "size", "complete", "admitted", "rejection", "keep_alive"
+        "method",
+        "target",
+        "version",
+        "headers",
+        "chunks",
+        "size",
+        "complete",
+        "admitted",
+        "rejection",
+        "keep_alive",
+        "head_size",
     )
 
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: List[Tuple[bytes, bytes]]):
@@ -55,6 +66,7 @@ class ControlRequest:
         self.admitted = False
         self.rejection: Optional[ProxyError] = None
         self.keep_alive = True
+        self.head_size = 0
 
     def body(self) -> bytes:
         """

@@ -45,6 +45,9 @@ _HEAD_END = b"\r\n\r\n"
 # Requests parsed ahead of the one being answered: enough for any client
 # that pipelines in earnest, few enough that their heads cost little.
 PIPELINE_DEPTH = 16
+# ...and the most bytes their heads (and control bodies) may hold: 16 heads
+# of max_header_bytes each would be a megabyte.
+PIPELINE_BYTES = 64 * 1024
 
 #: The upgrade target the data plane may switch to a WebSocket.
 REALTIME_TARGET = b"/vllm/v1/realtime"
@@ -64,8 +67,9 @@ class RequestIntake(Protocol):
 
     The connection (the subclass) answers: it provides C{site} (with
     C{passthrough}, C{gate}, C{reactor}, C{deadlines}), the state
-    C{_active}, C{_queue}, C{_flow}, C{_held}, C{_refused}, C{_lost},
-    C{_continue_owed}, and the methods C{_refuse}, C{_refuse_incoming},
+    C{_active}, C{_queue}, C{_queued_bytes}, C{_flow}, C{_held},
+    C{_refused}, C{_lost}, C{_closing}, C{_continue_owed}, and the methods
+    C{_queue_request}, C{_refuse}, C{_refuse_incoming},
     C{_malformed}, C{_admit_control}, C{_gate_failed},
     C{_enqueue_control}, C{_send_continue}, C{_body_too_slow},
     C{_stop_pace}, C{_hold}, C{_release}, C{_hold_body} and
@@ -98,6 +102,7 @@ class RequestIntake(Protocol):
         self._form_watch: Optional[MultipartModelWatch] = None
         self._to_dispatch = None
         self._line = RequestLine(limits.max_header_bytes)
+        self._last_head_size = 0
         # A WebSocket upgrade waiting for the data plane's switch (what came
         # after its head waits unparsed), and the relay once switched.
         self._switching = None
@@ -184,6 +189,8 @@ class RequestIntake(Protocol):
             waiting for its turn.
         """
         if self._flow.is_blocked or len(self._queue) >= PIPELINE_DEPTH or self._reading_done:
+            return True
+        if self._queued_bytes > PIPELINE_BYTES:
             return True
         if self._switching is not None:
             return True
@@ -302,6 +309,7 @@ class RequestIntake(Protocol):
         if self._refused:
             raise Stop()
         self._in_head = False
+        self._last_head_size = self._head_bytes
         self._head_bytes = 0
         self.site.deadlines.forget(self)
         parser = self._parser
@@ -341,6 +349,7 @@ class RequestIntake(Protocol):
             self._incoming_call(method, target, version, headers, length, chunked, has_body, expect, keep_alive)
             return
         request = ControlRequest(method, target, version, headers)
+        request.head_size = self._last_head_size
         request.keep_alive = keep_alive
         if length is not None and length > self._limits.max_control_body_bytes:
             request.rejection = too_large(self._limits.max_control_body_bytes)
@@ -389,7 +398,7 @@ class RequestIntake(Protocol):
             self._active = exchange
             self._to_dispatch = exchange
         else:
-            self._queue.append(exchange)
+            self._queue_request(exchange, self._last_head_size)
 
     def on_body(self, data: bytes) -> None:
         incoming = self._incoming

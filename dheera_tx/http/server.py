@@ -87,6 +87,9 @@ class GatewayConnection(RequestIntake):
         # The request being answered, and those waiting for their turn.
         self._active = None
         self._queue: list = []
+        # The bytes each waiting request holds, and their sum.
+        self._queue_sizes: List[int] = []
+        self._queued_bytes = 0
         # A control request with Expect: 100-continue whose 100 waits for
         # its key check or for the answer before it.
         self._continue_owed = None
@@ -152,6 +155,8 @@ class GatewayConnection(RequestIntake):
         waiting = [self._active, self._incoming] + self._queue
         self._active = self._incoming = None
         self._queue = []
+        self._queue_sizes = []
+        self._queued_bytes = 0
         for exchange in waiting:
             if isinstance(exchange, ClientExchange):
                 exchange.connection_lost()
@@ -215,7 +220,16 @@ class GatewayConnection(RequestIntake):
         if self._active is None and not self._queue and not self._flow.is_blocked:
             self._start_control(request)
         else:
-            self._queue.append(request)
+            self._queue_request(request, request.head_size + request.size)
+
+    def _queue_request(self, request, size: int) -> None:
+        """
+        Put C{request} behind the others, counting the C{size} bytes it
+        holds against L{PIPELINE_BYTES}.
+        """
+        self._queue.append(request)
+        self._queue_sizes.append(size)
+        self._queued_bytes += size
 
     # Answers done, next requests.
 
@@ -270,6 +284,7 @@ class GatewayConnection(RequestIntake):
         if self._active is not None or not self._queue or self._closing or self._lost or self._flow.is_blocked:
             return
         request = self._queue.pop(0)
+        self._queued_bytes -= self._queue_sizes.pop(0)
         if isinstance(request, ClientExchange):
             self._active = request
             self.site.passthrough.serve(request)
