@@ -31,8 +31,8 @@ from dheera_tx.config import ConfigError, ProxyConfig, load_config
 from dheera_tx.console.sessions import ConsoleSessions
 from dheera_tx.forwarding import Passthrough
 from dheera_tx.http.control_requests import ControlGate
+from dheera_tx.http.gateway_site import GatewaySite
 from dheera_tx.http.listener_limits import ListenerLimits
-from dheera_tx.http.server import GatewaySite
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore

@@ -21,8 +21,9 @@ from twisted.web.server import NOT_DONE_YET
 from dheera_tx.config import GeneralSettings
 from dheera_tx.errors import ProxyError, unauthorized
 from dheera_tx.http.control_requests import ControlGate
+from dheera_tx.http.gateway_site import GatewaySite
 from dheera_tx.http.listener_limits import ListenerLimits
-from dheera_tx.http.server import PIPELINE_DEPTH, GatewaySite
+from dheera_tx.http.server import PIPELINE_DEPTH
 
 KEY = b"sk-unit-master"
 
