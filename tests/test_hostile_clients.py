@@ -411,3 +411,72 @@ class PipelinedUpgradeTests(HostileClientHarness, TestCase):
         )
         self.assertEqual(status_of(attack.answer), 400, attack.answer[:300])
         self.assertNotIn("Traceback", self.proxy.log_text())
+
+
+class FramingTests(HostileClientHarness, TestCase):
+    """
+    Request framing details over a real socket: trailers never reach vLLM,
+    HTTP/1.0 with Transfer-Encoding closes, a Connection header may not
+    strip what the proxy read.
+    """
+
+    def chat_body(self) -> bytes:
+        return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+
+    async def test_trailers_not_forwarded(self):
+        """
+        Trailer fields of a chunked call body are not sent upstream as
+        headers.
+        """
+        body = self.chat_body()
+        attack = await deferToThread(
+            Attack(
+                self.proxy.port,
+                head(b"POST", b"/vllm/v1/chat/completions", b"Content-Type: application/json", b"Transfer-Encoding: chunked"),
+                iter([b"%x\r\n%s\r\n0\r\nX-Evil: 1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n" % (len(body), body)]),
+                done=lambda answer: status_of(answer) is not None and answer.endswith(b"0\r\n\r\n") or answer_complete(answer),
+                seconds=10,
+            ).run
+        )
+        self.assertEqual(status_of(attack.answer), 200, attack.answer[:300])
+        [received] = [r for r in self.upstream.received if r.uri == b"/v1/chat/completions"]
+        self.assertIsNone(received.header("x-evil"))
+        self.assertNotIn("6.6.6.6", received.header("x-forwarded-for") or "")
+
+    async def test_http10_chunked_closes(self):
+        """
+        An HTTP/1.0 call with Transfer-Encoding is answered and its
+        connection closed, even with keep-alive asked for.
+        """
+        body = self.chat_body()
+        attack = await deferToThread(
+            Attack(
+                self.proxy.port,
+                head(b"POST", b"/vllm/v1/chat/completions", b"Content-Type: application/json", b"Connection: keep-alive",
+                     b"Transfer-Encoding: chunked", version=b"HTTP/1.0"),
+                iter([b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)]),
+                seconds=10,
+            ).run
+        )
+        self.assertTrue(attack.closed, attack.answer[:300])
+        self.assertTrue(attack.answer.startswith(b"HTTP/1.0 200"), attack.answer[:300])
+
+    async def test_connection_may_not_name_content_type(self):
+        """
+        C{Connection: content-type} is refused (400): the proxy reads the
+        body as JSON by its Content-Type, vLLM would not see it.
+        """
+        body = self.chat_body()
+        attack = await deferToThread(
+            Attack(
+                self.proxy.port,
+                head(b"POST", b"/vllm/v1/chat/completions", b"Content-Type: application/json", b"Connection: content-type",
+                     b"Content-Length: %d" % len(body)),
+                iter([body]),
+                done=answer_complete,
+                seconds=10,
+            ).run
+        )
+        error = self.assertAnswered(attack, 400)
+        self.assertIn("content-type", error["message"])
+        self.assertEqual([r for r in self.upstream.received if r.uri == b"/v1/chat/completions"], [])
