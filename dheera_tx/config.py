@@ -73,6 +73,7 @@ class Deployment:
     api_key: Optional[str] = attr.ib(default=None, repr=False)
     input_cost_per_token: float = 0.0
     output_cost_per_token: float = 0.0
+    input_cost_per_second: float = 0.0
     timeout: float = 600.0
     stream_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -241,6 +242,7 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "api_key": config_values.token,
     "input_cost_per_token": config_values.number(0, inclusive=True),
     "output_cost_per_token": config_values.number(0, inclusive=True),
+    "input_cost_per_second": config_values.number(0, inclusive=True),
     "timeout": _positive,
     "stream_timeout": _positive,
     "connect_timeout": _positive,

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
 from dheera_tx.accounting.full_windows import FullWindows, WindowFull
-from dheera_tx.accounting.metering import JSONUsageMeter
+from dheera_tx.accounting.metering import DeclaredUsageMeter, DecodingMeter, JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
@@ -28,7 +28,7 @@ from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_h
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, cost_header, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_vllm_model
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
@@ -136,8 +136,17 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in += request_bytes(progress)
-        self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
+        body_bytes = request_bytes(progress)
+        call.bytes_in += body_bytes
+        self._accounting.settle(
+            call,
+            progress.admission,
+            progress.deployment,
+            progress.meter,
+            progress.document,
+            progress.path,
+            body_bytes,
+        )
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -147,6 +156,7 @@ class Passthrough:
     async def _serve(self, request, call: Call, progress: "_Progress") -> None:
         path, query = split_target(request.uri)
         progress.request = request
+        progress.path = path
         try:
             if request.rejection is not None:
                 raise request.rejection
@@ -192,8 +202,14 @@ class Passthrough:
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
             authorize_vllm_call(principal, route_path, model, self._tenant_routes)
+            form_watch = getattr(request, "form_watch", None)
+            if form_watch is not None:
+                # Every model part of the form, wherever it sits (also after
+                # the file, where the peek above does not look), must be
+                # the model just authorized: vLLM uses the form's.
+                form_watch.authorize(model)
             if principal.key is not None:
-                path, document = self._scope_ids(request, principal.key.token, path, document, progress)
+                path = self._scope_ids(request, principal.key.token, path, document, progress)
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:
@@ -224,18 +240,18 @@ class Passthrough:
         Move the request ids a virtual key names (header, body, Responses
         path) into the key's namespace (L{dheera_tx.keys.tenancy}).
 
-        :return: the upstream path and the body document to forward.
+        The client's document stays the call's (it is what is metered and
+        estimated); the scoped one is only forwarded (C{progress.forwarded}).
+
+        :return: the upstream path.
         """
         scope = request_id_scope(token)
         progress.id_scope = scope.encode("ascii")
         path = scoped_path(path, progress.id_scope)
         if document is not None:
             creates = request.method == b"POST" and path == b"/v1/responses"
-            changed = scoped_document(document, scope, creates)
-            if changed is not None:
-                progress.document = document = changed
-                progress.rewrite = True
-        return path, document
+            progress.forwarded = scoped_document(document, scope, creates)
+        return path
 
     async def _answer_models(self, request, call: Call, principal, path: bytes) -> None:
         """
@@ -287,7 +303,7 @@ class Passthrough:
             call.api_base = deployment.api_base
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer, progress.id_scope)
+                response = await self._send(request, call, deployment, target, producer, progress.id_scope, progress.strip_usage)
             except UpstreamUnreachable:
                 self._router.finished(deployment)
                 self._router.failed(deployment)
@@ -312,7 +328,7 @@ class Passthrough:
         """
         if raw_json is None:
             return request.body
-        document = progress.document
+        document = progress.forwarded if progress.forwarded is not None else progress.document
         if document is None:
             return raw_json if raw_json else None
         rename = (
@@ -321,17 +337,21 @@ class Passthrough:
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
-        if not rename and not progress.strip_usage and not progress.rewrite:
+        if not rename and not progress.strip_usage and progress.forwarded is None:
             return raw_json
         changed = with_usage_requested(document) if progress.strip_usage else dict(document)
         if rename:
             changed["model"] = deployment.served_model
         return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment, id_scope: Optional[bytes]) -> List[Tuple[bytes, bytes]]:
+    def _upstream_headers(
+        self, request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False
+    ) -> List[Tuple[bytes, bytes]]:
         """
         :param id_scope: a virtual key's request-id namespace (its
             C{X-Request-Id} is moved into it), or L{None} for the master key.
+        :param identity: ask for an uncompressed answer (the proxy rewrites
+            it: the usage chunk it asked for is stripped).
         """
         incoming = request.raw_headers
         drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
@@ -346,7 +366,11 @@ class Passthrough:
                 continue
             if lower == b"x-request-id" and id_scope is not None:
                 value = scoped_header(id_scope, value)
+            if identity and lower == b"accept-encoding":
+                continue
             headers.append((name, value))
+        if identity:
+            headers.append((b"Accept-Encoding", b"identity"))
         client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
             forwarded.append(client_ip.encode("ascii"))
@@ -356,9 +380,11 @@ class Passthrough:
             headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes]):
+    async def _send(
+        self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes], identity: bool = False
+    ):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment, id_scope)
+        headers = self._upstream_headers(request, deployment, id_scope, identity)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -412,14 +438,27 @@ class Passthrough:
         if request.client_gone:
             response.stopProducing()
             return
-        meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
+        headers = response.headers
+        meter = self._accounting.meter_for(
+            content_type,
+            response.code,
+            progress.strip_usage,
+            first_header(headers, b"content-encoding"),
+            first_header(headers, b"metadata"),
+        )
         progress.meter = meter
-        hold = isinstance(meter, JSONUsageMeter) and (
+        hold = (isinstance(meter, JSONUsageMeter) or (isinstance(meter, DecodingMeter) and not sse)) and (
             response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
         ) and request.method != b"HEAD"
-        rewritten = sse and progress.strip_usage
+        if not hold and isinstance(meter, (JSONUsageMeter, DecodingMeter)):
+            # Not held: read as it streams, never kept.
+            meter.stream()
+        rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
         head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
-        if not hold:
+        if isinstance(meter, DeclaredUsageMeter):
+            # Usage declared in the head: the cost goes with it, no holding.
+            head(cost_header(meter, deployment, response.code, call.model_name))
+        elif not hold:
             head()
         relay = ResponseRelay(
             self._reactor, request, call, deployment, sse, meter, None if not hold else head, self._relay_watch
@@ -481,19 +520,20 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "rewrite")
+    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded")
 
     def __init__(self):
         self.request = None
+        self.path = b""
         self.document = None
         self.admission = None
         self.deployment = None
         self.meter = None
         self.strip_usage = False
-        # A virtual key's request-id namespace, and whether the body's ids
-        # were rewritten into it.
+        # A virtual key's request-id namespace, and the body with its ids
+        # moved into it (None: forwarded as the client wrote it).
         self.id_scope: Optional[bytes] = None
-        self.rewrite = False
+        self.forwarded: Optional[dict] = None
 
 
 def request_bytes(progress: _Progress) -> int:

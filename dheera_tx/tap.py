@@ -28,7 +28,7 @@ from dheera_tx.accounting.call_accounting import CallAccounting
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
-from dheera_tx.console.sessions import ConsoleSessions
+from dheera_tx.console.sessions import ConsoleSessions, RevokingKeyStore
 from dheera_tx.forwarding import Passthrough
 from dheera_tx.http.control_requests import ControlGate
 from dheera_tx.http.gateway_site import GatewaySite
@@ -113,6 +113,9 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [default_listener(config.general.master_key)]
         if not self["inherited-fd"]:
+            # Checking the listeners needs the reactor: install ours first,
+            # as makeService would (twistd -r has installed its choice).
+            event_loop.install()
             from twisted.internet import reactor
 
             self["listeners"] = checked_listeners(
@@ -150,7 +153,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     # Klein imports the global reactor: imported here, not at the top, so
     # that importing this module leaves the choice of reactor to
     # makeService.
-    from dheera_tx.console.app import Console, RevokingKeyStore
+    from dheera_tx.console.app import Console
     from dheera_tx.control import ControlPlane, ControlRoot
     from dheera_tx.keys.api import KeyAPI
 

@@ -126,7 +126,7 @@ class WorkerTests(TestCase):
         ).encode()
         headers = dict(_auth(), **{"x-fake-fault": "slow_chunks=0.3"})
         pending = treq.post(self.proxy.url + "/vllm/v1/chat/completions", body, headers=headers, persistent=False)
-        await self.fake.wait_for_requests(1)
+        await self.fake.wait_for_requests(1, b"/v1/chat/")
         self.proxy.process.send_signal(signal.SIGTERM)
         response = await pending
         text = (await response.content()).decode()

@@ -387,7 +387,7 @@ class RequestIntake(Protocol):
                     exchange.rejection = e
                 else:
                     if boundary is not None:
-                        self._form_watch = MultipartModelWatch(boundary)
+                        self._form_watch = exchange.form_watch = MultipartModelWatch(boundary)
                     exchange.body = StreamingBody(None if chunked else length, self._hold_body, self._release_body, limit)
                     if expect:
                         # Sent once the call wants its body: after the key,
