@@ -138,7 +138,8 @@ class StreamingBody:
         :return: a Deferred firing with the whole body once it has arrived
             (for JSON bodies that must be read before routing).
         """
-        self._demanded()
+        if self.on_demand is not None:
+            self._demanded()
         if self.failure is not None:
             return _failed(self.failure)
         if self.complete:
@@ -155,7 +156,8 @@ class StreamingBody:
 
         :return: a Deferred firing with the buffered start of the body.
         """
-        self._demanded()
+        if self.on_demand is not None:
+            self._demanded()
         d = Deferred()
 
         def check() -> None:
@@ -195,7 +197,8 @@ class StreamingBody:
         """
         The upstream request started: write what is buffered, then stream.
         """
-        self._demanded()
+        if self.on_demand is not None:
+            self._demanded()
         self.started = True
         self._consumer = consumer
         self._finished = Deferred()

@@ -48,9 +48,11 @@ class RequestHead:
     The target and headers of one request, checked as they arrive.
 
     :param limits: the listener's limits.
+    :ivar connection: the Connection header values, or L{None} when there
+        is none.
     """
 
-    __slots__ = ("_limits", "url", "headers", "_header_bytes", "_seen", "_connection")
+    __slots__ = ("_limits", "url", "headers", "_header_bytes", "_seen", "connection")
 
     def __init__(self, limits: ListenerLimits):
         self._limits = limits
@@ -58,8 +60,8 @@ class RequestHead:
         self.headers: List[Tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._seen: set = set()
-        # The Connection header values, or None.
-        self._connection: Optional[List[bytes]] = None
+        # The Connection header values, or None when there is none.
+        self.connection: Optional[List[bytes]] = None
 
     def target(self) -> bytes:
         """
@@ -93,25 +95,25 @@ class RequestHead:
             if lower == b"transfer-encoding" and not CHUNKED.fullmatch(value):
                 raise bad_request("The only Transfer-Encoding accepted is 'chunked'.")
         elif lower == b"connection":
-            if self._connection is None:
-                self._connection = []
-            self._connection.append(value)
+            if self.connection is None:
+                self.connection = []
+            self.connection.append(value)
         self.headers.append((name, value))
 
     def connection_tokens(self) -> frozenset:
         """
         :return: the lower-case tokens of the Connection headers.
         """
-        if self._connection is None:
+        if self.connection is None:
             return frozenset()
-        return frozenset(t for t in (t.strip().lower() for v in self._connection for t in v.split(b",")) if t)
+        return frozenset(t for t in (t.strip().lower() for v in self.connection for t in v.split(b",")) if t)
 
     def check_connection(self) -> None:
         """
         :raise ProxyError: 400 when the Connection header names a header
             the proxy reads and vLLM must see.
         """
-        if self._connection is None:
+        if self.connection is None:
             return
         named = self.connection_tokens() - _PLAIN_TOKENS
         if named & NOT_HOP_BY_HOP:

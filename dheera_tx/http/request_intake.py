@@ -152,7 +152,7 @@ class RequestIntake(Protocol):
             return
         if self._unparsed or self._parse_paused():
             self._hold(b"ahead")
-        else:
+        elif self._held:
             self._release(b"ahead")
         if self._pace is None and self._incoming is not None and not self._in_head and not self._refused:
             # A body is on its way: watch its pace (a body that came whole
@@ -217,7 +217,23 @@ class RequestIntake(Protocol):
             if at >= 0:
                 return at + 4 - len(tail)
         at = data.find(_HEAD_END, offset)
-        return len(data) if at < 0 else at + 4
+        if at < 0:
+            return len(data)
+        end = at + 4
+        if (
+            end < len(data)
+            and self._incoming is None
+            and self._active is None
+            and not self._queue
+            and data.startswith(b" /vllm/", data.find(b" ", offset, offset + 16))
+            and data.find(_HEAD_END, end) < 0
+        ):
+            # The common call: a head and its body in one read on an idle
+            # connection.  No other request can complete in what follows
+            # (it would need an empty line), and the call is answered
+            # first, so its body may be fed with its head, in one go.
+            return len(data)
+        return end
 
     def _take(self, piece) -> int:
         """
@@ -316,7 +332,8 @@ class RequestIntake(Protocol):
         head = self._head
         try:
             target = head.target()
-            head.check_connection()
+            if head.connection is not None:
+                head.check_connection()
         except ProxyError as e:
             self._refuse(e)
             raise Stop()
@@ -328,7 +345,7 @@ class RequestIntake(Protocol):
         headers = head.headers
         length, chunked, expect = framing(headers)
         has_body = chunked or bool(length)
-        if has_body and head.upgrade(method):
+        if has_body and (head.connection is not None or method == b"CONNECT") and head.upgrade(method):
             # llhttp would read what follows the head as the upgraded
             # protocol: the body would be parsed as the next request.
             self._refuse(bad_request("Upgrade requests with a body are not served."))
