@@ -301,7 +301,7 @@ def markdown(results: dict) -> str:
             if plan.get("sse_large_runs", 1) > 1
             else "). "
         )
-        + 
+        +
         f"Rate: {paced[0]} streams x {paced[1]} chunks every "
         f"{paced[2]:g} ms per worker ({paced[0] * 1000 / paced[2]:,.0f} chunks/s offered to each worker: a "
         "2-worker target gets twice the streams): the delivered rate per worker, and whether the proxy keeps up "

@@ -73,6 +73,7 @@ class Deployment:
     api_key: Optional[str] = attr.ib(default=None, repr=False)
     input_cost_per_token: float = 0.0
     output_cost_per_token: float = 0.0
+    input_cost_per_second: float = 0.0
     timeout: float = 600.0
     stream_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -112,6 +113,8 @@ class GeneralSettings:
     database_url: Optional[str] = attr.ib(default=None, repr=False)
     redis_key_prefix: str = "dheera:"
     max_request_body_bytes: int = 104857600
+    max_json_body_bytes: int = 16777216
+    max_control_body_bytes: int = 1048576
     metrics_require_auth: bool = False
     tenant_routes: Tuple[str, ...] = ()
     data_dir: str = "dheera_data"
@@ -212,6 +215,8 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "database_url": config_values.text,
     "redis_key_prefix": config_values.text,
     "max_request_body_bytes": config_values.whole(1),
+    "max_json_body_bytes": config_values.whole(1),
+    "max_control_body_bytes": config_values.whole(1),
     "metrics_require_auth": config_values.flag,
     "tenant_routes": config_values.routes,
     "data_dir": config_values.text,
@@ -237,6 +242,7 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "api_key": config_values.token,
     "input_cost_per_token": config_values.number(0, inclusive=True),
     "output_cost_per_token": config_values.number(0, inclusive=True),
+    "input_cost_per_second": config_values.number(0, inclusive=True),
     "timeout": _positive,
     "stream_timeout": _positive,
     "connect_timeout": _positive,

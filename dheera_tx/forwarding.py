@@ -19,7 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
-from dheera_tx.accounting.metering import JSONUsageMeter
+from dheera_tx.accounting.full_windows import FullWindows, WindowFull
+from dheera_tx.accounting.metering import DeclaredUsageMeter, DecodingMeter, JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
@@ -27,8 +28,8 @@ from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_h
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
-from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, cost_header, write_response_head
+from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_vllm_model
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.model_choice import (
@@ -92,6 +93,7 @@ class Passthrough:
         self._pool = pool
         self._upstreams: Dict[str, _Upstream] = {}
         self._relay_watch = RelayWatch(reactor)
+        self._full_windows = FullWindows(reactor)
         self._accounting = accounting or CallAccounting()
         self._on_call_end = on_call_end
         self.in_flight = 0
@@ -134,8 +136,17 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in += request_bytes(progress)
-        self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
+        body_bytes = request_bytes(progress)
+        call.bytes_in += body_bytes
+        self._accounting.settle(
+            call,
+            progress.admission,
+            progress.deployment,
+            progress.meter,
+            progress.document,
+            progress.path,
+            body_bytes,
+        )
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -145,6 +156,7 @@ class Passthrough:
     async def _serve(self, request, call: Call, progress: "_Progress") -> None:
         path, query = split_target(request.uri)
         progress.request = request
+        progress.path = path
         try:
             if request.rejection is not None:
                 raise request.rejection
@@ -161,15 +173,23 @@ class Passthrough:
                 call.key_alias = key.key_alias
                 call.user_id = key.user_id
                 call.team_id = key.team_id
+            named = header_or_query_model(request.requestHeaders, query)
             if self._catalog is not None and request.method == b"GET" and _names_models(path):
-                if header_or_query_model(request.requestHeaders, query) is None:
+                if named is None:
                     await self._answer_models(request, call, principal, path)
                     return
+            # What the head decides is refused before the body is read.
+            route_path = path[1:].decode("utf-8", "replace")
+            authorize_route(principal, route_path, self._tenant_routes)
+            if principal.key is not None:
+                self._full_windows.check(principal.key)
+                if named is not None:
+                    authorize_vllm_model(principal, named)
             document, raw_json = await self._json_document(request)
             progress.document = document
             model = body_model(document) if document is not None else None
             if model is None:
-                model = header_or_query_model(request.requestHeaders, query)
+                model = named
                 if request.body is not None and document is None:
                     # vLLM takes a form's model over any header: the model
                     # checked must be the model vLLM uses.
@@ -181,25 +201,36 @@ class Passthrough:
                     model = form_model or model
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
-            authorize_vllm_call(principal, path[1:].decode("utf-8", "replace"), model, self._tenant_routes)
+            authorize_vllm_call(principal, route_path, model, self._tenant_routes)
+            form_watch = getattr(request, "form_watch", None)
+            if form_watch is not None:
+                # Every model part of the form, wherever it sits (also after
+                # the file, where the peek above does not look), must be
+                # the model just authorized: vLLM uses the form's.
+                form_watch.authorize(model)
             if principal.key is not None:
-                path, document = self._scope_ids(request, principal.key.token, path, document, progress)
+                path = self._scope_ids(request, principal.key.token, path, document, progress)
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
-            progress.admission = await self._accounting.admit(
-                principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
-            )
+            try:
+                progress.admission = await self._accounting.admit(
+                    principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+                )
+            except WindowFull as e:
+                if principal.key is not None:
+                    self._full_windows.remember(principal.key, e)
+                raise
             progress.strip_usage = needs_usage_injection(path, document)
             await self._forward(request, call, route, path + query, raw_json, progress)
         except ProxyError as e:
             call.error = call.error or e.type
             answer_error(request, e, call)
-        except BodyTooLarge:
+        except BodyTooLarge as e:
             call.error = "request_too_large"
-            answer_error(request, _too_large(self._config), call)
+            answer_error(request, _too_large(e.limit or self._config.general.max_request_body_bytes), call)
         except BodyAborted:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
@@ -209,18 +240,18 @@ class Passthrough:
         Move the request ids a virtual key names (header, body, Responses
         path) into the key's namespace (L{dheera_tx.keys.tenancy}).
 
-        :return: the upstream path and the body document to forward.
+        The client's document stays the call's (it is what is metered and
+        estimated); the scoped one is only forwarded (C{progress.forwarded}).
+
+        :return: the upstream path.
         """
         scope = request_id_scope(token)
         progress.id_scope = scope.encode("ascii")
         path = scoped_path(path, progress.id_scope)
         if document is not None:
             creates = request.method == b"POST" and path == b"/v1/responses"
-            changed = scoped_document(document, scope, creates)
-            if changed is not None:
-                progress.document = document = changed
-                progress.rewrite = True
-        return path, document
+            progress.forwarded = scoped_document(document, scope, creates)
+        return path
 
     async def _answer_models(self, request, call: Call, principal, path: bytes) -> None:
         """
@@ -272,7 +303,7 @@ class Passthrough:
             call.api_base = deployment.api_base
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer, progress.id_scope)
+                response = await self._send(request, call, deployment, target, producer, progress.id_scope, progress.strip_usage)
             except UpstreamUnreachable:
                 self._router.finished(deployment)
                 self._router.failed(deployment)
@@ -297,7 +328,7 @@ class Passthrough:
         """
         if raw_json is None:
             return request.body
-        document = progress.document
+        document = progress.forwarded if progress.forwarded is not None else progress.document
         if document is None:
             return raw_json if raw_json else None
         rename = (
@@ -306,17 +337,21 @@ class Passthrough:
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
-        if not rename and not progress.strip_usage and not progress.rewrite:
+        if not rename and not progress.strip_usage and progress.forwarded is None:
             return raw_json
         changed = with_usage_requested(document) if progress.strip_usage else dict(document)
         if rename:
             changed["model"] = deployment.served_model
         return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment, id_scope: Optional[bytes]) -> List[Tuple[bytes, bytes]]:
+    def _upstream_headers(
+        self, request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False
+    ) -> List[Tuple[bytes, bytes]]:
         """
         :param id_scope: a virtual key's request-id namespace (its
             C{X-Request-Id} is moved into it), or L{None} for the master key.
+        :param identity: ask for an uncompressed answer (the proxy rewrites
+            it: the usage chunk it asked for is stripped).
         """
         incoming = request.raw_headers
         drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
@@ -331,7 +366,11 @@ class Passthrough:
                 continue
             if lower == b"x-request-id" and id_scope is not None:
                 value = scoped_header(id_scope, value)
+            if identity and lower == b"accept-encoding":
+                continue
             headers.append((name, value))
+        if identity:
+            headers.append((b"Accept-Encoding", b"identity"))
         client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
             forwarded.append(client_ip.encode("ascii"))
@@ -341,9 +380,11 @@ class Passthrough:
             headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes]):
+    async def _send(
+        self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes], identity: bool = False
+    ):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment, id_scope)
+        headers = self._upstream_headers(request, deployment, id_scope, identity)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -397,14 +438,27 @@ class Passthrough:
         if request.client_gone:
             response.stopProducing()
             return
-        meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
+        headers = response.headers
+        meter = self._accounting.meter_for(
+            content_type,
+            response.code,
+            progress.strip_usage,
+            first_header(headers, b"content-encoding"),
+            first_header(headers, b"metadata"),
+        )
         progress.meter = meter
-        hold = isinstance(meter, JSONUsageMeter) and (
+        hold = (isinstance(meter, JSONUsageMeter) or (isinstance(meter, DecodingMeter) and not sse)) and (
             response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
         ) and request.method != b"HEAD"
-        rewritten = sse and progress.strip_usage
+        if not hold and isinstance(meter, (JSONUsageMeter, DecodingMeter)):
+            # Not held: read as it streams, never kept.
+            meter.stream()
+        rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
         head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
-        if not hold:
+        if isinstance(meter, DeclaredUsageMeter):
+            # Usage declared in the head: the cost goes with it, no holding.
+            head(cost_header(meter, deployment, response.code, call.model_name))
+        elif not hold:
             head()
         relay = ResponseRelay(
             self._reactor, request, call, deployment, sse, meter, None if not hold else head, self._relay_watch
@@ -452,10 +506,10 @@ def _raise_if_gone_or_late(request, call: Call, timed_out) -> None:
         raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
 
 
-def _too_large(config: ProxyConfig) -> ProxyError:
+def _too_large(limit: int) -> ProxyError:
     return ProxyError(
         413,
-        f"The request body is larger than {config.general.max_request_body_bytes} bytes.",
+        f"The request body is larger than {limit} bytes.",
         type="invalid_request_error",
         code="request_too_large",
     )
@@ -466,19 +520,20 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "rewrite")
+    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded")
 
     def __init__(self):
         self.request = None
+        self.path = b""
         self.document = None
         self.admission = None
         self.deployment = None
         self.meter = None
         self.strip_usage = False
-        # A virtual key's request-id namespace, and whether the body's ids
-        # were rewritten into it.
+        # A virtual key's request-id namespace, and the body with its ids
+        # moved into it (None: forwarded as the client wrote it).
         self.id_scope: Optional[bytes] = None
-        self.rewrite = False
+        self.forwarded: Optional[dict] = None
 
 
 def request_bytes(progress: _Progress) -> int:

@@ -12,6 +12,7 @@ embedded Redis last.
 
 import atexit
 import gc
+import inspect
 import os
 import sys
 import time
@@ -28,10 +29,11 @@ from dheera_tx.accounting.call_accounting import CallAccounting
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
-from dheera_tx.console.sessions import ConsoleSessions
+from dheera_tx.console.sessions import ConsoleSessions, RevokingKeyStore
 from dheera_tx.forwarding import Passthrough
+from dheera_tx.http.control_requests import ControlGate
+from dheera_tx.http.gateway_site import GatewaySite
 from dheera_tx.http.listener_limits import ListenerLimits
-from dheera_tx.http.server import GatewaySite
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
@@ -112,6 +114,9 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [default_listener(config.general.master_key)]
         if not self["inherited-fd"]:
+            # Checking the listeners needs the reactor: install ours first,
+            # as makeService would (twistd -r has installed its choice).
+            event_loop.install()
             from twisted.internet import reactor
 
             self["listeners"] = checked_listeners(
@@ -151,7 +156,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     # Klein imports the global reactor: imported here, not at the top, so
     # that importing this module leaves the choice of reactor to
     # makeService.
-    from dheera_tx.console.app import Console, RevokingKeyStore
+    from dheera_tx.console.app import Console
     from dheera_tx.control import ControlPlane, ControlRoot
     from dheera_tx.keys.api import KeyAPI
 
@@ -218,7 +223,8 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         ledger=ledger,
     )
     root = ControlRoot(control.app.resource(), branches)
-    site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor)
+    gate = ControlGate(authenticator, config.general.metrics_require_auth)
+    site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor, gate)
     return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, key_store, ledger, probes)
 
 
@@ -242,7 +248,9 @@ class OrderedServices(service.MultiService):
 
 
 async def _maybe(result):
-    if isinstance(result, Deferred):
+    # A component's stop() or close() returns a Deferred, a coroutine (an
+    # async def), or nothing: wait on either of the first two.
+    if isinstance(result, Deferred) or inspect.iscoroutine(result):
         return await result
     return result
 

@@ -16,7 +16,6 @@ from twisted.trial.unittest import TestCase
 
 from tests.fake_vllm import FakeVLLM
 from tests.proxy_process import ProxyProcess
-from tests.waiting import wait_until
 
 MASTER = "sk-workers-master"
 
@@ -127,9 +126,7 @@ class WorkerTests(TestCase):
         ).encode()
         headers = dict(_auth(), **{"x-fake-fault": "slow_chunks=0.3"})
         pending = treq.post(self.proxy.url + "/vllm/v1/chat/completions", body, headers=headers, persistent=False)
-        # The chat itself reached the upstream (the workers may have asked
-        # it for /v1/models already: any first request is not enough).
-        await wait_until(lambda: any(r.uri == b"/v1/chat/completions" for r in self.fake.received), timeout=20)
+        await self.fake.wait_for_requests(1, b"/v1/chat/")
         self.proxy.process.send_signal(signal.SIGTERM)
         response = await pending
         text = (await response.content()).decode()

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 
 from dheera_tx.accounting.spend import GROUPS
 from dheera_tx.console import pages
+from dheera_tx.console.call_feed import CallFeed, call_filter
 from dheera_tx.console.sessions import SESSION_SECONDS, ConsoleSessions, Session
 from dheera_tx.errors import ProxyError
 from dheera_tx.keys.fields import GENERATE_FIELDS, UPDATE_FIELDS, validate_key_fields
@@ -46,39 +47,6 @@ CSP = (
 )
 #: Keys listed per page.
 KEYS_PER_PAGE = 50
-#: Call records read from the stream for a page.
-CALLS_SHOWN = 200
-
-
-class RevokingKeyStore:
-    """
-    The key store, with console sessions of a key ended when the key is
-    blocked, regenerated or deleted (through the JSON API or the console).
-    Everything else passes through.
-    """
-
-    def __init__(self, store, sessions: ConsoleSessions):
-        self._store = store
-        self._sessions = sessions
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
-
-    async def block_key(self, token):
-        record = await self._store.block_key(token)
-        await self._sessions.revoke_key(token)
-        return record
-
-    async def regenerate_key(self, token):
-        answer = await self._store.regenerate_key(token)
-        await self._sessions.revoke_key(token)
-        return answer
-
-    async def delete_keys(self, tokens):
-        deleted = await self._store.delete_keys(tokens)
-        for token in tokens:
-            await self._sessions.revoke_key(token)
-        return deleted
 
 
 class _Redirect(Exception):
@@ -108,8 +76,8 @@ class Console:
         self._store = key_store
         self._ledger = ledger
         self._prober = prober
-        self._redis = redis
         self._stream = stream_key
+        self._feed = CallFeed(redis, stream_key)
         self._today = today or (lambda: datetime.datetime.now(datetime.timezone.utc).date())
 
     # -- plumbing --
@@ -296,7 +264,7 @@ class Console:
         if session.is_master:
             raise _Redirect(b"/ui/keys")
         record = await self._store.get_key(session.token)
-        calls = await self._calls(lambda r: r.get("key_hash_prefix") == session.token[:12])
+        calls = await self._feed.read(lambda r: r.get("key_hash_prefix") == session.token[:12])
         return await self._send(request, pages.my_key_page(record, session.csrf, calls))
 
     # -- spend, deployments, calls --
@@ -345,45 +313,12 @@ class Console:
         session = await self._page_session(request)
         return await self._send(request, pages.deployments_page(await self._prober.probe_all(), session.csrf))
 
-    async def _calls(self, keep, after: Optional[str] = None):
-        if self._stream is None:
-            return []
-        if after:
-            entries = await self._redis.execute("XRANGE", self._stream, "(" + after, "+", "COUNT", CALLS_SHOWN)
-            entries = list(reversed(entries or []))
-        else:
-            entries = await self._redis.execute("XREVRANGE", self._stream, "+", "-", "COUNT", CALLS_SHOWN)
-        calls = []
-        for entry_id, fields in entries or ():
-            if isinstance(fields, list):
-                fields = dict(zip(fields[::2], fields[1::2]))
-            try:
-                record = json.loads(fields.get("record", ""))
-            except ValueError:
-                continue
-            if keep(record):
-                record["_id"] = entry_id
-                calls.append(record)
-        return calls
-
-    def _call_filter(self, request):
-        def arg(name):
-            value = (request.args.get(name.encode()) or [b""])[-1].decode("utf-8", "replace").strip()
-            return value or None
-
-        model, key, status = arg("model"), arg("key"), arg("status")
-        return lambda r: (
-            (model is None or r.get("model_name") == model)
-            and (key is None or r.get("key_alias") == key or (r.get("key_hash_prefix") or "").startswith(key))
-            and (status is None or str(r.get("status")) == status)
-        )
-
     @app.route("/ui/calls", methods=["GET"])
     async def calls(self, request):
         self._secure(request)
         session = await self._page_session(request)
         note = None if self._stream else "Live calls need the redis_stream log sink (dheera_ai_settings.callbacks)."
-        return await self._send(request, pages.calls_page(await self._calls(self._call_filter(request)), session.csrf, note))
+        return await self._send(request, pages.calls_page(await self._feed.read(call_filter(request)), session.csrf, note))
 
     @app.route("/ui/calls.json", methods=["GET"])
     async def calls_json(self, request):
@@ -396,7 +331,7 @@ class Console:
         after = (request.args.get(b"after") or [b""])[-1].decode("ascii", "replace") or None
         if after is not None and not all(c.isdigit() or c == "-" for c in after):
             after = None
-        calls = await self._calls(self._call_filter(request), after)
+        calls = await self._feed.read(call_filter(request), after)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"calls": calls}).encode("utf-8")
 
@@ -407,7 +342,7 @@ class Console:
         record = await self._store.get_key(token)
         if record is None:
             raise _Redirect(b"/ui/keys")
-        calls = await self._calls(lambda r: r.get("key_hash_prefix") == token[:12])
+        calls = await self._feed.read(lambda r: r.get("key_hash_prefix") == token[:12])
         return await self._send(request, pages.key_page(record, session.csrf, calls, message))
 
     @app.route("/ui/keys/<token>/edit", methods=["POST"])

@@ -143,3 +143,34 @@ class ConsoleSessions:
         name = f"{self._prefix}console:signin:{_digest(address)[:16]}:{window}"
         count, _ = await self._redis.pipeline([("INCR", name), ("EXPIRE", name, 120)])
         return int(count) <= ATTEMPTS_PER_MINUTE
+
+
+class RevokingKeyStore:
+    """
+    The key store, with console sessions of a key ended when the key is
+    blocked, regenerated or deleted (through the JSON API or the console).
+    Everything else passes through.
+    """
+
+    def __init__(self, store, sessions: ConsoleSessions):
+        self._store = store
+        self._sessions = sessions
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def block_key(self, token):
+        record = await self._store.block_key(token)
+        await self._sessions.revoke_key(token)
+        return record
+
+    async def regenerate_key(self, token):
+        answer = await self._store.regenerate_key(token)
+        await self._sessions.revoke_key(token)
+        return answer
+
+    async def delete_keys(self, tokens):
+        deleted = await self._store.delete_keys(tokens)
+        for token in tokens:
+            await self._sessions.revoke_key(token)
+        return deleted

@@ -54,6 +54,7 @@ class ClientExchange:
         "requestHeaders",
         "raw_headers",
         "body",
+        "form_watch",
         "rejection",
         "received_at",
         "client_gone",
@@ -94,6 +95,8 @@ class ClientExchange:
             headers.addRawHeader(name, value)
         self.requestHeaders = headers
         self.body: Optional[StreamingBody] = None
+        # Watches a multipart body's model parts as it streams.
+        self.form_watch = None
         self.rejection: Optional[ProxyError] = None
         self.received_at = received_at
         self.client_gone = False
@@ -289,7 +292,7 @@ class ClientExchange:
         if self.client_gone:
             return
         self._producer = producer
-        self._transport.registerProducer(producer, True)
+        self._connection.attach_producer(producer)
 
     def unregisterProducer(self) -> None:
         """
@@ -298,7 +301,7 @@ class ClientExchange:
         if self._producer is not None:
             self._producer = None
             if not self.client_gone:
-                self._transport.unregisterProducer()
+                self._connection.detach_producer()
 
     # The client leaving.
 
