@@ -391,8 +391,11 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
     from dheera_tx.redis.client import connect
 
     top = OrderedServices()
-    embedded = None if config.general.database_url else _embedded_redis(reactor, config, top)
-    url = config.general.database_url or embedded.url
+    embedded = None
+    url = config.general.database_url
+    if not url:
+        embedded = _embedded_redis(reactor, config, top)
+        url = embedded.url
     try:
         redis = connect(reactor, url)
     except ValueError as e:
