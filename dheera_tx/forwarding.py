@@ -38,6 +38,7 @@ from dheera_tx.routing.model_choice import (
     multipart_model,
     parse_json_body,
 )
+from dheera_tx.routing.affinity import prefix_key, session_key
 from dheera_tx.routing.router import Route, Router
 from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 
@@ -89,6 +90,8 @@ class Passthrough:
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
+        self._session_header = config.router.session_header.encode("ascii")
+        self._affinity = config.router.routing_strategy == "cache-aware"
 
     def _upstream(self, deployment: Deployment) -> _Upstream:
         upstream = self._upstreams.get(deployment.id)
@@ -175,7 +178,8 @@ class Passthrough:
             call.end_user = end_user_of(request.requestHeaders, document)
             progress.admission = await self._accounting.admit(principal, call.end_user, call)
             progress.strip_usage = needs_usage_injection(path, document)
-            await self._forward(request, call, route, path + query, raw_json, progress)
+            affinity = self._affinity_key(request, route, document) if self._affinity else None
+            await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
             answer_error(request, e, call)
@@ -204,14 +208,33 @@ class Passthrough:
         )
         return multipart_model(prefix, boundary)[1]
 
+    def _affinity_key(self, request, route: Route, document) -> Optional[int]:
+        """
+        :return: the call's affinity key for cache-aware routing: its
+            session header, else its prompt prefix; L{None} when it has
+            neither or there is only one replica to choose from.
+        """
+        if len(route.replicas) < 2:
+            return None
+        model = route.model_name or ""
+        session = request.getHeader(self._session_header)
+        if session:
+            return session_key(model, session)
+        if document is None:
+            return None
+        return prefix_key(document, model)
+
     # Forwarding.
 
-    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress") -> None:
+    async def _forward(
+        self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None
+    ) -> None:
         tried: List[Deployment] = []
         while True:
-            deployment = self._router.pick(route, tried)
-            if deployment is None:
+            chosen = self._router.choose(route, tried, affinity)
+            if chosen is None:
                 raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+            deployment, call.routing_reason = chosen
             tried.append(deployment)
             producer = self._body_for(request, deployment, route, raw_json, progress)
             progress.deployment = deployment

@@ -44,6 +44,7 @@ from dheera_tx.observe.call_log import CallLog, build_sinks
 from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
+from dheera_tx.routing.signals import MetricsScraper
 from dheera_tx.upstream.client import UpstreamPool
 
 log = Logger()
@@ -120,6 +121,7 @@ class Gateway:
     metrics: ProxyMetrics
     call_log: CallLog
     prober: DeploymentProber
+    scraper: MetricsScraper
     key_store: Optional[CachedKeyStore] = None
     ledger: Optional[SpendLedger] = None
 
@@ -168,6 +170,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     )
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
     prober = DeploymentProber(reactor, config, router)
+    scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
     control = ControlPlane(
         probes,
         metrics=metrics,
@@ -178,7 +181,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     )
     root = ControlRoot(control.app.resource(), branches)
     site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor)
-    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, key_store, ledger)
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, scraper, key_store, ledger)
 
 
 class OrderedServices(service.MultiService):
@@ -372,6 +375,8 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
         _Step("metrics refresh", start=lambda: refresh.start(1.0), stop=lambda: refresh.running and refresh.stop()).setServiceParent(top)
     health_start = (lambda: gateway.prober.start_background(general.health_check_interval)) if general.background_health_checks else None
     _Step("accounting", start=health_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
+    if gateway.scraper.deployments:
+        _Step("load signals", start=gateway.scraper.start, stop=gateway.scraper.stop).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
     listeners = service.MultiService()

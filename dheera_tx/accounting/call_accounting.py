@@ -159,6 +159,7 @@ class CallAccounting:
             if usage is not None:
                 call.prompt_tokens = usage.prompt_tokens
                 call.completion_tokens = usage.completion_tokens
+                call.cached_tokens = usage.cached_tokens
                 call.usage_estimated = usage.estimated
                 if deployment is not None:
                     call.cost_nanos = cost_nanos(usage, deployment.input_cost_per_token, deployment.output_cost_per_token)
