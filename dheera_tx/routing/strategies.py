@@ -9,7 +9,11 @@ into the call record and the C{dheera_routing_decisions_total} counter):
     hold its prompt prefix in vLLM's cache (reason C{affinity}); when that
     replica is saturated or its load would pass M{(1 + LOAD_BOUND)} times
     the mean, the next in the key's ranking (C{spill}), so that a hot key
-    spreads over a stable few replicas instead of all of them.  A call with
+    spreads over a stable few replicas instead of all of them.  A key that
+    spilled keeps going where it went while that replica has room (each
+    process remembers a bounded number of such keys): with few keys,
+    hashing alone places them unevenly, and a key flipping between replicas
+    pays a whole prefill each time.  A call with
     no key goes to the least loaded replica (C{load}).
   - C{load-aware}: the replica with the lowest load score, from vLLM's
     waiting queue, KV-cache use and the calls in flight (C{load}).
@@ -39,6 +43,10 @@ REASONS = (AFFINITY, SPILL, LOAD, LEAST_BUSY, RANDOM, ONLY)
 # Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam):
 # a replica takes a call while its load stays under ceil((1 + e) * mean).
 LOAD_BOUND = 0.25
+# ... and never under the mean plus this many requests: at a handful of
+# requests per replica, load differences are noise, while a spill costs a
+# whole prefill on a replica without the prefix.
+LOAD_SLACK = 1.0
 # load-aware: a waiting request costs more than a running one (it has not
 # even been scheduled), and a nearly full KV cache means preemptions.
 WAITING_WEIGHT = 2.0
@@ -71,11 +79,20 @@ def cache_aware(router, pool: Sequence[Deployment], affinity: Optional[int]) -> 
     if affinity is None:
         return _least(router, pool, lambda d: loads[d.id] + (SATURATED_PENALTY if router.saturated(d) else 0.0)), LOAD
     # The call itself counts in the mean, so an idle fleet takes it anywhere.
-    bound = math.ceil((1.0 + LOAD_BOUND) * (sum(loads.values()) + 1.0) / len(pool))
+    mean = (sum(loads.values()) + 1.0) / len(pool)
+    bound = max(math.ceil((1.0 + LOAD_BOUND) * mean), mean + LOAD_SLACK)
     ranked = rendezvous_order(affinity, pool, router.seeds())
-    for rank, deployment in enumerate(ranked):
+    first = ranked[0]
+    # A key that spilled before stays where it went while that replica
+    # has room: its prefix is there now, and flipping back and forth
+    # would pay a whole prefill each time.
+    home = router.affinity_home(affinity)
+    if home is not None and home is not first:
+        ranked = [d for d in ranked if d.id == home.id] + [d for d in ranked if d.id != home.id]
+    for deployment in ranked:
         if loads[deployment.id] < bound and not router.saturated(deployment):
-            return deployment, AFFINITY if rank == 0 else SPILL
+            router.set_affinity_home(affinity, deployment, first)
+            return deployment, AFFINITY if deployment is ranked[0] else SPILL
     # Everything is over the bound or saturated: the least loaded.
     return _least(router, pool, lambda d: loads[d.id] + (SATURATED_PENALTY if router.saturated(d) else 0.0)), LOAD
 
