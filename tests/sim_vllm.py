@@ -388,12 +388,42 @@ def _json(request, status: int, document) -> bytes:
     return json.dumps(document).encode()
 
 
+class _Site(server.Site):
+    """
+    Keeps its connections, so that tests can close them.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections: set = set()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        lost = protocol.connectionLost
+
+        def connection_lost(reason, protocol=protocol):
+            self.connections.discard(protocol)
+            return lost(reason)
+
+        protocol.connectionLost = connection_lost
+        self.connections.add(protocol)
+        return protocol
+
+    def close_connections(self) -> None:
+        for protocol in list(self.connections):
+            # twisted.web wraps the channel, which holds the transport.
+            channel = getattr(protocol, "_channel", protocol)
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+
+
 def listen(reactor, settings: SimSettings = SimSettings(), interface: str = "127.0.0.1"):
     """
-    :return: C{(replica, port)} of a replica listening on a free port.
+    :return: C{(replica, port)} of a replica listening on a free port; the
+        replica's C{site.close_connections()} aborts its connections.
     """
     replica = SimReplica(reactor, settings)
-    site = server.Site(replica)
+    site = replica.site = _Site(replica)
     site.noisy = False
     site.log = lambda request: None
     port = reactor.listenTCP(0, site, interface=interface)

@@ -1,0 +1,278 @@
+"""
+Tests for L{dheera_tx.routing.strategies} and L{dheera_tx.routing.signals}:
+reading vLLM's /metrics, staleness, load estimates, saturation and each
+routing strategy's choice, on an injected clock.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from dheera_tx.config import config_from_dict
+from dheera_tx.routing.affinity import rendezvous_order
+from dheera_tx.routing.router import Router
+from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, parse_metrics
+
+# As vLLM 0.1x exports them (two engines, data parallel), with the lines
+# around that a scraper must skip.
+VLLM_METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="qwen"} 3.0
+vllm:num_requests_running{engine="1",model_name="qwen"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="qwen"} 1.0
+vllm:num_requests_waiting{engine="1",model_name="qwen"} 0.0
+vllm:kv_cache_usage_perc{engine="0",model_name="qwen"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="qwen"} 0.7
+vllm:prefix_cache_queries_total{engine="0",model_name="qwen"} 1000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="qwen"} 600.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",num_gpu_blocks="9000"} 1.0
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="a,b",waiting_lora_adapters=""} 1.7e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="c",waiting_lora_adapters=""} 1.8e+09
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="qwen"} 0.0
+http_requests_total{handler="/metrics",method="GET",status="2xx"} 12.0
+"""
+
+
+def metrics(running=0, waiting=0, kv=0.0, old=False) -> bytes:
+    kv_name = b"vllm:gpu_cache_usage_perc" if old else b"vllm:kv_cache_usage_perc"
+    return b"vllm:num_requests_running{engine=\"0\",model_name=\"q\"} %d\nvllm:num_requests_waiting{engine=\"0\",model_name=\"q\"} %d\n%s{engine=\"0\",model_name=\"q\"} %f\n" % (
+        running, waiting, kv_name, kv)
+
+
+class ParseTests(SynchronousTestCase):
+    """
+    Tests for L{parse_metrics}.
+    """
+
+    def test_vllm_metrics(self):
+        """
+        Requests are summed over engines, KV-cache use averaged; prefix
+        cache counters, block size and the newest LoRA set are read; other
+        metrics are skipped.
+        """
+        sample = parse_metrics(VLLM_METRICS, 5.0, in_flight=2)
+        self.assertEqual((sample.running, sample.waiting), (5.0, 1.0))
+        self.assertAlmostEqual(sample.kv_usage, 0.6)
+        self.assertEqual((sample.prefix_queries, sample.prefix_hits), (1000.0, 600.0))
+        self.assertEqual((sample.block_size, sample.running_loras), (16, "c"))
+        self.assertEqual((sample.taken_at, sample.in_flight_at_sample), (5.0, 2))
+
+    def test_old_names(self):
+        """
+        Old servers' C{vllm:gpu_cache_usage_perc} is read when the new name
+        is absent.
+        """
+        self.assertAlmostEqual(parse_metrics(metrics(kv=0.25, old=True), 0).kv_usage, 0.25)
+
+    def test_not_vllm(self):
+        """
+        An answer without vLLM's request gauges (HTML, another server's
+        metrics, garbage) is refused.
+        """
+        for body in (b"<html>nope</html>", b"http_requests_total 3\n", b"\x00\xff" * 100, b""):
+            self.assertRaises(MetricsUnreadable, parse_metrics, body, 0)
+
+    def test_hostile_values(self):
+        """
+        NaN, infinities, negative and unparsable values and broken label
+        sets never become a load: they are skipped or refused.
+        """
+        body = (b'vllm:num_requests_running{engine="0"} NaN\nvllm:num_requests_running{engine="1"} 2\n'
+                b'vllm:num_requests_waiting{engine="0"} -5\nvllm:kv_cache_usage_perc{engine="0"} +Inf\n'
+                b'vllm:num_requests_waiting{engine="1"} many\n')
+        sample = parse_metrics(body, 0)
+        self.assertEqual((sample.running, sample.waiting, sample.kv_usage), (2.0, 0.0, None))
+        self.assertRaises(MetricsUnreadable, parse_metrics, b'vllm:num_requests_running{engine="0 3\n', 0)
+
+
+class SignalTests(SynchronousTestCase):
+    """
+    Tests for L{estimated_load}, L{Saturation} and staleness in the router.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.config = config_from_dict({
+            "model_list": [{"model_name": "m", "dheera_ai_params": {"model": "hosted_vllm/q", "api_base": f"http://10.0.0.{i}:8000"}}
+                           for i in range(4)],
+            "router_settings": {"metrics_interval": 1},
+        })
+        self.router = Router(self.config, now=self.clock.seconds, choice=lambda xs: xs[0])
+        self.replicas = self.config.replicas("m")
+
+    def test_estimated_load(self):
+        """
+        A sample's running and waiting requests count, plus the calls this
+        process started since less those that ended; never less than the
+        calls in flight.
+        """
+        sample = LoadSample(taken_at=0, running=4, waiting=2, in_flight_at_sample=1)
+        self.assertEqual(estimated_load(sample, 1), 6.0)
+        self.assertEqual(estimated_load(sample, 3), 8.0)
+        self.assertEqual(estimated_load(LoadSample(taken_at=0, running=0, waiting=0, in_flight_at_sample=5), 2), 2.0)
+        self.assertEqual(estimated_load(None, 3), 3.0)
+
+    def test_stale_sample_falls_back_to_in_flight(self):
+        """
+        A sample counts for 3 intervals; then the load is the calls in
+        flight alone, and saturation by queue is no longer assumed.
+        """
+        busy = self.replicas[0]
+        self.router.record_metrics(busy, metrics(running=8, waiting=6), self.clock.seconds())
+        self.assertEqual(self.router.load(busy), 14.0)
+        self.assertTrue(self.router.saturated(busy))
+        self.clock.advance(3.0)
+        self.assertEqual(self.router.load(busy), 14.0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.router.load(busy), 0.0)
+        self.assertFalse(self.router.saturated(busy))
+        self.assertTrue(self.router.signals(busy)["load_sample"]["stale"])
+
+    def test_unreadable_answer_is_a_failed_scrape(self):
+        """
+        An answer that is not vLLM's keeps the last sample and records a
+        short reason, shown by C{signals}.
+        """
+        replica = self.replicas[0]
+        self.router.record_metrics(replica, metrics(running=1), 0)
+        self.router.record_metrics(replica, b"<html>", 0)
+        shown = self.router.signals(replica)
+        self.assertEqual(shown["load_sample"]["num_requests_running"], 1.0)
+        self.assertIn("not a vLLM /metrics answer", shown["metrics_error"])
+        self.router.scrape_failed(replica, "connection refused")
+        self.assertEqual(self.router.signals(replica)["metrics_error"], "connection refused")
+
+    def test_saturation(self):
+        """
+        Saturated: waiting at C{max_waiting}, KV use at C{max_kv_usage}, or
+        in-flight at C{max_in_flight}; unset limits are not checked.
+        """
+        rule = Saturation(max_waiting=4, max_kv_usage=0.9, max_in_flight=10)
+        self.assertFalse(rule.saturated(LoadSample(0, running=8, waiting=3, kv_usage=0.8), 9))
+        self.assertTrue(rule.saturated(LoadSample(0, running=8, waiting=4, kv_usage=0.8), 0))
+        self.assertTrue(rule.saturated(LoadSample(0, running=8, waiting=0, kv_usage=0.9), 0))
+        self.assertTrue(rule.saturated(None, 10))
+        self.assertFalse(Saturation(max_waiting=None).saturated(LoadSample(0, running=8, waiting=100), 0))
+
+
+class StrategyTests(SynchronousTestCase):
+    """
+    Tests for the strategies, through L{Router.choose}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
+    def strategy(self, name: str, **router):
+        config = config_from_dict({
+            "model_list": [{"model_name": "m", "dheera_ai_params": {"model": "hosted_vllm/q", "api_base": f"http://10.0.0.{i}:8000"}}
+                           for i in range(4)],
+            "router_settings": dict(router, routing_strategy=name, metrics_interval=1),
+        })
+        self.router = Router(config, now=self.clock.seconds, choice=lambda xs: xs[0])
+        self.replicas = config.replicas("m")
+        return self.router.route("m")
+
+    def ranked(self, key: int):
+        return rendezvous_order(key, self.replicas, self.router.seeds())
+
+    def test_cache_aware_affinity(self):
+        """
+        A key goes to its first-ranked replica, the same every time, with
+        reason C{affinity}; different keys spread.
+        """
+        route = self.strategy("cache-aware")
+        for key in (1, 2, 3, 99):
+            self.assertEqual(self.router.choose(route, (), key), (self.ranked(key)[0], "affinity"))
+        firsts = {self.router.choose(route, (), key)[0].id for key in range(200)}
+        self.assertEqual(len(firsts), 4)
+
+    def test_cache_aware_spills_over_the_bound(self):
+        """
+        When the key's replica is over the load bound, the call spills to
+        the next in the key's ranking, and the key stays there while that
+        replica has room.
+        """
+        route = self.strategy("cache-aware")
+        first, second = self.ranked(7)[:2]
+        for _ in range(6):
+            self.router.started(first)
+        self.assertEqual(self.router.choose(route, (), 7), (second, "spill"))
+        for _ in range(6):
+            self.router.finished(first)
+        self.assertEqual(self.router.choose(route, (), 7), (second, "affinity"))
+        for _ in range(6):
+            self.router.started(second)
+        self.assertEqual(self.router.choose(route, (), 7), (first, "spill"))
+        self.assertIsNone(self.router.affinity_home(7))
+
+    def test_cache_aware_spills_from_saturated(self):
+        """
+        A replica whose vLLM queue is at C{max_waiting} (from its metrics,
+        traffic the proxy never sent) is left for the key's next replica.
+        """
+        route = self.strategy("cache-aware")
+        first, second = self.ranked(11)[:2]
+        for replica in self.replicas:
+            self.router.record_metrics(replica, metrics(running=8, waiting=3), 0)
+        self.assertEqual(self.router.choose(route, (), 11), (first, "affinity"))
+        # Its load stays within the bound: the queue alone makes it spill.
+        self.router.record_metrics(first, metrics(running=8, waiting=4), 0)
+        self.assertEqual(self.router.choose(route, (), 11), (second, "spill"))
+
+    def test_cache_aware_without_key_is_least_loaded(self):
+        """
+        A call with no affinity key goes to the least loaded replica
+        (reason C{load}), counting load from metrics.
+        """
+        route = self.strategy("cache-aware")
+        for i, replica in enumerate(self.replicas):
+            self.router.record_metrics(replica, metrics(running=3 - i if i < 3 else 5), 0)
+        self.assertEqual(self.router.choose(route, (), None), (self.replicas[2], "load"))
+
+    def test_cache_aware_all_saturated_least_loaded(self):
+        """
+        When every replica is saturated, the least loaded still takes the
+        call (flow control may queue it instead, later).
+        """
+        route = self.strategy("cache-aware")
+        for i, replica in enumerate(self.replicas):
+            self.router.record_metrics(replica, metrics(running=8, waiting=10 - i), 0)
+        self.assertEqual(self.router.choose(route, (), 5), (self.replicas[3], "load"))
+
+    def test_load_aware(self):
+        """
+        load-aware prefers the shortest vLLM queue, then the emptier KV
+        cache, ignoring affinity.
+        """
+        route = self.strategy("load-aware")
+        self.router.record_metrics(self.replicas[0], metrics(running=2, waiting=1, kv=0.1), 0)
+        self.router.record_metrics(self.replicas[1], metrics(running=2, waiting=0, kv=0.9), 0)
+        self.router.record_metrics(self.replicas[2], metrics(running=2, waiting=0, kv=0.2), 0)
+        self.router.record_metrics(self.replicas[3], metrics(running=4, waiting=0, kv=0.0), 0)
+        self.assertEqual(self.router.choose(route, (), 123), (self.replicas[2], "load"))
+
+    def test_least_busy_and_shuffle(self):
+        """
+        least-busy counts only this process's calls in flight (metrics are
+        ignored); simple-shuffle picks with the injected random choice.
+        """
+        route = self.strategy("least-busy")
+        self.router.record_metrics(self.replicas[0], metrics(running=50, waiting=50), 0)
+        self.router.started(self.replicas[1])
+        self.assertEqual(self.router.choose(route, (), 1), (self.replicas[0], "least_busy"))
+        route = self.strategy("simple-shuffle")
+        self.router._choice = lambda xs: xs[-1]
+        self.assertEqual(self.router.choose(route, (), 1), (self.replicas[3], "random"))
+
+    def test_cooldown_and_exclusion_hold_for_every_strategy(self):
+        """
+        Every strategy skips replicas already tried and cooling down.
+        """
+        for name in ("cache-aware", "load-aware", "least-busy", "simple-shuffle"):
+            route = self.strategy(name, allowed_fails=1)
+            first = self.ranked(3)[0]
+            self.router.failed(first)
+            for _ in range(5):
+                chosen, _ = self.router.choose(route, (self.replicas[1],), 3)
+                self.assertNotIn(chosen, (first, self.replicas[1]), name)
