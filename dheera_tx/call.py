@@ -69,6 +69,7 @@ class Call:
     bytes_in: int = 0
     bytes_out: int = 0
     error: Optional[str] = None
+    close_code: Optional[int] = None
 
     @property
     def overhead_ms(self) -> float:

@@ -62,6 +62,9 @@ class Deployment:
     :ivar keepalive_timeout: seconds an idle connection to the server is
         kept for reuse; under the server's own keep-alive timeout, so that
         the proxy never sends on a connection the server is closing.
+    :ivar lora_adapters: the LoRA adapters this server serves, declared in
+        the config: C{(name, input cost, output cost)}, a cost L{None} where
+        the base model's applies.
     :ivar index: position in C{model_list}; -1 for the default upstream.
     """
 
@@ -75,7 +78,23 @@ class Deployment:
     stream_timeout: float = 60.0
     connect_timeout: float = 10.0
     keepalive_timeout: float = 4.0
+    lora_adapters: Tuple[Tuple[str, Optional[float], Optional[float]], ...] = ()
     index: int = -1
+
+    def prices_for(self, model: Optional[str]) -> Tuple[float, float]:
+        """
+        :param model: the name the call was routed by (a C{model_name} or
+            one of this deployment's LoRA adapters).
+        :return: C{(input, output)} USD per token: an adapter's own prices
+            where it has them, else this deployment's.
+        """
+        for name, input_cost, output_cost in self.lora_adapters:
+            if name == model:
+                return (
+                    self.input_cost_per_token if input_cost is None else input_cost,
+                    self.output_cost_per_token if output_cost is None else output_cost,
+                )
+        return self.input_cost_per_token, self.output_cost_per_token
 
     @property
     def id(self) -> str:
@@ -146,12 +165,24 @@ class ProxyConfig:
     callbacks: Tuple[str, ...] = ()
     dheera_ai_settings: Dict[str, Any] = attr.ib(factory=dict, repr=False, hash=False)
     _by_name: Dict[str, Tuple[Deployment, ...]] = attr.ib(init=False, repr=False, eq=False)
+    _by_adapter: Dict[str, Tuple[Deployment, ...]] = attr.ib(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         by_name: Dict[str, list] = {}
+        by_adapter: Dict[str, list] = {}
         for deployment in self.deployments:
             by_name.setdefault(deployment.model_name, []).append(deployment)
+            for adapter in deployment.lora_adapters:
+                by_adapter.setdefault(adapter[0], []).append(deployment)
         object.__setattr__(self, "_by_name", {name: tuple(group) for name, group in by_name.items()})
+        object.__setattr__(self, "_by_adapter", {name: tuple(group) for name, group in by_adapter.items()})
+
+    def adapter_replicas(self, name: str) -> Tuple[Deployment, ...]:
+        """
+        :return: the deployments whose config declares the LoRA adapter
+            C{name}, in file order; empty when none does.
+        """
+        return self._by_adapter.get(name, ())
 
     def replicas(self, model_name: str) -> Tuple[Deployment, ...]:
         """
@@ -215,6 +246,7 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "stream_timeout": _positive,
     "connect_timeout": _positive,
     "keepalive_timeout": _positive,
+    "lora_adapters": config_values.lora_adapters,
 }
 PARAMS = tuple(_PARAM_CHECKS)
 # Env-alone settings, used when the file leaves the setting out.
@@ -296,6 +328,7 @@ class _Reader:
                 raise self.error(config_values.shown(key), f"unknown top-level section; expected one of {', '.join(SECTIONS)}{hint}")
         self.export(self.section(data, "environment_variables"))
         deployments = self.model_list(data.get("model_list"))
+        self.check_adapters(deployments)
         settings = self.resolve(self.section(data, "dheera_ai_settings"), "dheera_ai_settings")
         return ProxyConfig(
             path=self.path,
@@ -330,6 +363,14 @@ class _Reader:
         if not isinstance(entries, list):
             raise self.error("model_list", f"expected a list of model entries, got {config_values.kind_of(entries)}")
         return tuple(self.deployment(index, entry) for index, entry in enumerate(entries))
+
+    def check_adapters(self, deployments: Tuple[Deployment, ...]) -> None:
+        names = {deployment.model_name for deployment in deployments}
+        for deployment in deployments:
+            for adapter in deployment.lora_adapters:
+                if adapter[0] in names:
+                    where = f"model_list[{deployment.index}] ({deployment.model_name}): lora_adapters"
+                    raise self.error(where, f"adapter {adapter[0]} has the name of a configured model_name; a name routes to one thing")
 
     def deployment(self, index: int, entry: Any) -> Deployment:
         label = f"model_list[{index}]"

@@ -176,3 +176,35 @@ def api_base(value: Any) -> str:
     if "?" in value or "#" in value:
         raise InvalidValue("must not have a query string or fragment: request paths are appended to it")
     return scheme + value[len(scheme):].rstrip("/")
+
+
+def lora_adapters(value: Any) -> Tuple[Tuple[str, Optional[float], Optional[float]], ...]:
+    """
+    A deployment's C{lora_adapters}: a list whose items are an adapter's
+    name (as vLLM serves it, C{--lora-modules NAME=PATH}) or a mapping
+    C{{name, input_cost_per_token, output_cost_per_token}} for an adapter
+    priced apart from its base model.
+
+    :return: C{(name, input cost or None, output cost or None)} per adapter.
+    """
+    if not isinstance(value, list):
+        raise InvalidValue(f"expected a list of adapter names, got {kind_of(value)}")
+    adapters = []
+    for item in value:
+        costs: dict = {}
+        if isinstance(item, dict):
+            unknown = sorted(str(k) for k in item if k not in ("name", "input_cost_per_token", "output_cost_per_token"))
+            if unknown:
+                raise InvalidValue(f"unknown adapter field {unknown[0]}; expected name, input_cost_per_token, output_cost_per_token")
+            name = item.get("name")
+            for field in ("input_cost_per_token", "output_cost_per_token"):
+                if item.get(field) is not None:
+                    costs[field] = number(0, inclusive=True)(item[field])
+        else:
+            name = item
+        if not isinstance(name, str) or not name.strip() or len(name) > 256 or name != name.strip():
+            raise InvalidValue("expected adapter names: non-empty strings of at most 256 characters without surrounding spaces")
+        if any(name == existing[0] for existing in adapters):
+            raise InvalidValue(f"adapter {name} is listed twice")
+        adapters.append((name, costs.get("input_cost_per_token"), costs.get("output_cost_per_token")))
+    return tuple(adapters)

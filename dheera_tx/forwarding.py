@@ -10,8 +10,9 @@ L{dheera_tx.upstream.client} on a shared pool of persistent connections:
 no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
+import json
 from typing import Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -26,8 +27,9 @@ from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_h
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.http.response_relay import ResponseRelay, answer_error, write_response_head
-from dheera_tx.keys.auth import authorize_vllm_call
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
+from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -73,12 +75,17 @@ class Passthrough:
     :param accounting: admits, meters and settles calls (L{CallAccounting}).
     :param on_call_end: called with each finished L{Call} (log sinks,
         metrics); must not raise.
+    :param catalog: answers C{GET /v1/models} (a
+        L{dheera_tx.routing.catalog.ModelCatalog}); L{None} passes it
+        through to the default upstream.
     """
 
     def __init__(
-        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None
+        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None
     ):
         self._reactor = reactor
+        self._catalog = catalog
+        self._realtime = RealtimeCalls(reactor, self)
         self._config = config
         self._router = router
         self._auth = authenticator
@@ -128,7 +135,7 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in = request_bytes(progress)
+        call.bytes_in += request_bytes(progress)
         self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
         if self._on_call_end is not None:
             try:
@@ -145,6 +152,9 @@ class Passthrough:
             problem = path_problem(path, query)
             if problem is not None:
                 raise bad_request(f"Refused request path: {problem}.")
+            if request.switching:
+                await self._realtime.serve(request, call, progress, query)
+                return
             principal = await self._auth.authenticate(request.requestHeaders)
             if principal.key is not None:
                 key = principal.key
@@ -152,6 +162,10 @@ class Passthrough:
                 call.key_alias = key.key_alias
                 call.user_id = key.user_id
                 call.team_id = key.team_id
+            if self._catalog is not None and request.method == b"GET" and _names_models(path):
+                if header_or_query_model(request.requestHeaders, query) is None:
+                    await self._answer_models(request, call, principal, path)
+                    return
             document, raw_json = await self._json_document(request)
             progress.document = document
             model = body_model(document) if document is not None else None
@@ -189,6 +203,23 @@ class Passthrough:
         except BodyAborted:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
+
+    async def _answer_models(self, request, call: Call, principal, path: bytes) -> None:
+        """
+        Answer C{GET /v1/models} or C{GET /v1/models/{name}} from the
+        catalog: the public names this caller may use.
+        """
+        authorize_route(principal, path[1:].decode("utf-8", "replace"), self._config.general.operator_routes)
+        if path == _MODELS:
+            answer = await self._catalog.listing(principal, self._router.cooling_down)
+        else:
+            name = unquote(path[len(_MODELS) + 1 :].decode("utf-8", "replace"))
+            answer = await self._catalog.model(principal, name, self._router.cooling_down)
+            if answer is None:
+                raise ProxyError(
+                    404, f"The model {name!r} does not exist.", type="invalid_request_error", code="model_not_found", param="model"
+                )
+        answer_json(request, 200, json.dumps(answer, separators=(",", ":")).encode("utf-8"), call)
 
     async def _json_document(self, request):
         body = request.body
@@ -272,6 +303,7 @@ class Passthrough:
             return raw_json if raw_json else None
         rename = (
             route.model_name is not None
+            and not route.adapter
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
@@ -385,6 +417,16 @@ class Passthrough:
         finally:
             self.streams_in_flight -= sse
             request.forget_client_gone(gone)
+
+
+_MODELS = b"/v1/models"
+
+
+def _names_models(path: bytes) -> bool:
+    """
+    :return: whether C{path} is the model list or one model's entry.
+    """
+    return path == _MODELS or (path.startswith(_MODELS + b"/") and len(path) > len(_MODELS) + 1)
 
 
 class _ClientGone(ProxyError):

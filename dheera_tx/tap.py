@@ -42,6 +42,7 @@ from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
 from dheera_tx.observe.call_log import CallLog, build_sinks
 from dheera_tx.observe.metrics import ProxyMetrics
+from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
 from dheera_tx.routing.signals import MetricsScraper
@@ -121,6 +122,7 @@ class Gateway:
     metrics: ProxyMetrics
     call_log: CallLog
     prober: DeploymentProber
+    catalog: ModelCatalog
     scraper: MetricsScraper
     key_store: Optional[CachedKeyStore] = None
     ledger: Optional[SpendLedger] = None
@@ -136,7 +138,8 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     """
     prefix = config.general.redis_key_prefix
     pool = UpstreamPool(reactor, max_idle_per_endpoint=128)
-    router = Router(config, now=reactor.seconds)
+    catalog = ModelCatalog(reactor, config)
+    router = Router(config, now=reactor.seconds, adapters=catalog.adapter_replicas)
     key_store = ledger = limiter = None
     probes = {}
     branches = {}
@@ -167,6 +170,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         pool,
         accounting=CallAccounting(limiter, ledger, now=now),
         on_call_end=call_log.emit,
+        catalog=catalog,
     )
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
     prober = DeploymentProber(reactor, config, router)
@@ -181,7 +185,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     )
     root = ControlRoot(control.app.resource(), branches)
     site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor)
-    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, scraper, key_store, ledger)
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger)
 
 
 class OrderedServices(service.MultiService):
@@ -364,7 +368,9 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
     async def flush():
         if gateway.ledger is not None:
             await gateway.ledger.flush()
-        await gatherResults([_as_deferred(gateway.call_log.stop()), _as_deferred(gateway.prober.stop())])
+        await gatherResults(
+            [_as_deferred(gateway.call_log.stop()), _as_deferred(gateway.prober.stop()), _as_deferred(gateway.catalog.stop())]
+        )
 
     general = config.general
     if gateway.metrics.multiprocess_dir:
@@ -374,7 +380,13 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
         refresh.clock = reactor
         _Step("metrics refresh", start=lambda: refresh.start(1.0), stop=lambda: refresh.running and refresh.stop()).setServiceParent(top)
     health_start = (lambda: gateway.prober.start_background(general.health_check_interval)) if general.background_health_checks else None
-    _Step("accounting", start=health_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
+
+    def background_start():
+        gateway.catalog.start()
+        if health_start is not None:
+            health_start()
+
+    _Step("accounting", start=background_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
     if gateway.scraper.deployments:
         _Step("load signals", start=gateway.scraper.start, stop=gateway.scraper.stop).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)

@@ -272,6 +272,8 @@ class _TrackedChannel(http.HTTPChannel):
     """
 
     fake: "FakeVLLM"
+    _realtime: Any = None
+    _first_read = True
 
     def connectionMade(self) -> None:
         """
@@ -279,6 +281,23 @@ class _TrackedChannel(http.HTTPChannel):
         """
         super().connectionMade()
         self.fake._channel_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        A connection that starts with a realtime upgrade is a WebSocket
+        session (:mod:`tests.fake_realtime`), not HTTP.
+        """
+        if self._realtime is not None:
+            self._realtime.dataReceived(data)
+            return
+        if self._first_read and data.startswith(b"GET /v1/realtime"):
+            from tests.fake_realtime import FakeRealtimeSession
+
+            self._realtime = FakeRealtimeSession(self.fake, self.transport)
+            self._realtime.dataReceived(data)
+            return
+        self._first_read = False
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
         """
@@ -695,7 +714,7 @@ class VLLMRoutes:
             return refused.answer
 
     def _unknown_model(self, model: Any) -> Optional[Answer]:
-        if model is None or model == self.fake.served_model:
+        if model is None or model == self.fake.served_model or model in self.fake.lora_modules:
             return None
         return error_answer(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
@@ -1020,9 +1039,15 @@ class VLLMRoutes:
                       "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                       "allow_fine_tuning": False, "organization": "*", "group": None,
                       "is_blocking": False}
-        return json_answer({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "vllm",
-             "root": name, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}]})
+        # vLLM lists the base model, then each LoRA adapter with its path
+        # as root, the base model as parent and no max_model_len
+        # (vllm/entrypoints/openai/serving_models.py, show_available_models).
+        cards = [{"id": name, "object": "model", "created": created, "owned_by": "vllm",
+                  "root": name, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [permission]}]
+        cards += [{"id": lora, "object": "model", "created": created, "owned_by": "vllm",
+                   "root": path, "parent": name, "max_model_len": None, "permission": [permission]}
+                  for lora, path in self.fake.lora_modules.items()]
+        return json_answer({"object": "list", "data": cards})
 
     def health(self, exchange: _Exchange) -> Answer:
         """
@@ -1093,6 +1118,8 @@ class FakeVLLM:
     :param served_model: the one served model name.
     :param api_key: if given, ``/v1`` and ``/v2`` paths need
         ``Authorization: Bearer <api_key>``.
+    :param lora_modules: LoRA adapters served beside the base model, name ->
+        path (vLLM's ``--lora-modules name=path``).
 
     :ivar fault: the default fault spec for every request.
     :ivar received: every request, in arrival order, from its headers on.
@@ -1105,9 +1132,10 @@ class FakeVLLM:
     """
 
     def __init__(self, reactor: Any, served_model: str = "tiny",
-                 api_key: Optional[str] = None) -> None:
+                 api_key: Optional[str] = None, lora_modules: Optional[dict] = None) -> None:
         self.reactor = reactor
         self.served_model = served_model
+        self.lora_modules = dict(lora_modules or {})
         self.api_key = api_key
         self.fault: Optional[str] = None
         self.received: list = []
@@ -1116,6 +1144,7 @@ class FakeVLLM:
         self.idle_timeout: Optional[float] = None
         self.big_body_written = 0
         self.sleeping = False
+        self.realtime_sessions = 0
         self.requests_running = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -1255,8 +1284,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="A fake vLLM server (OpenAI-compatible, deterministic).")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="qwen2.5-7b-instruct")
+    parser.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters to serve beside the model, as vLLM's flag")
     args = parser.parse_args(argv)
-    fake = FakeVLLM(reactor, served_model=args.model)
+    loras = dict(module.partition("=")[::2] for module in args.lora_modules)
+    fake = FakeVLLM(reactor, served_model=args.model, lora_modules=loras)
     fake.start(args.port).addCallback(lambda f: print(f"fake vLLM serving {args.model!r} on {f.url}", flush=True))
     reactor.run()
 

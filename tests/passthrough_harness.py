@@ -234,6 +234,7 @@ class ProxyHarness:
             self.base = f"https://localhost:{self.port}"
             policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(pem))
             self.agent = Agent(reactor, contextFactory=policy, pool=self.client_pool)
+        self.addCleanup(lambda: ensureDeferred(gateway.catalog.stop()))
         self.addCleanup(self._close_proxy, port, gateway.pool, open_channels)
 
     async def _close_proxy_async(self, port, pool, open_channels) -> None:

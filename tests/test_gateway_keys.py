@@ -339,15 +339,29 @@ class KeyPermissionTests(GatewayHarness, TestCase):
         await self.assertForbidden(
             b"POST", "/vllm/v1/chat/completions", key, {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
         )
-        await self.assertForbidden(b"GET", "/vllm/v1/models", key)
+        self.assertEqual(await self.listed(key), [ALLOWED])
         await self.assertForbidden(b"GET", "/vllm/v1/models", key, headers={"x-dheera-model": OTHER})
         await self.assertForbidden(b"GET", f"/vllm/v1/models?model={OTHER}", key)
         await self.assertForwarded(b"GET", "/vllm/v1/models", key, headers={"x-dheera-model": ALLOWED})
         await self.assertForwarded(b"GET", f"/vllm/v1/models?model={ALLOWED}", key)
-        # An unrestricted key may call anything, model or not.
+        # An unrestricted key may call anything, model or not, and lists
+        # every configured model and the default upstream's own ("tiny").
         free = (await self.generate())["key"]
         await self.assertWorks(free, OTHER)
-        await self.assertForwarded(b"GET", "/vllm/v1/models", free)
+        self.assertEqual(sorted(await self.listed(free)), sorted([ALLOWED, OTHER, "tiny"]))
+
+    async def listed(self, key: str) -> list:
+        """
+        :return: the ids of C{GET /vllm/v1/models} for C{key}, asserting
+            that the proxy answered it and no upstream saw the call (only
+            the catalog's own C{/v1/models} rounds, which carry no client
+            key).
+        """
+        status, content = await self.call(b"GET", "/vllm/v1/models", key)
+        self.assertEqual(status, 200, content)
+        for received in self.upstream.received:
+            self.assertNotIn(key, json.dumps(received.headers))
+        return [model["id"] for model in json.loads(content)["data"]]
 
     async def test_allowed_routes(self):
         """
@@ -401,7 +415,8 @@ class KeyPermissionTests(GatewayHarness, TestCase):
         self.assemble(config_from_dict(data))
         key = (await self.generate(models=[ALLOWED]))["key"]
         await self.assertForbidden(b"POST", "/vllm/v1/chat/completions", key, {"model": "unlisted"})
-        await self.assertForbidden(b"GET", "/vllm/v1/models", key)
+        # Its model list names only what it may use.
+        self.assertEqual(await self.listed(key), [ALLOWED])
 
 
 

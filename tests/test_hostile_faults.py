@@ -284,7 +284,7 @@ class ClientFaultTests(HostileTestCase):
         """
         await self._start()
         client = await self.raw_connect()
-        client.transport.write(request_head(b"/vllm/v1/models", b"x-fake-fault: hang"))
+        client.transport.write(request_head(b"/vllm/version", b"x-fake-fault: hang"))
         self.assertTrue(await wait_until(lambda: len(self.upstream.received) == 1))
         self.assertLess(await self._leave(client), 1.0)
         self.assertCleanLog()

@@ -89,10 +89,10 @@ class MethodAndPathTests(ProxyTestCase):
             if b'"version"' in client.data:
                 break
             await sleep(0.01)
-        client.transport.write(call(b"/health") + call(b"/v1/models") + call(b"/version", last=True))
+        client.transport.write(call(b"/health") + call(b"/v1/models?model=alpha") + call(b"/version", last=True))
         raw = await client.closed()
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 4)
-        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/health", b"/v1/models", b"/version"])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/health", b"/v1/models?model=alpha", b"/version"])
         self.assertLess(raw.index(b'"version"'), raw.index(b'"object":"list"'))
 
     async def test_pipelined_bodies_and_planes(self):
@@ -138,7 +138,7 @@ class MethodAndPathTests(ProxyTestCase):
         key = MASTER_KEY.encode()
         pieces = [
             b"GET /vl", b"lm/version HT", b"TP/1.1\r\nHost: x\r\nX-Note: a b c\r\nAuthorization: Bearer " + key + b"\r\n\r\n"
-            b"GET /vllm/v1/mo", b"dels HTTP/1.1\r\nX-Note: d e", b" f g\r\nAuthorization: Bearer " + key,
+            b"GET /vllm/v1/mo", b"dels?model=alpha HTTP/1.1\r\nX-Note: d e", b" f g\r\nAuthorization: Bearer " + key,
             b"\r\nConnection: close\r\n\r\n",
         ]
         for piece in pieces:
@@ -146,7 +146,7 @@ class MethodAndPathTests(ProxyTestCase):
             await sleep(0.02)
         raw = await client.closed()
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
-        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models?model=alpha"])
 
     async def test_pipelined_body_waits_without_timing_out(self):
         """
@@ -184,10 +184,10 @@ class MethodAndPathTests(ProxyTestCase):
         raw = await self.raw(
             b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             b"Authorization: Bearer " + key + b"\r\n\r\n"
-            b"GET /vllm/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key + b"\r\nConnection: close\r\n\r\n"
+            b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key + b"\r\nConnection: close\r\n\r\n"
         )
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:300])
-        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/v1/models"])
+        self.assertEqual([r.uri for r in self.upstream.received], [b"/version", b"/version"])
         self.assertNotIn("upgrade", self.upstream.received[0].headers)
 
     def _expect_post(self, path: bytes, body: bytes, close: bool = False) -> bytes:
@@ -278,11 +278,11 @@ class MethodAndPathTests(ProxyTestCase):
         port = reactor.listenTCP(0, Factory.forProtocol(lambda: CannedUpstream(answer, requests)), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.proxy([{"model_name": "m", "dheera_ai_params": {"model": "m", "api_base": f"http://127.0.0.1:{port.getHost().port}"}}])
-        raw = await self.raw(b"HEAD /vllm/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode() + b"\r\nConnection: close\r\n\r\n")
+        raw = await self.raw(b"HEAD /vllm/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode() + b"\r\nConnection: close\r\n\r\n")
         head, _, rest = raw.partition(b"\r\n\r\n")
         self.assertIn(b"\r\nContent-Length: 1234", head)
         self.assertEqual(rest, b"")
-        self.assertTrue(requests[0].startswith(b"HEAD /v1/models HTTP/1.1\r\n"))
+        self.assertTrue(requests[0].startswith(b"HEAD /version HTTP/1.1\r\n"))
 
     async def test_api_base_path_prefix(self):
         """
@@ -291,8 +291,8 @@ class MethodAndPathTests(ProxyTestCase):
         """
         self.upstream = await self.fake(served_model="alpha")
         self.proxy([{"model_name": "alpha", "dheera_ai_params": {"model": "alpha", "api_base": self.upstream.url + "/prefix"}}])
-        await self.request(b"GET", "/vllm/v1/models?a=b", auth())
-        self.assertEqual(self.upstream.received[0].uri, b"/prefix/v1/models?a=b")
+        await self.request(b"GET", "/vllm/version?a=b", auth())
+        self.assertEqual(self.upstream.received[0].uri, b"/prefix/version?a=b")
 
 
 class RefusedRequestTests(ProxyTestCase):
@@ -331,11 +331,11 @@ class RefusedRequestTests(ProxyTestCase):
         await self._start()
         evil_host = f"127.0.0.1:{self.evil.port}".encode()
         raw = await self.raw(
-            b"GET /vllm/v1/models HTTP/1.1\r\nHost: " + evil_host + b"\r\nAuthorization: Bearer "
+            b"GET /vllm/version HTTP/1.1\r\nHost: " + evil_host + b"\r\nAuthorization: Bearer "
             + MASTER_KEY.encode() + b"\r\nConnection: close\r\n\r\n"
         )
         self.assertEqual(parse_response(raw)[0], 200)
-        raw = await self.raw(self._request(b"http://" + evil_host + b"/vllm/v1/models"))
+        raw = await self.raw(self._request(b"http://" + evil_host + b"/vllm/version"))
         self.assertNotEqual(parse_response(raw)[0], 200)
         body = json.dumps({"model": "alpha", "api_base": self.evil.url, "messages": []}).encode()
         response, _ = await self.request(
@@ -355,7 +355,7 @@ class RefusedRequestTests(ProxyTestCase):
         await self._start()
         raw = await self.raw(
             self._request(
-                b"/vllm/v1/models", b"Content-Length: 5", b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n"
+                b"/vllm/version", b"Content-Length: 5", b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n"
             )
         )
         status, _, body = parse_response(raw)
@@ -370,7 +370,7 @@ class RefusedRequestTests(ProxyTestCase):
         """
         await self._start()
         for second in (b"Content-Length: 5", b"Content-Length: 6"):
-            raw = await self.raw(self._request(b"/vllm/v1/models", b"Content-Length: 5", second, body=b"hello"))
+            raw = await self.raw(self._request(b"/vllm/version", b"Content-Length: 5", second, body=b"hello"))
             status, _, body = parse_response(raw)
             self.assertEqual(status, 400, second)
             self.assertEqual(error_of(body)["type"], "invalid_request_error")
@@ -430,9 +430,9 @@ class DeploymentChoiceTests(ProxyTestCase):
         deployment.
         """
         await self._start()
-        response, _ = await self.request(b"GET", "/vllm/v1/models", dict(auth(), **{"x-dheera-model": "beta"}))
+        response, _ = await self.request(b"GET", "/vllm/version", dict(auth(), **{"x-dheera-model": "beta"}))
         self.assertEqual(response.code, 200)
-        self.assertEqual([r.uri for r in self.beta.received], [b"/v1/models"])
+        self.assertEqual([r.uri for r in self.beta.received], [b"/version"])
         self.assertEqual(self.alpha.received, [])
 
     async def test_model_query_parameter(self):
@@ -441,9 +441,9 @@ class DeploymentChoiceTests(ProxyTestCase):
         deployment, and the query still reaches the upstream verbatim.
         """
         await self._start()
-        response, _ = await self.request(b"GET", "/vllm/v1/models?model=beta&x=%2F", auth())
+        response, _ = await self.request(b"GET", "/vllm/version?model=beta&x=%2F", auth())
         self.assertEqual(response.code, 200)
-        self.assertEqual([r.uri for r in self.beta.received], [b"/v1/models?model=beta&x=%2F"])
+        self.assertEqual([r.uri for r in self.beta.received], [b"/version?model=beta&x=%2F"])
         self.assertEqual(self.alpha.received, [])
 
     async def test_multipart_model_field(self):
@@ -501,7 +501,7 @@ class DeploymentChoiceTests(ProxyTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(len(self.alpha.received), 1)
         self.assertEqual(self.beta.received, [])
-        response, _ = await self.request(b"GET", "/vllm/v1/models?model=alpha", dict(auth(), **{"x-dheera-model": "beta"}))
+        response, _ = await self.request(b"GET", "/vllm/version?model=alpha", dict(auth(), **{"x-dheera-model": "beta"}))
         self.assertEqual(len(self.beta.received), 1)
 
     async def test_unknown_model_goes_to_default_untouched(self):
@@ -528,7 +528,7 @@ class DeploymentChoiceTests(ProxyTestCase):
         response, body = await self.chat("nope")
         self.assertEqual(response.code, 404)
         self.assertEqual(error_of(body)["code"], "model_not_found")
-        response, body = await self.request(b"GET", "/vllm/v1/models", auth())
+        response, body = await self.request(b"GET", "/vllm/version", auth())
         self.assertEqual(response.code, 404)
         self.assertEqual(error_of(body)["code"], "model_not_found")
         self.assertEqual(self.alpha.received + self.beta.received, [])
@@ -569,7 +569,7 @@ class HeaderTests(ProxyTestCase):
         upstream = await self.fake(served_model="alpha")
         self.proxy([deployment("alpha", "alpha", upstream, api_key=UPSTREAM_KEY)])
         raw = await self.raw(
-            b"GET /vllm/v1/models HTTP/1.1\r\nHost: client.example\r\n"
+            b"GET /vllm/version HTTP/1.1\r\nHost: client.example\r\n"
             b"Authorization: Bearer " + MASTER_KEY.encode() + b"\r\n"
             b"x-api-key: sk-other\r\nCookie: session=abc\r\n"
             b"Connection: X-Hop-Named, close\r\nX-Hop-Named: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
@@ -597,7 +597,7 @@ class HeaderTests(ProxyTestCase):
         """
         upstream = await self.fake(served_model="alpha")
         self.proxy([deployment("alpha", "alpha", upstream)])
-        response, _ = await self.request(b"GET", "/vllm/v1/models", auth())
+        response, _ = await self.request(b"GET", "/vllm/version", auth())
         self.assertEqual(response.code, 200)
         self.assertNotIn("authorization", upstream.received[0].headers)
         self.assertEqual(upstream.received[0].headers["x-forwarded-for"], ["127.0.0.1"])
@@ -666,7 +666,7 @@ class HeaderTests(ProxyTestCase):
             (overhead,) = response.headers.getRawHeaders(b"x-dheera-overhead-duration-ms")
             self.assertTrue(0 <= float(overhead) < 5000, overhead)
         self.assertEqual(len(ids), 2)
-        response, _ = await self.request(b"GET", "/vllm/v1/models")
+        response, _ = await self.request(b"GET", "/vllm/version")
         self.assertEqual(response.code, 401)
         self.assertRegex(response.headers.getRawHeaders(b"x-dheera-call-id")[0], rb"^[0-9a-f]{32}$")
 
@@ -695,7 +695,7 @@ class AuthTests(ProxyTestCase):
             {"authorization": "Basic " + MASTER_KEY},
             auth(MASTER_KEY + "x"),
         ):
-            response, body = await self.request(b"GET", "/vllm/v1/models", headers)
+            response, body = await self.request(b"GET", "/vllm/version", headers)
             self.assertEqual(response.code, 401, headers)
             bodies.append(body)
         self.assertEqual(len(set(bodies)), 1)
@@ -709,7 +709,7 @@ class AuthTests(ProxyTestCase):
         """
         await self._start()
         for headers in (auth(), {"x-api-key": MASTER_KEY}):
-            response, _ = await self.request(b"GET", "/vllm/v1/models", headers)
+            response, _ = await self.request(b"GET", "/vllm/version", headers)
             self.assertEqual(response.code, 200, headers)
         self.assertEqual(len(self.upstream.received), 2)
 
@@ -720,6 +720,6 @@ class AuthTests(ProxyTestCase):
         """
         await self._start()
         for name in ("key", "api_key", "x-api-key", "authorization"):
-            response, body = await self.request(b"GET", f"/vllm/v1/models?{name}={MASTER_KEY}")
+            response, body = await self.request(b"GET", f"/vllm/version?{name}={MASTER_KEY}")
             self.assertEqual(response.code, 401, name)
         self.assertEqual(self.upstream.received, [])

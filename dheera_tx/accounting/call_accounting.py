@@ -162,7 +162,7 @@ class CallAccounting:
                 call.cached_tokens = usage.cached_tokens
                 call.usage_estimated = usage.estimated
                 if deployment is not None:
-                    call.cost_nanos = cost_nanos(usage, deployment.input_cost_per_token, deployment.output_cost_per_token)
+                    call.cost_nanos = cost_nanos(usage, *deployment.prices_for(call.model_name))
             if admission is not None and self._ledger is not None:
                 self._ledger.settle(
                     Settlement(

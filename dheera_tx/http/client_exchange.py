@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 
 from dheera_tx.errors import ProxyError, reason_phrase
 from dheera_tx.http.request_body import BodyAborted, StreamingBody
-from dheera_tx.http.socket_write import write_now
+from dheera_tx.socket_write import write_now
 
 log = Logger()
 
@@ -70,6 +70,7 @@ class ClientExchange:
         "_next_token",
         "_producer",
         "_refused",
+        "switching",
     )
 
     def __init__(
@@ -107,6 +108,8 @@ class ClientExchange:
         self._next_token = 0
         self._producer = None
         self._refused = False
+        # A WebSocket upgrade the data plane may switch to (see take_over).
+        self.switching = False
 
     # The request.
 
@@ -261,6 +264,21 @@ class ClientExchange:
             self.abort_response()
             return
         self.answer_error(error)
+
+    # Switching protocols.
+
+    def take_over(self, consumer):
+        """
+        After a C{101 Switching Protocols} (written by the caller): the
+        connection stops being HTTP; every byte the client sends from now
+        on goes to C{consumer.dataReceived}, and its end to
+        C{consumer.connectionLost}.
+
+        :return: the client's transport.
+        """
+        self.finished = True
+        self.startedWriting = True
+        return self._connection.take_over(consumer)
 
     # Backpressure of the answer.
 

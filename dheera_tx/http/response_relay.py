@@ -65,6 +65,21 @@ def answer_error(request, error: ProxyError, call: Call) -> None:
     call.bytes_out += request.answer_error(error, ((b"x-dheera-call-id", call.call_id.encode("ascii")),))
 
 
+def answer_json(request, status: int, body: bytes, call: Call) -> None:
+    """
+    Answer with a JSON document the proxy made itself (the model list),
+    unless the client is gone.
+    """
+    call.status = status
+    if request.client_gone or request.finished:
+        return
+    headers = [(b"Content-Type", b"application/json"), (b"x-dheera-call-id", call.call_id.encode("ascii"))]
+    request.write_head(status, None, headers, len(body))
+    request.write(body)
+    request.finish()
+    call.bytes_out += len(body)
+
+
 class ResponseRelay:
     """
     Writes an upstream response body to the client as each chunk arrives
@@ -149,7 +164,7 @@ class ResponseRelay:
         if usage is None or self._call.status >= 400:
             return ()
         d = self._deployment
-        nanos = cost_nanos(usage, d.input_cost_per_token, d.output_cost_per_token)
+        nanos = cost_nanos(usage, *d.prices_for(self._call.model_name))
         usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
         return ((b"x-dheera-response-cost", usd),)
 

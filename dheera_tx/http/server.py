@@ -46,12 +46,19 @@ from dheera_tx.http.listener_limits import (
 from dheera_tx.http.paths import is_passthrough
 from dheera_tx.http.request_body import BodyTooLarge, StreamingBody
 from dheera_tx.http.request_head import MALFORMED, RequestHead, RequestLine, framing, headers_too_large, request_line_too_long
+from dheera_tx.http.websocket import is_websocket_upgrade
 from dheera_tx.routing.model_choice import MultipartModelWatch, multipart_boundary
 
 log = Logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+
+
+#: The upgrade target the data plane may switch to a WebSocket.
+REALTIME_TARGET = b"/vllm/v1/realtime"
+#: Bytes held after an upgrade request's head until the switch.
+MAX_HELD_UPGRADE_BYTES = 65536
 
 
 class _Stop(Exception):
@@ -111,6 +118,11 @@ class GatewayConnection(Protocol):
         # A request with Expect: 100-continue that arrived behind an
         # unfinished answer: its 100 goes out when its turn comes.
         self._continue_owed = None
+        # A WebSocket upgrade waiting for the data plane's switch, the bytes
+        # that came after its head, and the relay once switched.
+        self._switching = None
+        self._upgrade_rest = b""
+        self._taken = None
 
     # Connection events.
 
@@ -124,6 +136,12 @@ class GatewayConnection(Protocol):
         self.site.deadlines.watch(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._taken is not None:
+            self._taken.dataReceived(data)
+            return
+        if self._switching is not None:
+            self._held_upgrade(data)
+            return
         if self._refused:
             return
         if self._incoming is None or self._in_head:
@@ -165,6 +183,16 @@ class GatewayConnection(Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             offset = e.args[0] if e.args else len(data)
+            upgraded = self._queue[-1] if self._queue else self._active
+            if isinstance(upgraded, ClientExchange) and upgraded.switching and self._queue:
+                # Behind unfinished answers: served as a plain request.
+                upgraded.switching = False
+            elif isinstance(upgraded, ClientExchange) and upgraded.switching:
+                # The data plane may switch this connection to a WebSocket:
+                # what follows the head is not HTTP; hold it for the relay.
+                self._switching = upgraded
+                self._held_upgrade(data[offset:])
+                return b""
             return data[offset:]
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Stop):
@@ -174,7 +202,34 @@ class GatewayConnection(Protocol):
             self._malformed()
         return b""
 
+    def _held_upgrade(self, data: bytes) -> None:
+        self._upgrade_rest += data
+        if len(self._upgrade_rest) > MAX_HELD_UPGRADE_BYTES:
+            # A client sends frames only after the 101.
+            self.transport.abortConnection()
+
+    def take_over(self, consumer):
+        """
+        Hand the connection to C{consumer} after a protocol switch (see
+        L{ClientExchange.take_over}).
+
+        :return: the transport.
+        """
+        self._taken = consumer
+        self._switching = None
+        self.site.deadlines.forget(self)
+        self._stop_pace()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        held, self._upgrade_rest = self._upgrade_rest, b""
+        if held:
+            self.site.reactor.callLater(0, consumer.dataReceived, held)
+        return self.transport
+
     def connectionLost(self, reason: Failure = None) -> None:
+        if self._taken is not None:
+            taken, self._taken = self._taken, None
+            taken.connectionLost(reason)
         self._lost = True
         self.site.deadlines.forget(self)
         self._stop_pace()
@@ -245,6 +300,11 @@ class GatewayConnection(Protocol):
         if is_passthrough(target) and site.passthrough is not None:
             exchange = ClientExchange(self, method, target, version, headers, site.reactor.seconds(), keep_alive)
             exchange.rejection = rejection
+            if method == b"GET" and target.split(b"?", 1)[0] == REALTIME_TARGET and is_websocket_upgrade(exchange.requestHeaders):
+                exchange.switching = True
+                # Unless it switches, the connection ends with its answer:
+                # what the client sent after the head is not HTTP.
+                exchange.keep_alive = False
             if has_body and rejection is None:
                 try:
                     boundary = multipart_boundary(exchange.getHeader(b"content-type"))

@@ -168,17 +168,32 @@ def authorize_vllm_call(
     """
     if principal.is_master:
         return
-    if is_operator_route(path, operator_routes):
-        raise forbidden("vLLM operator routes need the master key.")
+    authorize_route(principal, path, operator_routes)
     key = principal.key
-    if key.allowed_routes:
-        full = "/" + path
-        if not any(_route_allows(prefix, full) for prefix in key.allowed_routes):
-            raise forbidden("This key may not call this route.")
     if key.models and model_name not in key.models:
         if model_name is None:
             raise forbidden("This key is restricted to certain models: name one in the body, the x-dheera-model header or the model query parameter.")
         raise forbidden(f"This key may not use model {model_name!r}.")
+
+
+def authorize_route(principal: Principal, path: str, operator_routes: Sequence[str]) -> None:
+    """
+    Check that C{principal} may call the route C{path}, whatever the model
+    (for calls the proxy answers itself, such as the model list).
+
+    :param path: the upstream path without leading slash and query.
+    :raise ProxyError: 403 for an operator route or a route outside the
+        key's C{allowed_routes}.
+    """
+    if principal.is_master:
+        return
+    if is_operator_route(path, operator_routes):
+        raise forbidden("vLLM operator routes need the master key.")
+    allowed = principal.key.allowed_routes
+    if allowed:
+        full = "/" + path
+        if not any(_route_allows(prefix, full) for prefix in allowed):
+            raise forbidden("This key may not call this route.")
 
 
 def _route_allows(prefix: str, path: str) -> bool:

@@ -109,6 +109,7 @@ def call_record(call: Call) -> Dict[str, Any]:
         "bytes_in": int(call.bytes_in),
         "bytes_out": int(call.bytes_out),
         "error": scrub(call.error),
+        "close_code": call.close_code,
     }
 
 

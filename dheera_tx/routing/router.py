@@ -2,7 +2,8 @@
 Which vLLM deployment serves a call.
 
 L{Router} maps the model a call names to the replicas configured under that
-C{model_name}, picks one of the healthy ones by C{router_settings.routing_strategy}
+C{model_name} (or serving the LoRA adapter of that name), picks one of the
+healthy ones by C{router_settings.routing_strategy}
 (L{dheera_tx.routing.strategies}), and cools down a replica whose
 connections keep failing.  Calls that name no configured model go to the
 default upstream, if there is one.  It keeps each replica's calls in flight
@@ -31,10 +32,14 @@ class Route:
     :ivar model_name: the configured C{model_name} the call named, or
         L{None} when it goes to the default upstream.
     :ivar replicas: the deployments that may serve it.
+    :ivar adapter: whether C{model_name} is a LoRA adapter of those
+        deployments (vLLM serves it under that very name: the body's
+        C{model} is not rewritten).
     """
 
     model_name: Optional[str]
     replicas: Sequence[Deployment]
+    adapter: bool = False
 
 
 @attr.s(slots=True)
@@ -55,6 +60,9 @@ class Router:
     :param now: a clock returning seconds (the reactor's C{seconds}).
     :param choice: tie-breaker for replicas with equal load, and the
         random pick of C{simple-shuffle} (injected in tests for determinism).
+    :param adapters: the replicas serving a LoRA adapter, by its name
+        (L{dheera_tx.routing.catalog.ModelCatalog.adapter_replicas}); by
+        default the adapters the config declares.
     :param saturation: when a replica counts as saturated (cache-aware
         spills away from it, load-aware avoids it).
     """
@@ -63,9 +71,16 @@ class Router:
     # Affinity keys remembered where they spilled to (about 100 bytes each).
     MAX_HOMES = 65536
 
-    def __init__(self, config: ProxyConfig, now: Callable[[], float], choice=random.choice,
-                 saturation: Saturation = Saturation()):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        now: Callable[[], float],
+        choice=random.choice,
+        adapters: Optional[Callable[[str], Sequence[Deployment]]] = None,
+        saturation: Saturation = Saturation(),
+    ):
         self._config = config
+        self._adapters = config.adapter_replicas if adapters is None else adapters
         self._now = now
         self._choice = choice
         self.saturation = saturation
@@ -89,6 +104,9 @@ class Router:
             replicas = self._config.replicas(model)
             if replicas:
                 return Route(model, replicas)
+            replicas = self._adapters(model)
+            if replicas:
+                return Route(model, tuple(replicas), adapter=True)
         default = self._config.default_deployment
         if default is None:
             if model is None:

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IHandshakeListener, IProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dheera_tx.http.socket_write import write_now
+from dheera_tx.socket_write import write_now
 from dheera_tx.upstream.request_body import _BodyWriter
 from dheera_tx.upstream.response import UpstreamResponse
 
