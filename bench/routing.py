@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -248,9 +247,9 @@ class Runner:
 
 def summarize(calls, before, after, wall, replicas):
     queries = sum(a.get("vllm:prefix_cache_queries_total", 0) - b.get("vllm:prefix_cache_queries_total", 0)
-                  for a, b in zip(after, before))
+                  for a, b in zip(after, before, strict=True))
     hits = sum(a.get("vllm:prefix_cache_hits_total", 0) - b.get("vllm:prefix_cache_hits_total", 0)
-               for a, b in zip(after, before))
+               for a, b in zip(after, before, strict=True))
     ports = [url.rsplit(":", 1)[1] for url in replicas]
     per_replica = [sum(1 for c in calls if c["replica"] == p) for p in ports]
     ttfts = sorted(c["ttft"] for c in calls if c["ttft"] is not None)

@@ -30,6 +30,7 @@ from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
 from dheera_tx.realtime import RealtimeCalls
+from dheera_tx.routing.affinity import prefix_key, session_key
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -40,7 +41,6 @@ from dheera_tx.routing.model_choice import (
     multipart_model,
     parse_json_body,
 )
-from dheera_tx.routing.affinity import prefix_key, session_key
 from dheera_tx.routing.router import Route, Router
 from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 

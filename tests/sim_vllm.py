@@ -58,6 +58,9 @@ class SimSettings:
     legacy_names: bool = False
 
 
+DEFAULT_SETTINGS = SimSettings()
+
+
 class PrefixCache:
     """
     Fixed-capacity LRU of block hashes.
@@ -280,7 +283,7 @@ class SimReplica(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor, settings: SimSettings = SimSettings()):
+    def __init__(self, reactor, settings: SimSettings = DEFAULT_SETTINGS):
         super().__init__()
         self.engine = SimEngine(reactor, settings)
         self.settings = settings
@@ -417,7 +420,7 @@ class _Site(server.Site):
                 channel.transport.abortConnection()
 
 
-def listen(reactor, settings: SimSettings = SimSettings(), interface: str = "127.0.0.1"):
+def listen(reactor, settings: SimSettings = DEFAULT_SETTINGS, interface: str = "127.0.0.1"):
     """
     :return: C{(replica, port)} of a replica listening on a free port; the
         replica's C{site.close_connections()} aborts its connections.

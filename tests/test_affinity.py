@@ -118,7 +118,7 @@ class PrefixKeyTests(SynchronousTestCase):
         large = {"model": "m", "messages": [{"role": "user", "content": "y" * 100_000}]}
         for name, document in (("typical", typical), ("100 KB", large)):
             runs = 2000
-            seconds = min(timeit.repeat(lambda: prefix_key(document, "m"), number=runs, repeat=3)) / runs
+            seconds = min(timeit.repeat(lambda d=document: prefix_key(d, "m"), number=runs, repeat=3)) / runs
             print(f"prefix_key {name}: {seconds * 1e6:.1f} us per call")
             self.assertLess(seconds, 0.001)
 
@@ -172,7 +172,7 @@ class RendezvousTests(SynchronousTestCase):
         removed = five[2].api_base
         four = [Deployment(d.model_name, d.served_model, d.api_base, index=i) for i, d in enumerate(five[:2] + five[3:])]
         after = self.firsts(four, keys)
-        moved = [b for b, a in zip(before, after) if b != a]
+        moved = [b for b, a in zip(before, after, strict=True) if b != a]
         self.assertEqual(set(moved), {removed})
         self.assertTrue(0.15 < len(moved) / len(keys) < 0.25, len(moved))
 
@@ -183,6 +183,6 @@ class RendezvousTests(SynchronousTestCase):
         keys = [random.Random(i).getrandbits(64) for i in range(5000)]
         before = self.firsts(_replicas(4), keys)
         after = self.firsts(_replicas(5), keys)
-        moved = [(b, a) for b, a in zip(before, after) if b != a]
+        moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
         self.assertEqual({a for _, a in moved}, {"http://10.0.0.4:8000"})
         self.assertTrue(0.15 < len(moved) / len(keys) < 0.25, len(moved))

@@ -35,8 +35,9 @@ http_requests_total{handler="/metrics",method="GET",status="2xx"} 12.0
 
 def metrics(running=0, waiting=0, kv=0.0, old=False) -> bytes:
     kv_name = b"vllm:gpu_cache_usage_perc" if old else b"vllm:kv_cache_usage_perc"
-    return b"vllm:num_requests_running{engine=\"0\",model_name=\"q\"} %d\nvllm:num_requests_waiting{engine=\"0\",model_name=\"q\"} %d\n%s{engine=\"0\",model_name=\"q\"} %f\n" % (
-        running, waiting, kv_name, kv)
+    labels = b'{engine="0",model_name="q"}'
+    return b"vllm:num_requests_running%s %d\nvllm:num_requests_waiting%s %d\n%s%s %f\n" % (
+        labels, running, labels, waiting, kv_name, labels, kv)
 
 
 class ParseTests(SynchronousTestCase):

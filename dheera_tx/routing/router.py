@@ -23,6 +23,8 @@ from dheera_tx.routing import strategies
 from dheera_tx.routing.affinity import replica_weight
 from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, is_fresh, parse_metrics
 
+DEFAULT_SATURATION = Saturation()
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Route:
@@ -77,7 +79,7 @@ class Router:
         now: Callable[[], float],
         choice=random.choice,
         adapters: Optional[Callable[[str], Sequence[Deployment]]] = None,
-        saturation: Saturation = Saturation(),
+        saturation: Saturation = DEFAULT_SATURATION,
     ):
         self._config = config
         self._adapters = config.adapter_replicas if adapters is None else adapters

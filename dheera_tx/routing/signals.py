@@ -139,7 +139,7 @@ def _samples(body: bytes) -> Iterator[Tuple[bytes, Dict[bytes, bytes], float]]:
 
 
 def _labels(line: bytes, at: int) -> Tuple[Dict[bytes, bytes], int]:
-    labels = {}
+    labels: Dict[bytes, bytes] = {}
     while at < len(line):
         if line[at:at + 1] == b"}":
             return labels, at + 1
