@@ -148,6 +148,7 @@ class ProxyMetrics:
         self._sinks: List = []
         self._in_flight_source: Tuple[Optional[Callable[[], int]], Optional[Callable[[], int]]] = (None, None)
         self._children = {}
+        self._decision_children: dict = {}
         self.registry = registry = CollectorRegistry()
         route_model = ["route", "model"]
         self.requests = Counter(
@@ -236,10 +237,16 @@ class ProxyMetrics:
             completion_tokens.inc(max(0, call.completion_tokens))
         if call.cost_nanos > 0:
             spend.inc(nanos_to_usd(call.cost_nanos))
+        if call.routing_reason is not None:
+            decisions = self._decision_children.get((model, call.routing_reason))
+            if decisions is None:
+                # Bounded: reasons are the router's few constants.
+                decisions = self._decision_children[(model, call.routing_reason)] = (
+                    self.routing_decisions.labels(model, call.routing_reason)
+                )
+            decisions.inc()
         if call.cached_tokens > 0:
             self.cached_tokens.labels(model).inc(call.cached_tokens)
-        if call.routing_reason is not None:
-            self.routing_decisions.labels(model, call.routing_reason).inc()
         kind = self.upstream_error_kind(call)
         if kind is not None:
             self.upstream_errors.labels(kind).inc()
