@@ -45,6 +45,7 @@ from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
+from dheera_tx.routing.shared_load import SharedInFlight
 from dheera_tx.routing.signals import MetricsScraper
 from dheera_tx.upstream.client import UpstreamPool
 
@@ -175,6 +176,10 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
     prober = DeploymentProber(reactor, config, router)
     scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
+    if redis is not None and scraper.deployments:
+        router.shared = SharedInFlight(
+            redis, prefix, config.router.metrics_interval, router.local_in_flight, now=now, clock=reactor
+        )
     control = ControlPlane(
         probes,
         metrics=metrics,
@@ -388,7 +393,19 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
 
     _Step("accounting", start=background_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
     if gateway.scraper.deployments:
-        _Step("load signals", start=gateway.scraper.start, stop=gateway.scraper.stop).setServiceParent(top)
+        shared = gateway.router.shared
+
+        def signals_start():
+            gateway.scraper.start()
+            if shared is not None:
+                shared.start()
+
+        async def signals_stop():
+            await gateway.scraper.stop()
+            if shared is not None:
+                await shared.stop()
+
+        _Step("load signals", start=signals_start, stop=lambda: ensureDeferred(signals_stop())).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
     listeners = service.MultiService()

@@ -1,16 +1,21 @@
 """
-Tests for L{dheera_tx.routing.strategies} and L{dheera_tx.routing.signals}:
-reading vLLM's /metrics, staleness, load estimates, saturation and each
-routing strategy's choice, on an injected clock.
+Tests for L{dheera_tx.routing.strategies}, L{dheera_tx.routing.signals} and
+L{dheera_tx.routing.shared_load}: reading vLLM's /metrics, staleness, load
+estimates, saturation and each routing strategy's choice, on an injected
+clock; in-flight counts shared through a real Redis.
 """
 
+from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dheera_tx.config import config_from_dict
+from dheera_tx.redis.client import connect
 from dheera_tx.routing.affinity import rendezvous_order
 from dheera_tx.routing.router import Router
+from dheera_tx.routing.shared_load import SharedInFlight
 from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, parse_metrics
+from tests.redis_server import RedisServer
 
 # As vLLM 0.1x exports them (two engines, data parallel), with the lines
 # around that a scraper must skip.
@@ -277,3 +282,61 @@ class StrategyTests(SynchronousTestCase):
             for _ in range(5):
                 chosen, _ = self.router.choose(route, (self.replicas[1],), 3)
                 self.assertNotIn(chosen, (first, self.replicas[1]), name)
+
+
+class SharedInFlightTests(TestCase):
+    """
+    L{SharedInFlight} on a real redis-server: processes see each other's
+    calls in flight, and a process that stops or dies drops out.
+    """
+
+    def setUp(self):
+        self.server = RedisServer().start()
+        self.addCleanup(self.server.cleanup)
+        self.redis = connect(reactor, self.server.url)
+        self.addCleanup(self.redis.disconnect)
+        self.now = [1_800_000_000.0]
+
+    def process(self, counts: dict) -> SharedInFlight:
+        return SharedInFlight(self.redis, "t:", 1.0, lambda: dict(counts), now=lambda: self.now[0], clock=reactor)
+
+    async def test_processes_share_counts(self):
+        """
+        Each process reads the sum of the others' counts, not its own; one
+        that stops is gone at once, one that dies is gone after 3 intervals
+        (its hash expires and the others drop it).
+        """
+        a_counts, b_counts, c_counts = {"m#0": 2, "m#1": 0}, {"m#0": 3, "m#1": 1}, {"m#1": 4}
+        a, b, c = self.process(a_counts), self.process(b_counts), self.process(c_counts)
+        for p in (a, b, c, a, b):
+            await p.sync()
+        self.assertEqual((a.others("m#0"), a.others("m#1")), (3, 5))
+        self.assertEqual((b.others("m#0"), b.others("m#1")), (2, 4))
+        await b.stop()
+        await a.sync()
+        self.assertEqual((a.others("m#0"), a.others("m#1")), (0, 4))
+        # c dies (stops syncing): 3 intervals later it no longer counts.
+        self.now[0] += 3.5
+        await a.sync()
+        self.assertEqual(a.others("m#1"), 0)
+        self.assertEqual(self.server.command("EXISTS", "t:routing:inflight:" + b.process_id), 0)
+
+    async def test_router_counts_other_processes_without_a_sample(self):
+        """
+        Without a fresh sample the router's load and saturation count the
+        other processes' calls in flight too.
+        """
+        config = config_from_dict({
+            "model_list": [{"model_name": "m", "dheera_ai_params": {"model": "hosted_vllm/q", "api_base": f"http://10.0.0.{i}:8000"}}
+                           for i in range(2)],
+        })
+        router = Router(config, now=reactor.seconds, saturation=Saturation(max_in_flight=5))
+        first = config.replicas("m")[0]
+        other = self.process({first.id: 4})
+        await other.sync()
+        router.shared = self.process({})
+        router.started(first)
+        await router.shared.sync()
+        self.assertEqual(router.load(first), 5.0)
+        self.assertTrue(router.saturated(first))
+        self.assertEqual(router.in_flight(first), 1)

@@ -91,6 +91,8 @@ class Router:
         self._state: Dict[str, _ReplicaState] = {}
         self._seeds: Dict[str, int] = {}
         self._homes: "collections.OrderedDict[int, Deployment]" = collections.OrderedDict()
+        # Other processes' calls in flight (L{dheera_tx.routing.shared_load}), when shared.
+        self.shared = None
         for deployment in config.all_deployments():
             self._state.setdefault(deployment.id, _ReplicaState())
             self._seeds[deployment.id] = replica_weight(deployment)
@@ -202,19 +204,34 @@ class Router:
     def load(self, deployment: Deployment) -> float:
         """
         :return: the requests the deployment has now, as far as this
-            process can tell (L{estimated_load}).
+            process can tell (L{estimated_load}); without a fresh sample,
+            the calls in flight of every process sharing this Redis.
         """
         state = self._state[deployment.id]
         sample = state.sample
-        if not is_fresh(sample, self._now(), self._interval):
-            sample = None
-        return estimated_load(sample, state.in_flight)
+        if is_fresh(sample, self._now(), self._interval):
+            return estimated_load(sample, state.in_flight)
+        return estimated_load(None, self.in_flight_everywhere(deployment))
+
+    def in_flight_everywhere(self, deployment: Deployment) -> int:
+        """
+        :return: the calls in flight to the deployment from this process and,
+            when shared, from every other process (as of the last sync).
+        """
+        others = self.shared.others(deployment.id) if self.shared is not None else 0
+        return self._state[deployment.id].in_flight + others
+
+    def local_in_flight(self) -> Dict[str, int]:
+        """
+        :return: this process's calls in flight, by deployment id.
+        """
+        return {deployment_id: state.in_flight for deployment_id, state in self._state.items()}
 
     def saturated(self, deployment: Deployment) -> bool:
         """
         :return: whether the deployment is saturated now (L{Saturation}).
         """
-        return self.saturation.saturated(self.fresh_sample(deployment), self._state[deployment.id].in_flight)
+        return self.saturation.saturated(self.fresh_sample(deployment), self.in_flight_everywhere(deployment))
 
     def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
         """
