@@ -45,7 +45,7 @@ from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
-from dheera_tx.routing.shared_load import SharedInFlight
+from dheera_tx.routing.shared_load import SYNCS_PER_INTERVAL, SharedInFlight
 from dheera_tx.routing.signals import MetricsScraper
 from dheera_tx.upstream.client import UpstreamPool
 
@@ -178,7 +178,8 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
     if redis is not None and scraper.deployments:
         router.shared = SharedInFlight(
-            redis, prefix, config.router.metrics_interval, router.local_in_flight, now=now, clock=reactor
+            redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
+            homes=router.homes,
         )
     control = ControlPlane(
         probes,

@@ -84,7 +84,8 @@ class CacheAwareFleetTests(TestCase):
         Every turn of a conversation reaches the same replica, whichever
         worker takes it, and later turns find their history cached
         (C{cached_tokens} in the usage and in the call record, reason
-        C{affinity}); different conversations spread over replicas.
+        C{affinity} after the first turn); different conversations spread
+        over replicas.
         """
         system = {"role": "system", "content": "You are terse. " * 40}
         homes = {}
@@ -107,7 +108,11 @@ class CacheAwareFleetTests(TestCase):
 
         await self.wait_for(logged, "24 call records")
         records = self.proxy.records()
-        self.assertEqual({r["routing_reason"] for r in records}, {"affinity"})
+        # A conversation's first turn may go past its first-ranked replica
+        # to balance conversations (spill); later turns follow it there.
+        reasons = [r["routing_reason"] for r in records]
+        self.assertLessEqual(set(reasons), {"affinity", "spill"})
+        self.assertLessEqual(reasons.count("spill"), 6)
         # Turns after the first find their history; first turns may find
         # the shared system prompt.
         self.assertGreaterEqual(sum(1 for r in records if r["cached_tokens"] > 0), 18)

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dheera_tx.config import config_from_dict
 from dheera_tx.redis.client import connect
 from dheera_tx.routing.affinity import rendezvous_order
+from dheera_tx.routing.homes import KeyHomes
 from dheera_tx.routing.router import Router
 from dheera_tx.routing.shared_load import SharedInFlight
 from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, parse_metrics
@@ -184,20 +185,37 @@ class StrategyTests(SynchronousTestCase):
 
     def test_cache_aware_affinity(self):
         """
-        A key goes to its first-ranked replica, the same every time, with
-        reason C{affinity}; different keys spread.
+        A new key goes to its first-ranked replica (reason C{affinity}) and
+        keeps going there; different keys spread.
         """
-        route = self.strategy("cache-aware")
         for key in (1, 2, 3, 99):
-            self.assertEqual(self.router.choose(route, (), key), (self.ranked(key)[0], "affinity"))
+            route = self.strategy("cache-aware")
+            for _ in range(3):
+                self.assertEqual(self.router.choose(route, (), key), (self.ranked(key)[0], "affinity"))
         firsts = {self.router.choose(route, (), key)[0].id for key in range(200)}
         self.assertEqual(len(firsts), 4)
+
+    def test_cache_aware_balances_keys(self):
+        """
+        16 new keys land 4 per replica (a key whose first replica holds its
+        share goes to the next in its ranking, reason C{spill}), and each
+        keeps its replica afterwards, with reason C{affinity}.
+        """
+        route = self.strategy("cache-aware")
+        placed = {key: self.router.choose(route, (), key) for key in range(100, 116)}
+        counts = {}
+        for deployment, _ in placed.values():
+            counts[deployment.id] = counts.get(deployment.id, 0) + 1
+        self.assertEqual(sorted(counts.values()), [4, 4, 4, 4])
+        for key, (deployment, reason) in placed.items():
+            self.assertEqual(reason, "affinity" if deployment is self.ranked(key)[0] else "spill")
+            self.assertEqual(self.router.choose(route, (), key), (deployment, "affinity"))
 
     def test_cache_aware_spills_over_the_bound(self):
         """
         When the key's replica is over the load bound, the call spills to
         the next in the key's ranking, and the key stays there while that
-        replica has room.
+        replica has room; when it has none, the key goes back.
         """
         route = self.strategy("cache-aware")
         first, second = self.ranked(7)[:2]
@@ -209,8 +227,8 @@ class StrategyTests(SynchronousTestCase):
         self.assertEqual(self.router.choose(route, (), 7), (second, "affinity"))
         for _ in range(6):
             self.router.started(second)
-        self.assertEqual(self.router.choose(route, (), 7), (first, "spill"))
-        self.assertIsNone(self.router.affinity_home(7))
+        self.assertEqual(self.router.choose(route, (), 7), (first, "affinity"))
+        self.assertEqual(self.router.homes.home(7), first.id)
 
     def test_cache_aware_spills_from_saturated(self):
         """
@@ -321,6 +339,29 @@ class SharedInFlightTests(TestCase):
         self.assertEqual(a.others("m#1"), 0)
         self.assertEqual(self.server.command("EXISTS", "t:routing:inflight:" + b.process_id), 0)
 
+    async def test_placements_are_shared(self):
+        """
+        A key placed off its first replica by one process is learned by the
+        others at their next sync; when two placed it apart, both keep the
+        smaller process id's placement.
+        """
+        a_homes, b_homes = KeyHomes(reactor.seconds), KeyHomes(reactor.seconds)
+        a = SharedInFlight(self.redis, "t:", 1.0, dict, now=lambda: self.now[0], clock=reactor, homes=a_homes)
+        b = SharedInFlight(self.redis, "t:", 1.0, dict, now=lambda: self.now[0], clock=reactor, homes=b_homes)
+        a.process_id, b.process_id = "aaaa", "bbbb"
+        a_homes.place(0xABC, "m#2", share=True)
+        a_homes.place(0xDEF, "m#0")  # a first choice: not shared
+        await a.sync()
+        await b.sync()
+        self.assertEqual((b_homes.home(0xABC), b_homes.home(0xDEF)), ("m#2", None))
+        a_homes.place(0x123, "m#1", share=True)
+        b_homes.place(0x123, "m#3", share=True)
+        self.now[0] += 0.5
+        await a.sync()
+        await b.sync()
+        await a.sync()
+        self.assertEqual((a_homes.home(0x123), b_homes.home(0x123)), ("m#1", "m#1"))
+
     async def test_router_counts_other_processes_without_a_sample(self):
         """
         Without a fresh sample the router's load and saturation count the
@@ -340,3 +381,34 @@ class SharedInFlightTests(TestCase):
         self.assertEqual(router.load(first), 5.0)
         self.assertTrue(router.saturated(first))
         self.assertEqual(router.in_flight(first), 1)
+
+
+class KeyHomesTests(SynchronousTestCase):
+    """
+    Tests for L{KeyHomes}.
+    """
+
+    def test_window_and_capacity(self):
+        """
+        A key unseen for the window stops counting; beyond the capacity the
+        least recently seen key goes; placing a key again moves it.
+        """
+        clock = Clock()
+        homes = KeyHomes(clock.seconds, window=10, capacity=3)
+        homes.place(1, "a")
+        clock.advance(6)
+        homes.place(2, "a")
+        homes.place(3, "b")
+        self.assertEqual((homes.count("a"), homes.count("b")), (2, 1))
+        clock.advance(5)
+        self.assertIsNone(homes.home(1))
+        self.assertEqual((homes.count("a"), len(homes)), (1, 2))
+        homes.place(3, "a")
+        homes.place(4, "c")
+        homes.place(5, "c")
+        self.assertIsNone(homes.home(2))
+        self.assertEqual((homes.count("a"), homes.count("b"), homes.count("c")), (1, 0, 2))
+        self.assertEqual(homes.outbox, [])
+        homes.place(6, "b", share=True)
+        homes.place(6, "b", share=True)
+        self.assertEqual(homes.outbox, [(6, "b")])

@@ -11,7 +11,6 @@ in this process and the last load sample scraped from its C{/metrics}
 (L{dheera_tx.routing.signals}).
 """
 
-import collections
 import random
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +20,7 @@ from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError
 from dheera_tx.routing import strategies
 from dheera_tx.routing.affinity import replica_weight
+from dheera_tx.routing.homes import KeyHomes
 from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, is_fresh, parse_metrics
 
 DEFAULT_SATURATION = Saturation()
@@ -70,8 +70,6 @@ class Router:
     """
 
     FAILURE_WINDOW = 60.0
-    # Affinity keys remembered where they spilled to (about 100 bytes each).
-    MAX_HOMES = 65536
 
     def __init__(
         self,
@@ -90,7 +88,7 @@ class Router:
         self._interval = config.router.metrics_interval
         self._state: Dict[str, _ReplicaState] = {}
         self._seeds: Dict[str, int] = {}
-        self._homes: "collections.OrderedDict[int, Deployment]" = collections.OrderedDict()
+        self.homes = KeyHomes(now)
         # Other processes' calls in flight (L{dheera_tx.routing.shared_load}), when shared.
         self.shared = None
         for deployment in config.all_deployments():
@@ -160,26 +158,6 @@ class Router:
         :return: each deployment's rendezvous seed, by id.
         """
         return self._seeds
-
-    def affinity_home(self, key: int) -> Optional[Deployment]:
-        """
-        :return: where calls with this affinity key went when they last
-            spilled away from their first choice, or L{None}.
-        """
-        return self._homes.get(key)
-
-    def set_affinity_home(self, key: int, chosen: Deployment, first: Deployment) -> None:
-        """
-        Remember where a key's call went, when that is not its first
-        choice; forget it when it is (bounded: the oldest go first).
-        """
-        if chosen is first:
-            self._homes.pop(key, None)
-            return
-        self._homes[key] = chosen
-        self._homes.move_to_end(key)
-        if len(self._homes) > self.MAX_HOMES:
-            self._homes.popitem(last=False)
 
     def now(self) -> float:
         """

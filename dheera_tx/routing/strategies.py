@@ -9,11 +9,12 @@ into the call record and the C{dheera_routing_decisions_total} counter):
     hold its prompt prefix in vLLM's cache (reason C{affinity}); when that
     replica is saturated or its load would pass M{(1 + LOAD_BOUND)} times
     the mean, the next in the key's ranking (C{spill}), so that a hot key
-    spreads over a stable few replicas instead of all of them.  A key that
-    spilled keeps going where it went while that replica has room (each
-    process remembers a bounded number of such keys): with few keys,
-    hashing alone places them unevenly, and a key flipping between replicas
-    pays a whole prefill each time.  A call with
+    spreads over a stable few replicas instead of all of them.  A new key
+    takes the first replica in its ranking that holds no more than its
+    share of the recently active keys, and keeps going there while it has
+    room (L{dheera_tx.routing.homes}): with few keys, hashing alone places
+    them unevenly, and a key flipping between replicas pays a whole prefill
+    each time.  A call with
     no key goes to the least loaded replica (C{load}).
   - C{load-aware}: the replica with the lowest load score, from vLLM's
     waiting queue, KV-cache use and the calls in flight (C{load}).
@@ -77,24 +78,39 @@ def cache_aware(router, pool: Sequence[Deployment], affinity: Optional[int]) -> 
     """
     loads = {d.id: router.load(d) for d in pool}
     if affinity is None:
-        return _least(router, pool, lambda d: loads[d.id] + (SATURATED_PENALTY if router.saturated(d) else 0.0)), LOAD
+        return _least_loaded(router, pool, loads), LOAD
     # The call itself counts in the mean, so an idle fleet takes it anywhere.
     mean = (sum(loads.values()) + 1.0) / len(pool)
     bound = max(math.ceil((1.0 + LOAD_BOUND) * mean), mean + LOAD_SLACK)
+
+    def has_room(deployment: Deployment) -> bool:
+        return loads[deployment.id] < bound and not router.saturated(deployment)
+
+    homes = router.homes
+    home = homes.home(affinity)
+    for deployment in pool:
+        if deployment.id == home and has_room(deployment):
+            homes.place(affinity, deployment.id)
+            return deployment, AFFINITY
     ranked = rendezvous_order(affinity, pool, router.seeds())
-    first = ranked[0]
-    # A key that spilled before stays where it went while that replica
-    # has room: its prefix is there now, and flipping back and forth
-    # would pay a whole prefill each time.
-    home = router.affinity_home(affinity)
-    if home is not None and home is not first:
-        ranked = [d for d in ranked if d.id == home.id] + [d for d in ranked if d.id != home.id]
-    for deployment in ranked:
-        if loads[deployment.id] < bound and not router.saturated(deployment):
-            router.set_affinity_home(affinity, deployment, first)
-            return deployment, AFFINITY if deployment is ranked[0] else SPILL
+    # A new key (or one whose home is full) takes the first replica in its
+    # ranking that holds no more than its share of the active keys.
+    keys = sum(homes.count(d.id) for d in pool) + (0 if home is not None else 1)
+    share = math.ceil(keys / len(pool))
+    for rank, deployment in enumerate(ranked):
+        if deployment.id != home and homes.count(deployment.id) < share and has_room(deployment):
+            homes.place(affinity, deployment.id, share=rank > 0 or home is not None)
+            return deployment, AFFINITY if rank == 0 else SPILL
+    for rank, deployment in enumerate(ranked):
+        if deployment.id != home and has_room(deployment):
+            homes.place(affinity, deployment.id, share=rank > 0 or home is not None)
+            return deployment, AFFINITY if rank == 0 else SPILL
     # Everything is over the bound or saturated: the least loaded.
-    return _least(router, pool, lambda d: loads[d.id] + (SATURATED_PENALTY if router.saturated(d) else 0.0)), LOAD
+    return _least_loaded(router, pool, loads), LOAD
+
+
+def _least_loaded(router, pool: Sequence[Deployment], loads) -> Deployment:
+    return _least(router, pool, lambda d: loads[d.id] + (SATURATED_PENALTY if router.saturated(d) else 0.0))
 
 
 def load_score(router, deployment: Deployment) -> float:
