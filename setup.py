@@ -7,6 +7,7 @@ setup(
     packages=[
         "dheera_tx",
         "dheera_tx.accounting",
+        "dheera_tx.console",
         "dheera_tx.http",
         "dheera_tx.keys",
         "dheera_tx.observe",
@@ -15,7 +16,7 @@ setup(
         "dheera_tx.upstream",
         "twisted.plugins",
     ],
-    package_data={"twisted": ["plugins/dheera_plugin.py"]},
+    package_data={"twisted": ["plugins/dheera_plugin.py"], "dheera_tx.console": ["static/*.css", "static/*.js", "static/vendor/*"]},
     python_requires=">=3.10",
     install_requires=[
         "twisted[tls]>=24.7,<27",  # tls: https api_bases

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         for name, root in sides.items():
             bench.say(f"starting side {name}: {root} ({results['sides'][name]['commit']})")
             running = targets.start_dheera(
-                bench.children, f"dheera-{name}", os.path.join(bench.work, f"dheera-{name}"), bench.json_port, bench.sse_port, 1, bench.proxy_cores, root
+                bench.children, f"dheera-{name}", os.path.join(bench.work, f"dheera-{name}"), bench.json_port, bench.sse_port, 1, bench.proxy_cores, root,
+                widen_routes=False,
             )
             proxies[name] = running.target(f"dheera-{name}", f"side {name}", running.virtual_key)
             load.requests(proxies[name], 32, 2, bench.work)

@@ -110,7 +110,7 @@ class Dheera:
         )
 
 
-def dheera_config(directory: str, json_port: int, sse_port: int) -> dict:
+def dheera_config(directory: str, json_port: int, sse_port: int, widen_routes: bool = True) -> dict:
     """
     :return: the proxy's config: C{bench-model} on the nginx upstream,
         C{bench-sse} and every other call (uploads, downloads) on the
@@ -134,6 +134,10 @@ def dheera_config(directory: str, json_port: int, sse_port: int) -> dict:
             "master_key": MASTER_KEY,
             "data_dir": os.path.join(directory, "dheera_data"),
             "max_request_body_bytes": 4 * 2**30,
+            # The transfer runs use the upstream's /upload and /download
+            # with the virtual key: routes outside the tenant API, widened
+            # here as an operator would.
+            **({"tenant_routes": ["upload", "download"]} if widen_routes else {}),
         },
         "router_settings": {"allowed_fails": 1000000, "cooldown_time": 1},
         "dheera_ai_settings": {"callbacks": []},
@@ -153,7 +157,8 @@ def _post_json(url: str, body: dict, key: str) -> dict:
 
 
 def start_dheera(
-    children: Children, name: str, directory: str, json_port: int, sse_port: int, workers: int, cores, root: str = ROOT
+    children: Children, name: str, directory: str, json_port: int, sse_port: int, workers: int, cores, root: str = ROOT,
+    widen_routes: bool = True,
 ) -> Dheera:
     """
     Start dheera_tx and make a virtual key with limits and budget.
@@ -162,11 +167,14 @@ def start_dheera(
     :param cores: CPU cores to pin it (and its Redis) to, or L{None}.
     :param root: the directory holding C{dheera_tx/} and C{twisted/plugins/}
         (default: this checkout).
+    :param widen_routes: let the virtual key call C{/upload} and
+        C{/download} (C{general_settings.tenant_routes}); off for checkouts
+        older than that setting.
     """
     os.makedirs(directory, exist_ok=True)
     config_path = os.path.join(directory, "proxy.yaml")
     with open(config_path, "w") as f:
-        yaml.safe_dump(dheera_config(directory, json_port, sse_port), f)
+        yaml.safe_dump(dheera_config(directory, json_port, sse_port, widen_routes), f)
     port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -19,7 +19,6 @@ import attr
 import yaml
 
 from dheera_tx import config_values
-from dheera_tx.keys.auth import DEFAULT_OPERATOR_ROUTES
 
 ENV_PREFIX = "os.environ/"
 SECTIONS = ("model_list", "general_settings", "dheera_ai_settings", "router_settings", "environment_variables")
@@ -74,6 +73,7 @@ class Deployment:
     api_key: Optional[str] = attr.ib(default=None, repr=False)
     input_cost_per_token: float = 0.0
     output_cost_per_token: float = 0.0
+    input_cost_per_second: float = 0.0
     timeout: float = 600.0
     stream_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -114,7 +114,7 @@ class GeneralSettings:
     redis_key_prefix: str = "dheera:"
     max_request_body_bytes: int = 104857600
     metrics_require_auth: bool = False
-    operator_routes: Tuple[str, ...] = DEFAULT_OPERATOR_ROUTES
+    tenant_routes: Tuple[str, ...] = ()
     data_dir: str = "dheera_data"
     header_timeout: float = 30.0
     body_timeout: float = 60.0
@@ -124,6 +124,11 @@ class GeneralSettings:
     background_health_checks: bool = False
     health_check_interval: float = 30.0
     max_connections: int = 10000
+    # Admission (SPEC 9): the completion tokens reserved for a call that
+    # names no max_tokens; end users seen only in traffic.
+    default_max_tokens_reservation: int = 4096
+    end_user_ttl_days: int = 35
+    max_new_end_users_per_day: int = 10000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -218,7 +223,7 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "redis_key_prefix": config_values.text,
     "max_request_body_bytes": config_values.whole(1),
     "metrics_require_auth": config_values.flag,
-    "operator_routes": config_values.routes,
+    "tenant_routes": config_values.routes,
     "data_dir": config_values.text,
     "header_timeout": _positive,
     "body_timeout": _positive,
@@ -228,6 +233,9 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "background_health_checks": config_values.flag,
     "health_check_interval": _positive,
     "max_connections": config_values.whole(1),
+    "default_max_tokens_reservation": config_values.whole(0),
+    "end_user_ttl_days": config_values.whole(1),
+    "max_new_end_users_per_day": config_values.whole(0),
 }
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "allowed_fails": config_values.whole(1),
@@ -242,6 +250,7 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "api_key": config_values.token,
     "input_cost_per_token": config_values.number(0, inclusive=True),
     "output_cost_per_token": config_values.number(0, inclusive=True),
+    "input_cost_per_second": config_values.number(0, inclusive=True),
     "timeout": _positive,
     "stream_timeout": _positive,
     "connect_timeout": _positive,
@@ -249,6 +258,16 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "lora_adapters": config_values.lora_adapters,
 }
 PARAMS = tuple(_PARAM_CHECKS)
+# Settings that were replaced: naming one stops start-up with what to write
+# instead, rather than being ignored.
+_RETIRED = {
+    "general_settings": {
+        "operator_routes": "virtual keys may now call only the tenant API (chat, completions, responses, "
+        "messages, embeddings, pooling, score, rerank, classify, tokenize, detokenize, audio, models, "
+        "realtime, invocations) and every other vLLM route needs the master key; delete operator_routes, and list "
+        "any route virtual keys must reach beyond the tenant API in general_settings.tenant_routes",
+    },
+}
 # Env-alone settings, used when the file leaves the setting out.
 _GENERAL_FROM_ENV = (("master_key", "DHEERA_AI_MASTER_KEY"), ("database_url", "DATABASE_URL"))
 
@@ -404,6 +423,9 @@ class _Reader:
 
     def settings(self, data: dict, name: str, cls: type, checks: dict, from_env: tuple) -> Any:
         section = self.section(data, name)
+        for key, instead in _RETIRED.get(name, {}).items():
+            if key in section:
+                raise self.error(f"{name}.{key}", f"no longer supported: {instead}")
         self.known(section, checks, lambda key: f"{name}.{config_values.shown(key)}", "setting")
         values = {key: self.value(f"{name}.{key}", checks[key], raw) for key, raw in section.items() if raw is not None}
         for key, variable in from_env:

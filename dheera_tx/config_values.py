@@ -128,14 +128,20 @@ def master_key(value: Any) -> Optional[str]:
 
 def routes(value: Any) -> Tuple[str, ...]:
     if not isinstance(value, list):
-        raise InvalidValue(f"expected a list of route names, got {kind_of(value)}")
+        raise InvalidValue(f"expected a list of vLLM routes, got {kind_of(value)}")
     routes = []
     for item in value:
+        hint = "expected a list of vLLM routes like v1/load_lora_adapter or v1/responses/*/input_items"
         if not isinstance(item, str) or not item.strip("/ "):
-            raise InvalidValue("expected a list of route names like sleep or v1/load_lora_adapter")
+            raise InvalidValue(hint)
         route = item.strip().strip("/")
-        # A proxy path was meant; left as is it would leave the route open.
-        routes.append(route[len("vllm/"):] if route.startswith("vllm/") else route)
+        # The proxy path was meant: vLLM's route is what follows /vllm.
+        route = route[len("vllm/"):] if route.startswith("vllm/") else route
+        segments = route.split("/")
+        # Routes match exactly, a "*" segment standing for any one segment.
+        if any(not s or ("*" in s and s != "*") or re.search(r"[?#\s]", s) for s in segments):
+            raise InvalidValue(hint + " (whole segments, * for any one segment)")
+        routes.append(route)
     return tuple(routes)
 
 

@@ -121,7 +121,9 @@ class ControlPlane:
         Spend grouped by key, user, team, end user or model over a range of
         UTC days (master key only), from the per-day counters:
         C{?group_by=model&start_date=2026-11-01&end_date=2026-11-30}
-        (default: the last 30 days, grouped by key).
+        (default: the last 30 days, grouped by key).  End users are
+        scoped by team: C{group_by=end_user} rows name their C{team_id},
+        and C{&team_id=T} keeps only team T's end users.
         """
         await self._require_master(request)
         if self._ledger is None:
@@ -133,7 +135,10 @@ class ControlPlane:
         start = _date(request, b"start_date") or end - datetime.timedelta(days=29)
         if start > end or (end - start).days > 366:
             raise bad_request("start_date must not be after end_date, and the range at most 366 days.", param="start_date")
-        rows = await self._ledger.report(group, start, end)
+        team_id = _arg(request, b"team_id")
+        if team_id is not None and (group != "end_user" or not team_id):
+            raise bad_request("team_id is taken with group_by=end_user, and must not be empty.", param="team_id")
+        rows = await self._ledger.report(group, start, end, team_id)
         return json_answer(
             request,
             200,

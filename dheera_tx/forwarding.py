@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
-from dheera_tx.accounting.metering import JSONUsageMeter
+from dheera_tx.accounting.metering import DeclaredUsageMeter, DecodingMeter, JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
@@ -27,8 +27,9 @@ from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_h
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
-from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, write_response_head
+from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, cost_header, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.affinity import prefix_key, session_key
 from dheera_tx.routing.model_choice import (
@@ -99,6 +100,7 @@ class Passthrough:
         self._max_response_head = config.general.max_header_bytes
         self._session_header = config.router.session_header.encode("ascii")
         self._affinity = config.router.routing_strategy == "cache-aware"
+        self._tenant_routes = TenantRoutes(config.general.tenant_routes)
 
     def _upstream(self, deployment: Deployment) -> _Upstream:
         upstream = self._upstreams.get(deployment.id)
@@ -135,8 +137,17 @@ class Passthrough:
     def _ended(self, _, call: Call, progress: "_Progress") -> None:
         self.in_flight -= 1
         call.ended_at = self._reactor.seconds()
-        call.bytes_in += request_bytes(progress)
-        self._accounting.settle(call, progress.admission, progress.deployment, progress.meter, progress.document)
+        body_bytes = request_bytes(progress)
+        call.bytes_in += body_bytes
+        self._accounting.settle(
+            call,
+            progress.admission,
+            progress.deployment,
+            progress.meter,
+            progress.document,
+            progress.path,
+            body_bytes,
+        )
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -146,6 +157,7 @@ class Passthrough:
     async def _serve(self, request, call: Call, progress: "_Progress") -> None:
         path, query = split_target(request.uri)
         progress.request = request
+        progress.path = path
         try:
             if request.rejection is not None:
                 raise request.rejection
@@ -182,15 +194,23 @@ class Passthrough:
                     model = form_model or model
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
-            authorize_vllm_call(
-                principal, path[1:].decode("utf-8", "replace"), model, self._config.general.operator_routes
-            )
+            authorize_vllm_call(principal, path[1:].decode("utf-8", "replace"), model, self._tenant_routes)
+            form_watch = getattr(request, "form_watch", None)
+            if form_watch is not None:
+                # Every model part of the form, wherever it sits (also after
+                # the file, where the peek above does not look), must be
+                # the model just authorized: vLLM uses the form's.
+                form_watch.authorize(model)
+            if principal.key is not None:
+                path = self._scope_ids(request, principal.key.token, path, document, progress)
             route = self._router.route(model)
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
-            progress.admission = await self._accounting.admit(principal, call.end_user, call)
+            progress.admission = await self._accounting.admit(
+                principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+            )
             progress.strip_usage = needs_usage_injection(path, document)
             affinity = self._affinity_key(request, route, document) if self._affinity else None
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
@@ -204,12 +224,30 @@ class Passthrough:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
 
+    def _scope_ids(self, request, token: str, path: bytes, document, progress: "_Progress"):
+        """
+        Move the request ids a virtual key names (header, body, Responses
+        path) into the key's namespace (L{dheera_tx.keys.tenancy}).
+
+        The client's document stays the call's (it is what is metered and
+        estimated); the scoped one is only forwarded (C{progress.forwarded}).
+
+        :return: the upstream path.
+        """
+        scope = request_id_scope(token)
+        progress.id_scope = scope.encode("ascii")
+        path = scoped_path(path, progress.id_scope)
+        if document is not None:
+            creates = request.method == b"POST" and path == b"/v1/responses"
+            progress.forwarded = scoped_document(document, scope, creates)
+        return path
+
     async def _answer_models(self, request, call: Call, principal, path: bytes) -> None:
         """
         Answer C{GET /v1/models} or C{GET /v1/models/{name}} from the
         catalog: the public names this caller may use.
         """
-        authorize_route(principal, path[1:].decode("utf-8", "replace"), self._config.general.operator_routes)
+        authorize_route(principal, path[1:].decode("utf-8", "replace"), self._tenant_routes)
         if path == _MODELS:
             answer = await self._catalog.listing(principal, self._router.cooling_down)
         else:
@@ -273,7 +311,7 @@ class Passthrough:
             call.api_base = deployment.api_base
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer)
+                response = await self._send(request, call, deployment, target, producer, progress.id_scope, progress.strip_usage)
             except UpstreamUnreachable:
                 self._router.finished(deployment)
                 self._router.failed(deployment)
@@ -293,12 +331,12 @@ class Passthrough:
     def _body_for(self, request, deployment: Deployment, route: Route, raw_json, progress: "_Progress"):
         """
         :return: the body to send to C{deployment}: the client's bytes
-            unchanged unless the served model name or the usage request
-            must be written into the JSON.
+            unchanged unless the served model name, the usage request or
+            a virtual key's request ids must be written into the JSON.
         """
         if raw_json is None:
             return request.body
-        document = progress.document
+        document = progress.forwarded if progress.forwarded is not None else progress.document
         if document is None:
             return raw_json if raw_json else None
         rename = (
@@ -307,14 +345,22 @@ class Passthrough:
             and deployment.served_model
             and document.get("model") != deployment.served_model
         )
-        if not rename and not progress.strip_usage:
+        if not rename and not progress.strip_usage and progress.forwarded is None:
             return raw_json
         changed = with_usage_requested(document) if progress.strip_usage else dict(document)
         if rename:
             changed["model"] = deployment.served_model
         return encode_document(changed)
 
-    def _upstream_headers(self, request, deployment: Deployment) -> List[Tuple[bytes, bytes]]:
+    def _upstream_headers(
+        self, request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False
+    ) -> List[Tuple[bytes, bytes]]:
+        """
+        :param id_scope: a virtual key's request-id namespace (its
+            C{X-Request-Id} is moved into it), or L{None} for the master key.
+        :param identity: ask for an uncompressed answer (the proxy rewrites
+            it: the usage chunk it asked for is stripped).
+        """
         incoming = request.raw_headers
         drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
         headers = []
@@ -326,7 +372,13 @@ class Passthrough:
             if lower == b"x-forwarded-for":
                 forwarded.append(value)
                 continue
+            if lower == b"x-request-id" and id_scope is not None:
+                value = scoped_header(id_scope, value)
+            if identity and lower == b"accept-encoding":
+                continue
             headers.append((name, value))
+        if identity:
+            headers.append((b"Accept-Encoding", b"identity"))
         client_ip = getattr(request.getClientAddress(), "host", None)
         if client_ip:
             forwarded.append(client_ip.encode("ascii"))
@@ -336,9 +388,11 @@ class Passthrough:
             headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
         return headers
 
-    async def _send(self, request, call: Call, deployment: Deployment, target: bytes, body):
+    async def _send(
+        self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes], identity: bool = False
+    ):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment)
+        headers = self._upstream_headers(request, deployment, id_scope, identity)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -392,14 +446,27 @@ class Passthrough:
         if request.client_gone:
             response.stopProducing()
             return
-        meter = self._accounting.meter_for(content_type, response.code, progress.strip_usage)
+        headers = response.headers
+        meter = self._accounting.meter_for(
+            content_type,
+            response.code,
+            progress.strip_usage,
+            first_header(headers, b"content-encoding"),
+            first_header(headers, b"metadata"),
+        )
         progress.meter = meter
-        hold = isinstance(meter, JSONUsageMeter) and (
+        hold = (isinstance(meter, JSONUsageMeter) or (isinstance(meter, DecodingMeter) and not sse)) and (
             response.length is None or response.length <= ResponseRelay.HOLD_LIMIT
         ) and request.method != b"HEAD"
-        rewritten = sse and progress.strip_usage
+        if not hold and isinstance(meter, (JSONUsageMeter, DecodingMeter)):
+            # Not held: read as it streams, never kept.
+            meter.stream()
+        rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
         head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
-        if not hold:
+        if isinstance(meter, DeclaredUsageMeter):
+            # Usage declared in the head: the cost goes with it, no holding.
+            head(cost_header(meter, deployment, response.code, call.model_name))
+        elif not hold:
             head()
         relay = ResponseRelay(
             self._reactor, request, call, deployment, sse, meter, None if not hold else head, self._relay_watch
@@ -461,15 +528,20 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "document", "admission", "deployment", "meter", "strip_usage")
+    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded")
 
     def __init__(self):
         self.request = None
+        self.path = b""
         self.document = None
         self.admission = None
         self.deployment = None
         self.meter = None
         self.strip_usage = False
+        # A virtual key's request-id namespace, and the body with its ids
+        # moved into it (None: forwarded as the client wrote it).
+        self.id_scope: Optional[bytes] = None
+        self.forwarded: Optional[dict] = None
 
 
 def request_bytes(progress: _Progress) -> int:

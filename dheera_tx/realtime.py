@@ -45,6 +45,7 @@ from dheera_tx.config import Deployment
 from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.http.websocket import FrameReader, ProtocolViolation, subprotocol_key
 from dheera_tx.keys.auth import authorize_vllm_call
+from dheera_tx.keys.tenancy import request_id_scope, scoped_header
 from dheera_tx.routing.model_choice import header_or_query_model
 
 log = Logger()
@@ -154,12 +155,15 @@ class RealtimeCalls:
         if request.method != b"GET" or not request.body_complete:
             raise bad_request("A WebSocket upgrade is a GET request without a body.")
         model = header_or_query_model(request.requestHeaders, query)
-        authorize_vllm_call(principal, REALTIME_PATH[1:].decode(), model, passthrough._config.general.operator_routes)
+        authorize_vllm_call(principal, REALTIME_PATH[1:].decode(), model, passthrough._tenant_routes)
+        id_scope = None if principal.key is None else request_id_scope(principal.key.token).encode("ascii")
         route = passthrough._router.route(model)
         call.model_name = route.model_name
         call.stream = True
         progress.meter = RealtimeMeter()
-        progress.admission = await passthrough._accounting.admit(principal, None, call)
+        # A session reserves what a generating call naming no max_tokens does
+        # (general_settings.default_max_tokens_reservation).
+        progress.admission = await passthrough._accounting.admit(principal, None, call, REALTIME_PATH, None, 0, route.replicas)
         tried: List[Deployment] = []
         while True:
             deployment = passthrough._router.pick(route, tried)
@@ -170,7 +174,7 @@ class RealtimeCalls:
             call.deployment, call.api_base = deployment.id, deployment.api_base
             passthrough._router.started(deployment)
             try:
-                upstream = await self._connect(deployment, request, query, protocols, route, call)
+                upstream = await self._connect(deployment, request, query, protocols, route, call, id_scope)
             except (ierror.ConnectError, ierror.DNSLookupError, OSError) as e:
                 passthrough._router.finished(deployment)
                 passthrough._router.failed(deployment)
@@ -186,22 +190,26 @@ class RealtimeCalls:
                 passthrough._router.finished(deployment)
             return
 
-    async def _connect(self, deployment: Deployment, request, query: bytes, protocols, route, call: Call) -> "_UpstreamSocket":
+    async def _connect(
+        self, deployment: Deployment, request, query: bytes, protocols, route, call: Call, id_scope: Optional[bytes]
+    ) -> "_UpstreamSocket":
         upstream = self._passthrough._upstream(deployment)
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor, upstream.host, upstream.port, timeout=deployment.connect_timeout
         )
         if upstream.tls:
             endpoint = wrapClientTLS(optionsForClientTLS(upstream.host), endpoint)
-        head = _upgrade_head(request, upstream, deployment, query, protocols, route)
+        head = _upgrade_head(request, upstream, deployment, query, protocols, route, id_scope)
         socket = _UpstreamSocket(self._reactor, head)
         call.upstream_sent_at = self._reactor.seconds()
         await endpoint.connect(_Factory(socket))
         return socket
 
 
-def _upgrade_head(request, upstream, deployment: Deployment, query: bytes, protocols, route) -> bytes:
+def _upgrade_head(request, upstream, deployment: Deployment, query: bytes, protocols, route, id_scope: Optional[bytes]) -> bytes:
     """
+    :param id_scope: a virtual key's request-id namespace, or L{None}
+        (L{dheera_tx.keys.tenancy}).
     :return: the upgrade request sent to the replica.
     """
     target = upstream.prefix + REALTIME_PATH + query
@@ -217,6 +225,8 @@ def _upgrade_head(request, upstream, deployment: Deployment, query: bytes, proto
     ]
     for name, value in request.raw_headers:
         if name.lower() not in _NOT_SENT and not name.lower().startswith(b"proxy-"):
+            if id_scope is not None and name.lower() == b"x-request-id":
+                value = scoped_header(id_scope, value)
             lines.append(name + b": " + value)
     if protocols:
         lines.append(b"Sec-WebSocket-Protocol: " + b", ".join(protocols))

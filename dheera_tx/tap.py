@@ -10,11 +10,6 @@ the upstream pool, flush spend and logs, disconnect from Redis, stop the
 embedded Redis last.
 """
 
-from dheera_tx import event_loop
-
-# Before any import below reaches for the global reactor.
-event_loop.install()
-
 import atexit
 import gc
 import os
@@ -28,18 +23,19 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 from twisted.python import usage
 
+from dheera_tx import event_loop
 from dheera_tx.accounting.call_accounting import CallAccounting
 from dheera_tx.accounting.limits import CallLimiter
 from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
-from dheera_tx.control import ControlPlane, ControlRoot
+from dheera_tx.console.sessions import ConsoleSessions, RevokingKeyStore
 from dheera_tx.forwarding import Passthrough
 from dheera_tx.http.listener_limits import ListenerLimits
 from dheera_tx.http.server import GatewaySite
-from dheera_tx.keys.api import KeyAPI
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.listeners import ALLOW_EXAMPLE_KEY_OPTION, EXAMPLE_MASTER_KEY, Listener, checked_listeners, default_listener
 from dheera_tx.observe.call_log import CallLog, build_sinks
 from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.catalog import ModelCatalog
@@ -65,6 +61,9 @@ class Options(usage.Options):
         ["worker-index", None, None, "Set by the parent in worker processes."],
         ["worker-parent", None, None, "Set by the parent in worker processes: its pid."],
     ]
+    optFlags = [
+        [ALLOW_EXAMPLE_KEY_OPTION[2:], None, "Listen beyond loopback even with the public example master key."],
+    ]
 
     def __init__(self):
         super().__init__()
@@ -80,15 +79,14 @@ class Options(usage.Options):
 
     def opt_listen(self, endpoint: str) -> None:
         """
-        A Twisted endpoint to listen on (default tcp:4000); may repeat.
+        A Twisted endpoint to listen on (default tcp:4000; 127.0.0.1 only
+        with the example master key); may repeat.
         """
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config PATH is required")
-        if not self["listen"]:
-            self["listen"] = ["tcp:4000"]
         workers = self["workers"]
         if workers in ("0", "auto"):
             self["workers"] = os.cpu_count() or 1
@@ -104,9 +102,26 @@ class Options(usage.Options):
         except ConfigError as e:
             # One clear line, never a traceback.
             sys.exit(str(e))
-        if self["database-url"]:
-            config = attr.evolve(config, general=attr.evolve(config.general, database_url=self["database-url"]))
+        # A worker gets the parent's database URL through its environment:
+        # a password in it must not show in every worker's command line.
+        from dheera_tx.workers import DATABASE_URL_VARIABLE
+
+        url = self["database-url"] or (self["worker-parent"] and os.environ.get(DATABASE_URL_VARIABLE))
+        if url:
+            config = attr.evolve(config, general=attr.evolve(config.general, database_url=url))
         self["proxy_config"] = config
+        self["listen-defaulted"] = not self["listen"]
+        if not self["listen"]:
+            self["listen"] = [default_listener(config.general.master_key)]
+        if not self["inherited-fd"]:
+            # Checking the listeners needs the reactor: install ours first,
+            # as makeService would (twistd -r has installed its choice).
+            event_loop.install()
+            from twisted.internet import reactor
+
+            self["listeners"] = checked_listeners(
+                reactor, self["listen"], config.general.master_key, self[ALLOW_EXAMPLE_KEY_OPTION[2:]]
+            )
 
 
 @attr.s(auto_attribs=True)
@@ -137,6 +152,13 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         proxy with the master key only and no spend tracking.
     :raise ConfigError: for bad log-sink settings.
     """
+    # Klein imports the global reactor: imported here, not at the top, so
+    # that importing this module leaves the choice of reactor to
+    # makeService.
+    from dheera_tx.console.app import Console
+    from dheera_tx.control import ControlPlane, ControlRoot
+    from dheera_tx.keys.api import KeyAPI
+
     prefix = config.general.redis_key_prefix
     pool = UpstreamPool(reactor, max_idle_per_endpoint=128)
     catalog = ModelCatalog(reactor, config)
@@ -150,7 +172,15 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         stored_keys = RedisKeyStore(redis, prefix, now=now)
         key_store = CachedKeyStore(stored_keys, redis, reactor)
         stale_after = max([d.timeout for d in config.deployments] + [600.0]) + 60
-        limiter = CallLimiter(redis, prefix, now, stale_after=stale_after, reactor=reactor)
+        limiter = CallLimiter(
+            redis,
+            prefix,
+            now,
+            stale_after=stale_after,
+            reactor=reactor,
+            end_user_ttl=config.general.end_user_ttl_days * 86400,
+            new_end_users_per_day=config.general.max_new_end_users_per_day,
+        )
         ledger = SpendLedger(redis, prefix, limiter, reactor)
 
         async def redis_answers() -> bool:
@@ -158,9 +188,16 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
 
         probes["redis"] = redis_answers
     authenticator = Authenticator(config.general.master_key, key_store, now=now)
+    prober = DeploymentProber(reactor, config, router)
     if key_store is not None:
-        key_api = KeyAPI(authenticator, stored_keys, now=now).app.resource()
-        branches = {b"key": key_api, b"end_user": key_api}
+        sessions = ConsoleSessions(redis, prefix, config.general.master_key, now=now)
+        # Blocking, regenerating or deleting a key, from either the JSON API
+        # or the console, ends its console sessions.
+        managed_keys = RevokingKeyStore(stored_keys, sessions)
+        key_api = KeyAPI(authenticator, managed_keys, now=now).app.resource()
+        stream = prefix + "log" if "redis_stream" in config.callbacks else None
+        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream).app.resource()
+        branches = {b"key": key_api, b"end_user": key_api, b"ui": console}
     metrics = ProxyMetrics(router, config)
     call_log = CallLog(build_sinks(config, reactor, redis, stdout=stdout), metrics=metrics)
     passthrough = Passthrough(
@@ -169,12 +206,13 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         router,
         authenticator,
         pool,
-        accounting=CallAccounting(limiter, ledger, now=now),
+        accounting=CallAccounting(
+            limiter, ledger, now=now, default_max_tokens=config.general.default_max_tokens_reservation
+        ),
         on_call_end=call_log.emit,
         catalog=catalog,
     )
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
-    prober = DeploymentProber(reactor, config, router)
     scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
     if redis is not None and scraper.deployments:
         router.shared = SharedInFlight(
@@ -305,8 +343,9 @@ def _warn_about_deployments(config: ProxyConfig) -> None:
             )
 
 
-def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[str], workers: int, reactor):
+def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[Listener], workers: int, reactor):
     """
+    :param listen: the parsed C{--listen} endpoints.
     :return: the service of the parent of C{workers} worker processes.
     """
     from dheera_tx.workers import WorkerPool
@@ -439,7 +478,12 @@ def makeService(options, reactor=None):
     :return: the proxy's service (called by twistd).
     """
     if reactor is None:
+        # Explicitly, before anything imports the global reactor (nothing at
+        # this module's top does); twistd -r has installed its choice.
+        event_loop.install()
         from twisted.internet import reactor
+
+        event_loop.log_reactor(reactor, event_loop.chosen_reactor(options))
     reactor.callWhenRunning(_freeze_startup_objects)
     config = options["proxy_config"]
     if not options["worker-parent"]:
@@ -448,6 +492,8 @@ def makeService(options, reactor=None):
         from dheera_tx.workers import die_with_parent
 
         die_with_parent(int(options["worker-parent"]))
+    if options["listen-defaulted"] and config.general.master_key == EXAMPLE_MASTER_KEY and not options["worker-parent"]:
+        log.warn("The master key is the public example from conf/proxy.yaml: listening on 127.0.0.1 only")
     if options["workers"] > 1 and not options["inherited-fd"]:
-        return make_worker_parent(config, options["config"], options["listen"], options["workers"], reactor)
+        return make_worker_parent(config, options["config"], options["listeners"], options["workers"], reactor)
     return make_proxy_service(config, options["listen"], reactor, inherited=options["inherited-fd"])

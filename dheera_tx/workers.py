@@ -1,30 +1,38 @@
 """
 Several worker processes serving one listening address (C{--workers N}).
 
-The parent never serves a request.  It opens one listening socket per worker
-on the same address with C{SO_REUSEPORT} (so the kernel spreads new
-connections over the workers), starts the embedded Redis if no database is
-configured, and runs each worker as C{twistd dheera} child process that
-adopts its socket (C{--inherited-fd}) and uses the parent's Redis
-(C{--database-url}).  A worker that dies is started again on the same
-socket, so connections waiting in its backlog are served by its
-replacement.  On SIGTERM the parent passes the signal on, waits for the
+The parent never serves a request.  It opens one TCP listening socket per
+worker on the same address with C{SO_REUSEPORT} (so the kernel spreads new
+connections over the workers) and one unix socket that every worker shares
+(a second bind of the path would take it from the first), starts the
+embedded Redis if no database is configured, and runs each worker as
+C{twistd dheera} child process that adopts its sockets (C{--inherited-fd})
+and uses the parent's Redis, whose URL (and password) it gets in its
+environment, never on its command line.  A worker that dies is started
+again on the same socket, so connections waiting in its backlog are served
+by its replacement.  On SIGTERM the parent passes the signal on, waits for the
 workers to drain and exit, and stops the embedded Redis last.
 """
 
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from typing import Dict, List
 
 from twisted.application import service
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from dheera_tx.listeners import Listener
+
 log = Logger()
+
+# Where a worker finds the database URL the parent chose.
+DATABASE_URL_VARIABLE = "DHEERA_WORKER_DATABASE_URL"
 
 
 def twistd_command(config_path: str, *arguments: str) -> List[str]:
@@ -64,38 +72,60 @@ class WorkerSocket:
         return self.socket.fileno()
 
 
-def open_listening_socket(endpoint: str, reuse_port: bool) -> WorkerSocket:
+def open_listening_socket(listener: Listener, reuse_port: bool) -> WorkerSocket:
     """
-    Open a listening socket for a C{tcp:PORT[:interface=ADDR]} or
-    C{unix:PATH} endpoint description.
+    Open a listening socket for a TCP (C{tcp:}, C{tcp6:}) or unix endpoint.
 
+    :param listener: the parsed endpoint (Twisted's parser read it).
     :raise ValueError: for an endpoint form workers cannot share.
+    :raise OSError: the address cannot be bound.
     """
-    kind, _, rest = endpoint.partition(":")
-    parts = rest.split(":")
-    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    if kind == "tcp":
-        port = int(parts[0])
-        interface = options.get("interface", "")
-        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    backlog = listener.backlog or 1024
+    if listener.kind in ("TCP", "TCP6"):
+        interface = listener.interface
+        family = socket.AF_INET6 if ":" in interface or listener.kind == "TCP6" else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((interface, port))
-        sock.listen(int(options.get("backlog", 1024)))
-        sock.setblocking(False)
-        return WorkerSocket(family, sock, endpoint)
-    if kind == "unix":
-        path = parts[0]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
-            os.unlink(path)
-        sock.bind(path)
-        sock.listen(int(options.get("backlog", 1024)))
-        sock.setblocking(False)
-        return WorkerSocket(socket.AF_UNIX, sock, endpoint)
-    raise ValueError(f"--workers supports tcp: and unix: endpoints, not {endpoint!r}")
+        sock.bind((interface, listener.port))
+    elif listener.kind == "UNIX" and listener.path is not None:
+        family = socket.AF_UNIX
+        _remove_stale_socket(listener.path)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind(listener.path)
+        os.chmod(listener.path, listener.mode)
+    else:
+        raise ValueError(f"--workers supports tcp:, tcp6: and unix: endpoints, not {listener.description!r}")
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return WorkerSocket(family, sock, listener.description)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """
+    Remove the socket file a dead process left at C{path}; a socket someone
+    still listens on is an error, and anything but a socket is left alone
+    (bind then fails).
+    """
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A live server with a full backlog would block a connect for good.
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another process")
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -119,7 +149,7 @@ class WorkerPool(service.Service):
 
     :param reactor: the reactor (spawns processes, times restarts).
     :param config_path: the config file the workers load.
-    :param endpoints: the endpoint descriptions to serve.
+    :param endpoints: the parsed endpoints to serve.
     :param workers: how many worker processes.
     :param database_url: a callable giving the Redis URL the workers use
         (the embedded Redis's is known only once it is configured).
@@ -128,7 +158,7 @@ class WorkerPool(service.Service):
 
     RESTART_DELAY = 1.0
 
-    def __init__(self, reactor, config_path: str, endpoints: List[str], workers: int, database_url, grace: float):
+    def __init__(self, reactor, config_path: str, endpoints: List[Listener], workers: int, database_url, grace: float):
         self._reactor = reactor
         self._config_path = os.path.abspath(config_path)
         self._endpoints = endpoints
@@ -148,8 +178,10 @@ class WorkerPool(service.Service):
         Open every worker's listening sockets (before privileges drop and
         before workers start, so a busy port fails start-up at once).
         """
+        shared = {listener: open_listening_socket(listener, reuse_port=False)
+                  for listener in self._endpoints if listener.kind == "UNIX"}
         for _ in range(self._count):
-            self._sockets.append([open_listening_socket(e, reuse_port=True) for e in self._endpoints])
+            self._sockets.append([shared.get(e) or open_listening_socket(e, reuse_port=True) for e in self._endpoints])
 
     def startService(self):
         service.Service.startService(self)
@@ -162,8 +194,6 @@ class WorkerPool(service.Service):
         sockets = self._sockets[index]
         args = twistd_command(
             self._config_path,
-            "--database-url",
-            self._database_url(),
             "--worker-index",
             str(index),
             "--worker-parent",
@@ -177,6 +207,7 @@ class WorkerPool(service.Service):
             args += ["--inherited-fd", f"{child_fd}:{family}"]
         worker = _WorkerProcess(self, index)
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        env[DATABASE_URL_VARIABLE] = self._database_url()
         self._reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
         self._running[index] = worker
         log.info("Started worker {index} (pid {pid})", index=index, pid=worker.transport.pid)
@@ -221,8 +252,19 @@ class WorkerPool(service.Service):
                 pass
 
     def _close_sockets(self, result):
+        closed = set()
         for sockets in self._sockets:
             for ws in sockets:
+                if id(ws) in closed:
+                    continue
+                closed.add(id(ws))
+                if ws.family == socket.AF_UNIX:
+                    # The workers leave the shared path alone: its owner
+                    # removes it.
+                    try:
+                        os.unlink(ws.socket.getsockname())
+                    except OSError:
+                        pass
                 ws.socket.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return None
@@ -276,6 +318,37 @@ def adopt_sockets(reactor, inherited: List[str], factory) -> List:
     for spec in inherited:
         fd, _, family = spec.partition(":")
         family = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}[family or "INET"]
-        ports.append(reactor.adoptStreamPort(int(fd), family, factory))
+        if family == socket.AF_UNIX:
+            port = _SharedUNIXPort._fromListeningDescriptor(reactor, int(fd), factory)
+            port.startListening()
+        else:
+            # Twisted's TCP port never shuts an adopted socket down, so the
+            # parent's copy stays good for this worker's replacement.
+            port = reactor.adoptStreamPort(int(fd), family, factory)
+        ports.append(port)
         os.close(int(fd))
     return ports
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    A worker's share of the parent's unix listening socket.  Twisted's unix
+    port sets the socket file's mode when it starts and removes the file
+    when it stops; on a shared socket the first would undo the mode the
+    parent set and the second would take the path from every other worker,
+    so this port keeps the file as it is (the parent removes it).  Nor
+    does it shut the socket down when it stops, which would stop it for
+    every worker: it only closes its own descriptor, as Twisted's TCP port
+    does for an adopted socket.
+    """
+
+    _shouldShutdown = False
+
+    def startListening(self):
+        path = self._bindPath
+        if path[:1] not in ("\0", b"\0"):
+            self.mode = stat.S_IMODE(os.stat(path).st_mode)
+        super().startListening()
+
+    def connectionLost(self, reason):
+        tcp.Port.connectionLost(self, reason)

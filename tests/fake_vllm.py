@@ -22,6 +22,11 @@ fault). Both are comma-separated ``name`` or ``name=value`` items:
 ``big_body=N``         200 application/octet-stream of N bytes, produced in
                        64 KiB pieces by a push producer (backpressure).
 ``gzip``               gzip-compress JSON answers (Content-Encoding: gzip).
+``gzip_if_accepted``   gzip-compress JSON answers when the request's
+                       Accept-Encoding names gzip (a compressing proxy).
+``reasoning``          stream the generated tokens as ``reasoning`` deltas.
+``tool_calls``         stream the generated tokens as tool-call
+                       ``arguments`` deltas.
 """
 
 import base64
@@ -62,7 +67,7 @@ _ERROR_TYPES = {
 _FAULT_VALUES: dict = {
     "slow_first_byte": float, "slow_chunks": float, "reset_mid_stream": int, "hang": None,
     "status": int, "garbage": None, "huge_headers": int, "chunks": int, "big_body": int,
-    "gzip": None,
+    "gzip": None, "gzip_if_accepted": None, "reasoning": None, "tool_calls": None,
 }
 _GARBAGE = b"<html><body>502 upstream went weird</body></html>\r\n\x00\xff\xfe not-sse"
 
@@ -508,7 +513,9 @@ class _Exchange:
             self._write_events(answer.events, 0, reset)
             return
         body = answer.body
-        if "gzip" in self.faults and (answer.content_type or b"").startswith(b"application/json"):
+        accepted = b"gzip" in (self.request.getHeader(b"accept-encoding") or b"").lower()
+        gzip_fault = "gzip" in self.faults or ("gzip_if_accepted" in self.faults and accepted)
+        if gzip_fault and (answer.content_type or b"").startswith(b"application/json"):
             body = gziplib.compress(body, mtime=0)
             request.responseHeaders.setRawHeaders(b"content-encoding", [b"gzip"])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
@@ -663,6 +670,8 @@ class VLLMRoutes:
             b"/tokenize": (post, self.tokenize, True),
             b"/detokenize": (post, self.detokenize, True),
             b"/v1/audio/transcriptions": (post, self.transcriptions, False),
+            b"/v1/audio/translations": (post, self.translations, False),
+            b"/invocations": (post, self.invocations, True),
             b"/v1/models": (get, self.models, False),
             b"/health": (get, self.health, False),
             b"/version": (get, self.version, False),
@@ -686,6 +695,8 @@ class VLLMRoutes:
             if scheme.lower() != b"bearer" or token.strip() != key.encode("utf-8"):
                 return json_answer({"error": "Unauthorized"}, 401)
         route = self._table.get(path)
+        if route is None and path.startswith(b"/v1/responses/"):
+            return self.stored_response(exchange, path[len(b"/v1/responses/"):])
         if route is None:
             return json_answer({"detail": "Not Found"}, 404)
         allowed, handler, wants_json = route
@@ -719,7 +730,10 @@ class VLLMRoutes:
         return error_answer(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
     def _ids(self, exchange: _Exchange, payload: dict) -> tuple:
-        request_id = exchange.record.header("x-request-id") or "fake%028x" % (exchange.record.index,)
+        # Like vLLM's _base_request_id: the header, else the body's
+        # request_id, else a new id.
+        request_id = (exchange.record.header("x-request-id") or payload.get("request_id")
+                      or "fake%028x" % (exchange.record.index,))
         return request_id, int(self.fake.reactor.seconds()), payload.get("model") or self.fake.served_model
 
     @staticmethod
@@ -750,10 +764,16 @@ class VLLMRoutes:
                 "completion_tokens": completion}
 
     def _stream(self, head: dict, prompt: int, deltas: list, final: dict,
-                options: Any, with_role: bool = False, role: Optional[dict] = None) -> Answer:
-        options = options if isinstance(options, dict) else {}
-        include = bool(options.get("include_usage"))
-        continuous = include and bool(options.get("continuous_usage_stats"))
+                options: Any, with_role: bool = False, role: Optional[dict] = None,
+                tokens: Optional[int] = None) -> Answer:
+        # vLLM: StreamOptions.include_usage defaults to true, so any
+        # stream_options object asks for usage unless it says false (or
+        # null); continuous_usage_stats counts only with it.
+        if isinstance(options, dict):
+            include = bool(options.get("include_usage", True))
+            continuous = include and bool(options.get("continuous_usage_stats", False))
+        else:
+            include = continuous = False
 
         def chunk(choice: dict, done: int) -> bytes:
             value = dict(head, choices=[choice])
@@ -763,16 +783,20 @@ class VLLMRoutes:
 
         events = [chunk(role, 0)] if with_role else []
         events += [chunk(delta, i + 1) for i, delta in enumerate(deltas)]
-        events.append(chunk(final, len(deltas)))
+        generated = len(deltas) if tokens is None else tokens
+        events.append(chunk(final, generated))
         if include:
-            events.append(sse(dict(head, choices=[], usage=self._usage(prompt, len(deltas)),
+            events.append(sse(dict(head, choices=[], usage=self._usage(prompt, generated),
                                    system_fingerprint=f"vllm-{VLLM_VERSION}-fake")))
         events.append(b"data: [DONE]\n\n")
         return Answer(content_type=b"text/event-stream; charset=utf-8", events=events)
 
     def chat(self, exchange: _Exchange, payload: dict) -> Answer:
         """
-        ``POST /v1/chat/completions``.
+        ``POST /v1/chat/completions``.  The ``reasoning`` and ``tool_calls``
+        faults stream the tokens as reasoning or tool-call argument deltas;
+        ``prompt_logprobs`` and ``return_token_ids`` add their vLLM fields,
+        after ``usage`` as vLLM's response model orders them.
         """
         messages = payload.get("messages")
         prompt = sum(content_words(m.get("content")) for m in messages or [] if isinstance(m, dict))
@@ -783,25 +807,58 @@ class VLLMRoutes:
         head = {"id": "chatcmpl-" + request_id, "object": "chat.completion.chunk",
                 "created": created, "model": model}
         if payload.get("stream"):
+            if "reasoning" in exchange.faults:
+                deltas = [{"reasoning": t} for t in tokens]
+            elif "tool_calls" in exchange.faults:
+                # The opening tool-call delta names the function; each
+                # token then comes as a piece of its arguments.
+                deltas = [{"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                           "function": {"name": "lookup", "arguments": ""}}]}]
+                deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": t}}]} for t in tokens]
+            else:
+                deltas = [{"content": t} for t in tokens]
+            events = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
             return self._stream(
-                head, prompt,
-                [{"index": 0, "delta": {"content": t}, "logprobs": None, "finish_reason": None}
-                 for t in tokens],
+                head, prompt, events,
                 {"index": 0, "delta": {"content": ""}, "logprobs": None,
                  "finish_reason": finish, "stop_reason": None},
                 payload.get("stream_options"), with_role=True,
                 role={"index": 0, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None})
+                      "logprobs": None, "finish_reason": None}, tokens=count)
         message = {"role": "assistant", "content": "".join(tokens), "refusal": None,
                    "annotations": None, "audio": None, "function_call": None,
-                   "tool_calls": [], "reasoning_content": None}
+                   "tool_calls": [], "reasoning": None}
+        prompt_ids = [1000 + i for i in range(prompt)] if payload.get("return_token_ids") else None
+        choice = {"index": 0, "message": message, "logprobs": self._logprobs(payload, tokens),
+                  "finish_reason": finish, "stop_reason": None}
+        if prompt_ids is not None:
+            choice["token_ids"] = [2000 + i for i in range(count)]
+        logprobs = None
+        wanted = payload.get("prompt_logprobs")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 0:
+            logprobs = [None] + [{str(1000 + i): {"logprob": -1.25, "rank": 1, "decoded_token": f"w{i}"}}
+                                 for i in range(1, prompt)]
         return json_answer(dict(
-            head, object="chat.completion",
-            choices=[{"index": 0, "message": message, "logprobs": None,
-                      "finish_reason": finish, "stop_reason": None}],
+            head, object="chat.completion", choices=[choice],
             service_tier=None, system_fingerprint=None,
             usage=dict(self._usage(prompt, count), prompt_tokens_details=None),
-            prompt_logprobs=None, kv_transfer_params=None))
+            prompt_logprobs=logprobs, prompt_token_ids=prompt_ids, kv_transfer_params=None))
+
+    @staticmethod
+    def _logprobs(payload: dict, tokens: list) -> Optional[dict]:
+        """
+        :return: a chat choice's ``logprobs`` when the request asked for
+            them (``logprobs: true``, ``top_logprobs`` alternatives each).
+        """
+        if payload.get("logprobs") is not True:
+            return None
+        top = payload.get("top_logprobs")
+        top = top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
+
+        def entry(token: str) -> dict:
+            return {"token": token, "logprob": -0.5, "bytes": list(token.encode("utf-8"))}
+
+        return {"content": [dict(entry(t), top_logprobs=[entry(t)] * top) for t in tokens]}
 
     def completions(self, exchange: _Exchange, payload: dict) -> Answer:
         """
@@ -835,13 +892,19 @@ class VLLMRoutes:
         ``POST /v1/responses``: JSON, or named SSE events ending with
         ``response.completed`` (no ``[DONE]``).
         """
+        previous = payload.get("previous_response_id")
+        if previous is not None and previous not in self.fake.responses:
+            return self._response_not_found(previous)
         prompt = words(payload.get("instructions")) + input_words(payload.get("input"))
         count, finish = self._generation(exchange, payload, "max_output_tokens")
-        request_id, created, model = self._ids(exchange, payload)
+        _, created, model = self._ids(exchange, payload)
+        # The Responses API names a response by the body's request_id alone
+        # (vLLM ignores X-Request-Id here), default resp_<random>.
+        response_id = payload.get("request_id") or "resp_fake%028x" % (exchange.record.index,)
         tokens = [f"tok{i} " for i in range(count)]
         text = "".join(tokens)
         self.fake.account(prompt, count, finish)
-        item_id = "msg_" + request_id
+        item_id = "msg_" + response_id
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
                  "output_tokens": count, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": prompt + count}
@@ -850,15 +913,17 @@ class VLLMRoutes:
                 "content": [part]}
 
         def response(status: str, output: list, usage: Optional[dict]) -> dict:
-            return {"id": "resp_" + request_id, "object": "response", "created_at": created,
+            return {"id": response_id, "object": "response", "created_at": created,
                     "model": model, "status": status, "output": output, "usage": usage,
                     "instructions": payload.get("instructions"),
                     "max_output_tokens": payload.get("max_output_tokens"),
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-                    "background": False, "previous_response_id": None,
+                    "background": False, "previous_response_id": previous,
                     "text": {"format": {"type": "text"}}, "incomplete_details": None,
                     "error": None, "metadata": None}
 
+        if payload.get("store") is not False:
+            self.fake.responses[response_id] = response("completed", [item], usage)
         if not payload.get("stream"):
             return json_answer(response("completed", [item], usage))
         events: list = []
@@ -881,6 +946,27 @@ class VLLMRoutes:
         event("response.completed", response=response("completed", [item], usage))
         return Answer(content_type=b"text/event-stream; charset=utf-8", events=events)
 
+    def stored_response(self, exchange: _Exchange, rest: bytes) -> Answer:
+        """
+        ``GET /v1/responses/{id}`` (a stored response) and
+        ``POST /v1/responses/{id}/cancel`` (400: only background responses
+        can be cancelled, and the fake has none); 404 for an unknown id.
+        """
+        response_id, _, action = rest.decode("utf-8", "replace").partition("/")
+        method = exchange.request.method
+        if action not in ("", "cancel") or method != (b"POST" if action else b"GET"):
+            return json_answer({"detail": "Not Found"}, 404)
+        stored = self.fake.responses.get(response_id)
+        if stored is None:
+            return self._response_not_found(response_id)
+        if action == "cancel":
+            return error_answer(400, "Cannot cancel a synchronous response.", "invalid_request_error")
+        return json_answer(stored)
+
+    @staticmethod
+    def _response_not_found(response_id: str) -> Answer:
+        return error_answer(404, f"Response with id '{response_id}' not found.", "invalid_request_error")
+
     def _pooled(self, exchange: _Exchange, payload: dict, prefix: str, data: list,
                 prompt: int, **extra: Any) -> Answer:
         request_id, created, model = self._ids(exchange, payload)
@@ -902,10 +988,49 @@ class VLLMRoutes:
         ``POST /v1/embeddings`` (float or base64 encoding).
         """
         inputs = self._inputs(payload.get("input"))
-        encode = embedding_base64 if payload.get("encoding_format") == "base64" else embedding
+        encoding = payload.get("encoding_format")
+        if encoding in ("bytes", "bytes_only"):
+            return self._embeddings_bytes(exchange, payload, inputs, encoding)
+        encode = embedding_base64 if encoding == "base64" else embedding
         data = [{"index": i, "object": "embedding", "embedding": encode(i)}
                 for i in range(len(inputs))]
         return self._pooled(exchange, payload, "embd-", data, prompt_words(inputs))
+
+    def _embeddings_bytes(self, exchange: _Exchange, payload: dict, inputs: list, encoding: str) -> Answer:
+        """
+        ``encoding_format: "bytes"``: the float32 vectors back to back as
+        ``application/octet-stream``; id, model, shapes and usage in the
+        ``metadata`` header as JSON (``bytes_only``: no header).
+        """
+        request_id, created, model = self._ids(exchange, payload)
+        prompt = prompt_words(inputs)
+        self.fake.account(prompt, 0, None)
+        body, items = b"", []
+        for i in range(len(inputs)):
+            vector = struct.pack("<%df" % (8,), *embedding(i))
+            items.append({"index": i, "embed_dtype": "float32", "endianness": "little",
+                          "start": len(body), "end": len(body) + len(vector), "shape": [8]})
+            body += vector
+        answer = Answer(content_type=b"application/octet-stream", body=body)
+        if encoding == "bytes":
+            metadata = {"id": "embd-" + request_id, "created": created, "model": model, "data": items,
+                        "usage": {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0,
+                                  "prompt_tokens_details": None}}
+            answer.headers.append((b"metadata", json.dumps(metadata).encode("utf-8")))
+        return answer
+
+    def invocations(self, exchange: _Exchange, payload: dict) -> Answer:
+        """
+        ``POST /invocations`` (SageMaker): a chat body is served as chat, a
+        completions body as completions, streams included.
+        """
+        if "messages" in payload:
+            return self.chat(exchange, payload)
+        if "prompt" in payload:
+            return self.completions(exchange, payload)
+        if "input" in payload:
+            return self.embeddings(exchange, payload)
+        return error_answer(400, "The request matches no task of this model.", "BadRequestError")
 
     def pooling(self, exchange: _Exchange, payload: dict) -> Answer:
         """
@@ -1029,6 +1154,16 @@ class VLLMRoutes:
             [{"delta": {"content": t}, "finish_reason": None, "stop_reason": None} for t in tokens],
             {"delta": {"content": ""}, "finish_reason": finish, "stop_reason": None}, options)
 
+    def translations(self, exchange: _Exchange) -> Answer:
+        """
+        ``POST /v1/audio/translations``: like a transcription, but vLLM's
+        ``TranslationResponse`` has only ``text`` (no usage).
+        """
+        answer = self.transcriptions(exchange)
+        if answer.status == 200 and answer.events is None:
+            answer = json_answer({"text": json.loads(answer.body)["text"]})
+        return answer
+
     def models(self, exchange: _Exchange) -> Answer:
         """
         ``GET /v1/models``.
@@ -1144,6 +1279,8 @@ class FakeVLLM:
         self.idle_timeout: Optional[float] = None
         self.big_body_written = 0
         self.sleeping = False
+        # Stored Responses API answers by id (vLLM's response store).
+        self.responses: dict = {}
         self.realtime_sessions = 0
         self.requests_running = 0
         self.prompt_tokens_total = 0
@@ -1195,13 +1332,17 @@ class FakeVLLM:
             return succeed(None)
         return gatherResults(waits).addCallback(lambda _: None)
 
-    def wait_for_requests(self, n: int) -> Deferred:
+    def wait_for_requests(self, n: int, path: Optional[bytes] = None) -> Deferred:
         """
         :param n: how many requests to wait for.
+        :param path: count only requests whose target starts with this
+            (a proxy also asks ``/v1/models`` on its own, for discovery).
         :return: a Deferred firing with :attr:`received` once it holds ``n``
             records (headers arrived; bodies may still be arriving).
         """
-        return self._wait(lambda: len(self.received) >= n)
+        if path is None:
+            return self._wait(lambda: len(self.received) >= n)
+        return self._wait(lambda: sum(1 for r in self.received if r.uri.startswith(path)) >= n)
 
     def wait_for_bodies(self, n: int) -> Deferred:
         """

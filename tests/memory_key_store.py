@@ -102,42 +102,45 @@ class MemoryKeyStore:
     async def unblock_key(self, token):
         return await self.update_key(token, {"blocked": False})
 
-    async def new_end_user(self, fields):
+    async def new_end_user(self, fields, team_id=None):
         user_id = fields["user_id"]
-        old = self._end_users.get(user_id)
+        old = self._end_users.get((team_id, user_id))
         if old is not None and old.created_at is not None:
             raise bad_request(f"End user {user_id!r} already exists.", "user_id")
         now = self._now()
         record = EndUserRecord(
             user_id=user_id,
+            team_id=team_id,
             created_at=now,
             spend_nanos=old.spend_nanos if old else 0,
             **end_user_changes(fields, now),
         )
-        self._end_users[user_id] = record
+        self._end_users[(team_id, user_id)] = record
         return record
 
-    async def get_end_user(self, user_id):
-        return self._end_users.get(user_id)
+    async def get_end_user(self, user_id, team_id=None):
+        return self._end_users.get((team_id, user_id))
 
-    async def update_end_user(self, user_id, fields, create=False):
-        record = self._end_users.get(user_id)
+    async def update_end_user(self, user_id, fields, team_id=None, create=False):
+        record = self._end_users.get((team_id, user_id))
         if record is None:
             if not create:
                 raise not_found("End user")
-            record = EndUserRecord(user_id=user_id, created_at=self._now())
-        record = self._end_users[user_id] = attr.evolve(record, **end_user_changes(fields, self._now()))
+            record = EndUserRecord(user_id=user_id, team_id=team_id, created_at=self._now())
+        changes = end_user_changes(fields, self._now())
+        if record.created_at is None:
+            changes["created_at"] = self._now()
+        record = self._end_users[(team_id, user_id)] = attr.evolve(record, **changes)
         return record
 
-    async def block_end_user(self, user_id):
-        return await self.update_end_user(user_id, {"blocked": True}, create=True)
+    async def block_end_user(self, user_id, team_id=None):
+        return await self.update_end_user(user_id, {"blocked": True}, team_id, create=True)
 
-    async def unblock_end_user(self, user_id):
-        return await self.update_end_user(user_id, {"blocked": False})
+    async def unblock_end_user(self, user_id, team_id=None):
+        return await self.update_end_user(user_id, {"blocked": False}, team_id)
 
-    async def delete_end_user(self, user_id):
-        return self._end_users.pop(user_id, None) is not None
-
+    async def delete_end_user(self, user_id, team_id=None):
+        return self._end_users.pop((team_id, user_id), None) is not None
 
 # -- Redis -------------------------------------------------------------------
 

@@ -159,13 +159,13 @@ class ScriptedServer:
         self.port = 0
         self._listening = None
 
-    def start(self, case: TestCase) -> "ScriptedServer":
+    def start(self, case: TestCase, interface: str = "127.0.0.1") -> "ScriptedServer":
         """
-        Listen on 127.0.0.1 (a free port); C{case} stops it in cleanup.
+        Listen on C{interface} (a free port); C{case} stops it in cleanup.
         """
         factory = Factory.forProtocol(lambda: ScriptedConnection(self))
         factory.noisy = False
-        self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self._listening = reactor.listenTCP(0, factory, interface=interface)
         self.port = self._listening.getHost().port
         case.addCleanup(self.stop)
         return self

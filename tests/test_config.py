@@ -17,7 +17,6 @@ from dheera_tx.config import (
     config_from_dict,
     load_config,
 )
-from dheera_tx.keys.auth import DEFAULT_OPERATOR_ROUTES
 
 SHIPPED = FilePath(__file__).parent().sibling("conf").child("proxy.yaml")
 
@@ -375,13 +374,13 @@ class EnvironmentTests(ConfigTestMixin, SynchronousTestCase):
         """
         data = {
             "model_list": [entry(api_key="os.environ/KEY", api_base="os.environ/BASE")],
-            "general_settings": {"operator_routes": ["sleep", "os.environ/ROUTE"]},
+            "general_settings": {"tenant_routes": ["sleep", "os.environ/ROUTE"]},
             "dheera_ai_settings": {"callbacks": ["os.environ/SINK"], "webhook": {"headers": ["os.environ/KEY"]}},
         }
         environ = {"KEY": "tok", "BASE": "http://b:1", "ROUTE": "wake_up", "SINK": "webhook"}
         config = config_from_dict(data, environ=environ)
         self.assertEqual((config.deployments[0].api_key, config.deployments[0].api_base), ("tok", "http://b:1"))
-        self.assertEqual(config.general.operator_routes, ("sleep", "wake_up"))
+        self.assertEqual(config.general.tenant_routes, ("sleep", "wake_up"))
         self.assertEqual(config.callbacks, ("webhook",))
         self.assertEqual(config.dheera_ai_settings["webhook"], {"headers": ["tok"]})
         self.assertEqual(data["dheera_ai_settings"]["callbacks"], ["os.environ/SINK"])
@@ -509,7 +508,7 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
 
     def test_generalSettings(self):
         """
-        Every general setting is read and typed; operator routes lose their
+        Every general setting is read and typed; tenant routes lose their
         leading slash (and a /vllm/ prefix) and become a tuple.
         """
         data = {
@@ -519,7 +518,7 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
                 "redis_key_prefix": "p:",
                 "max_request_body_bytes": 10,
                 "metrics_require_auth": True,
-                "operator_routes": ["/sleep", "v1/load_lora_adapter", "/vllm/pause"],
+                "tenant_routes": ["/sleep", "v1/load_lora_adapter", "/vllm/adapters/*"],
                 "data_dir": "/var/lib/dheera",
                 "header_timeout": 1,
                 "body_timeout": 2.5,
@@ -529,23 +528,38 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
                 "background_health_checks": True,
                 "health_check_interval": 15,
                 "max_connections": 50,
+                "default_max_tokens_reservation": 512,
+                "end_user_ttl_days": 7,
+                "max_new_end_users_per_day": 100,
             }
         }
         self.assertEqual(set(data["general_settings"]), {a.name for a in attr.fields(GeneralSettings)})
         general = config_from_dict(data).general
-        self.assertEqual(general.operator_routes, ("sleep", "v1/load_lora_adapter", "pause"))
+        self.assertEqual(general.tenant_routes, ("sleep", "v1/load_lora_adapter", "adapters/*"))
         self.assertEqual(
             attr.asdict(general, retain_collection_types=True),
-            dict(data["general_settings"], operator_routes=("sleep", "v1/load_lora_adapter", "pause")),
+            dict(data["general_settings"], tenant_routes=("sleep", "v1/load_lora_adapter", "adapters/*")),
         )
 
     def test_generalSettingsKnownKeys(self):
         """
         A setting that is not a L{GeneralSettings} field is an error naming
-        it; the default operator routes are vLLM's.
+        it; by default no route is added to the tenant API.
         """
-        self.assertEqual(GeneralSettings().operator_routes, DEFAULT_OPERATOR_ROUTES)
+        self.assertEqual(GeneralSettings().tenant_routes, ())
         self.assertIn("general_settings.store_model_in_db: unknown setting", self.failure({"general_settings": {"store_model_in_db": True}}))
+
+    def test_operatorRoutesRetired(self):
+        """
+        A config still naming C{operator_routes} stops start-up with one
+        line telling the operator what holds now and what to write instead,
+        rather than being ignored (its routes would silently change
+        meaning).
+        """
+        message = self.failure({"general_settings": {"operator_routes": ["sleep"]}})
+        self.assertIn("general_settings.operator_routes: no longer supported", message)
+        self.assertIn("general_settings.tenant_routes", message)
+        self.assertNotIn("\n", message)
 
     def test_generalSettingsTypes(self):
         """
@@ -559,8 +573,11 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
             ("header_timeout", 0, "must be > 0"),
             ("body_timeout", "soon", "expected a number"),
             ("metrics_require_auth", "maybe", "expected true or false"),
-            ("operator_routes", "sleep", "expected a list of route names"),
-            ("operator_routes", ["/"], "expected a list of route names"),
+            ("tenant_routes", "sleep", "expected a list of vLLM routes"),
+            ("tenant_routes", ["/"], "expected a list of vLLM routes"),
+            ("tenant_routes", ["v1//x"], "expected a list of vLLM routes"),
+            ("tenant_routes", ["v1/resp*"], "expected a list of vLLM routes"),
+            ("tenant_routes", ["v1/x?y=1"], "expected a list of vLLM routes"),
             ("redis_key_prefix", "", "expected a non-empty string"),
             ("database_url", 5, "expected a non-empty string"),
         ]

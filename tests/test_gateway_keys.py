@@ -56,13 +56,14 @@ class GatewayHarness(ProxyHarness):
 
     timeout = 30
 
-    async def start_gateway(self, server: Optional[RedisServer] = None, callbacks=("json_log",)):
+    async def start_gateway(self, server: Optional[RedisServer] = None, callbacks=("json_log",), general=None):
         """
         Start everything (call from C{setUp}).
 
         :param server: the Redis to use (default: a new one, removed at
             cleanup).
         :param callbacks: the log sinks.
+        :param general: more C{general_settings}.
         """
         self.harness()
         if server is None:
@@ -72,7 +73,7 @@ class GatewayHarness(ProxyHarness):
         self.upstream = await self.fake()
         data = {
             "model_list": [deployment(ALLOWED, "tiny", self.upstream), deployment(OTHER, "tiny", self.upstream)],
-            "general_settings": {"master_key": MASTER_KEY, "database_url": server.url},
+            "general_settings": dict({"master_key": MASTER_KEY, "database_url": server.url}, **(general or {})),
             "dheera_ai_settings": {"callbacks": list(callbacks)},
         }
         # The fake is also the default upstream, for calls naming no model.

@@ -100,6 +100,8 @@ class GatewayTestCase(ProxyHarness, TestCase):
     """
 
     timeout = 30
+    # Extra general_settings of the proxy under test (subclasses override).
+    general_settings: dict = {}
 
     def setUp(self):
         self.harness()
@@ -113,11 +115,8 @@ class GatewayTestCase(ProxyHarness, TestCase):
         self.upstream = await self.fake(served_model="tiny")
         config = config_from_dict(
             {
-                "model_list": [
-                    deployment("alpha", "tiny", self.upstream, **PRICES),
-                    deployment("beta", "tiny", self.upstream, timeout=1, **PRICES),
-                ],
-                "general_settings": {"master_key": MASTER_KEY},
+                "model_list": self.model_list(),
+                "general_settings": dict({"master_key": MASTER_KEY}, **self.general_settings),
                 "dheera_ai_settings": {"callbacks": ["json_log"]},
             }
         )
@@ -126,6 +125,16 @@ class GatewayTestCase(ProxyHarness, TestCase):
         self.gateway = gateway
         self.addCleanup(lambda: ensureDeferred(self._stop_gateway(gateway)))
         self.listen(gateway)
+
+    def model_list(self) -> List[dict]:
+        """
+        :return: the deployments: C{alpha}, and C{beta} with a 1-second
+            timeout, both on C{self.upstream}.
+        """
+        return [
+            deployment("alpha", "tiny", self.upstream, **PRICES),
+            deployment("beta", "tiny", self.upstream, timeout=1, **PRICES),
+        ]
 
     async def _stop_gateway(self, gateway) -> None:
         # Settlements of the last calls may still be on their way to Redis.
@@ -302,7 +311,7 @@ class CostTests(GatewayTestCase):
         self.assertEqual(self.hash("spend:model:alpha"), counters)
         self.assertEqual(self.hash("spend:user:ursula"), counters)
         self.assertEqual(self.hash("spend:team:teal"), counters)
-        status, end_user = await self.admin("GET", "/end_user/info?end_user_id=erin")
+        status, end_user = await self.admin("GET", "/end_user/info?end_user_id=erin&team_id=teal")
         self.assertEqual(status, 200, end_user)
         self.assertEqual(end_user["spend_nanos"], expected)
         for group, ident in (("key", token), ("user", "ursula"), ("team", "teal"), ("end_user", "erin"), ("model", "alpha")):
@@ -478,17 +487,21 @@ class UsageInjectionTests(GatewayTestCase):
 
     async def test_continuous_stats_without_usage(self):
         """
-        A client that set C{continuous_usage_stats} but not
-        C{include_usage} (so vLLM would send it no usage) still gets no
-        usage in any chunk, and is billed.
+        A client that set C{continuous_usage_stats} and not
+        C{include_usage} asked vLLM for usage (C{include_usage} defaults to
+        true in vLLM's C{StreamOptions}): its options go upstream as
+        written and it gets a running usage in every chunk and the usage
+        chunk, exactly as vLLM sent them; the call is billed.
         """
         document = chat_body("one two three", 5, stream=True, stream_options={"continuous_usage_stats": True})
         response, body = await self.post("/v1/chat/completions", document)
         self.assertEqual(response.code, 200)
-        self.assertIs(self.upstream.received[-1].json["stream_options"]["include_usage"], True)
-        self.assertNotIn(b'"usage"', body)
+        self.assertEqual(self.upstream.received[-1].json["stream_options"], {"continuous_usage_stats": True})
+        chunks = [json.loads(event_data(e)) for e in sse_events(body)[:-1]]
+        self.assertTrue(chunks and all("usage" in c for c in chunks), body)
+        self.assertEqual(chunks[-1]["choices"], [])
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 5)
         self.assertEqual(content_events(body), 5)
-        self.assertEqual(sse_events(body)[-1], b"data: [DONE]")
         await self.settled()
         self.assertEqual(self.hash("spend:model:alpha")["spend_nanos"], cost(3, 5))
 

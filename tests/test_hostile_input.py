@@ -459,13 +459,13 @@ class TargetTests(HostileTestCase):
             status = parse_response(await self.raw(request_head(target)))[0]
             self.assertTrue(400 <= status < 500, (target, status))
         for host in (evil, b"evil.example", b"", b"127.0.0.1:1", evil + b"/v1/models", b"user@" + evil):
-            raw = b"GET /vllm/v1/models HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: Bearer " + MASTER_KEY.encode() + b"\r\nConnection: close\r\n\r\n"
+            raw = b"GET /vllm/version HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: Bearer " + MASTER_KEY.encode() + b"\r\nConnection: close\r\n\r\n"
             self.assertEqual(parse_response(await self.raw(raw))[0], 200, host)
         self.assertEqual(self.evil.received, [])
         self.assertEqual(len(self.upstream.received), 6)
         for record in self.upstream.received:
             self.assertEqual(record.headers["host"], [f"127.0.0.1:{self.upstream.port}"])
-            self.assertEqual(record.uri, b"/v1/models")
+            self.assertEqual(record.uri, b"/version")
         self.assertCleanLog()
 
     async def test_generated_targets(self):

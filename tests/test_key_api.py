@@ -347,6 +347,26 @@ class KeyAPITests(TestCase):
         self.assertError(await self.call("GET", "/end_user/info"), 400, "end_user_id")
         self.assertError(await self.call("POST", "/end_user/block", {"user_ids": "eve"}), 400, "user_ids")
 
+    async def test_end_user_team_id(self):
+        """
+        /end_user/* take a C{team_id} naming the end user's scope; a
+        C{team_id} that is not a non-empty string is a 400 naming it.
+        """
+        status, made = await self.call("POST", "/end_user/new", {"user_id": "eve", "team_id": "red"})
+        self.assertEqual((status, made["team_id"]), (200, "red"))
+        self.assertError(await self.call("GET", "/end_user/info?end_user_id=eve"), 404)
+        status, info = await self.call("GET", "/end_user/info?end_user_id=eve&team_id=red")
+        self.assertEqual((status, info), (200, made))
+        status, answer = await self.call("POST", "/end_user/block", {"user_id": "eve", "team_id": "red"})
+        self.assertEqual((status, answer), (200, {"blocked_users": ["eve"]}))
+        self.assertTrue((await self.call("GET", "/end_user/info?end_user_id=eve&team_id=red"))[1]["blocked"])
+        for body in ({"user_id": "eve", "team_id": ""}, {"user_id": "eve", "team_id": 5}):
+            self.assertError(await self.call("POST", "/end_user/new", body), 400, "team_id")
+            self.assertError(await self.call("POST", "/end_user/delete", body), 400, "team_id")
+        self.assertError(await self.call("GET", "/end_user/info?end_user_id=eve&team_id="), 400, "team_id")
+        status, answer = await self.call("POST", "/end_user/delete", {"user_ids": ["eve"], "team_id": "red"})
+        self.assertEqual((status, answer), (200, {"deleted_end_users": ["eve"]}))
+
     async def test_lone_surrogate_refused(self):
         """
         A body whose JSON escapes a lone surrogate (valid JSON, not Unicode

@@ -263,6 +263,27 @@ class StoreContractMixin:
         await self.assertProxyError(404, self.store.update_end_user("al", {"blocked": True}))
         await self.assertProxyError(404, self.store.unblock_end_user("al"))
 
+    async def test_end_users_scoped_per_team(self):
+        """
+        The same end user id in two teams and in the default scope is three
+        end users: each is made, read, blocked and deleted on its own, and
+        answers name its team.
+        """
+        red = await self.store.new_end_user({"user_id": "al", "max_budget": 1}, "red")
+        self.assertEqual((red.team_id, red.max_budget), ("red", 1.0))
+        self.assertIsNone(await self.store.get_end_user("al"))
+        self.assertIsNone(await self.store.get_end_user("al", "blue"))
+        default = await self.store.new_end_user({"user_id": "al", "max_budget": 2})
+        self.assertIsNone(default.team_id)
+        self.assertTrue((await self.store.block_end_user("al", "blue")).blocked)
+        self.assertFalse((await self.store.get_end_user("al", "red")).blocked)
+        updated = await self.store.update_end_user("al", {"max_budget": 3}, "red")
+        self.assertEqual((updated.max_budget, (await self.store.get_end_user("al")).max_budget), (3.0, 2.0))
+        self.assertTrue(await self.store.delete_end_user("al", "red"))
+        self.assertIsNone(await self.store.get_end_user("al", "red"))
+        self.assertEqual((await self.store.get_end_user("al")).max_budget, 2.0)
+        self.assertEqual(red.to_api()["team_id"], "red")
+
     async def test_block_unknown_end_user(self):
         """
         Blocking an end user never seen makes it, blocked.

@@ -268,7 +268,8 @@ class LimitsTests(TestCase):
             self.assertEqual(int(c("HGET", f"{PREFIX}key:{record.token}", "spend_nanos")), 50 * 123)
             self.assertEqual(int(c("HGET", f"{PREFIX}spend:user:alice", "spend_nanos")), 50 * 123)
             self.assertEqual(int(c("HGET", f"{PREFIX}spend:team:red", "requests")), 50)
-            self.assertEqual(int(c("HGET", f"{PREFIX}end_user:erin", "spend_nanos")), 50 * 123)
+            # The key is of team red: its end users are red's.
+            self.assertEqual(int(c("HGET", f"{PREFIX}team:red:end_user:erin", "spend_nanos")), 50 * 123)
             self.assertEqual(int(c("HGET", f"{PREFIX}spend:model:m", "completion_tokens")), 150)
             day = datetime.datetime.fromtimestamp(self.now[0], datetime.timezone.utc).date()
             rows = await self.ledger.report("model", day, day)

@@ -2,14 +2,26 @@
 Tests for L{dheera_tx.accounting.metering}: usage read off JSON and SSE answers.
 """
 
+import gzip
 import json
 import re
+import zlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from dheera_tx.accounting.metering import JSONUsageMeter, SSEUsageMeter, Usage, _last_event_end, cost_nanos
+from dheera_tx.accounting.json_usage import TopLevelUsageScanner, whole_answer_usage
+from dheera_tx.accounting.metering import (
+    DeclaredUsageMeter,
+    DecodingMeter,
+    JSONUsageMeter,
+    SSEUsageMeter,
+    Usage,
+    _last_event_end,
+    cost_nanos,
+    usage_from_object,
+)
 
 
 def _chat_stream(tokens, include_usage, newline=b"\n\n", prompt=9):
@@ -115,6 +127,27 @@ class SSEUsageMeterTests(SynchronousTestCase):
         meter.feed(body)
         self.assertEqual(meter.usage(), Usage(7, 2))
 
+    def test_estimate_counts_every_delta_kind(self):
+        """
+        A stream without usage is estimated from every generated piece:
+        text, reasoning (C{reasoning_content}, C{reasoning}, Anthropic
+        C{thinking}), tool-call C{arguments} and Anthropic C{partial_json};
+        empty pieces and the role chunk do not count.
+        """
+        pieces = [
+            {"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+            {"choices": [{"delta": {"reasoning_content": "a"}}]},
+            {"choices": [{"delta": {"reasoning": "b"}}]},
+            {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]}}]},
+            {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"x"'}}]}}]},
+            {"type": "content_block_delta", "delta": {"type": "thinking_delta", "thinking": "c"}},
+            {"type": "content_block_delta", "delta": {"type": "input_json_delta", "partial_json": "{"}},
+            {"choices": [{"delta": {"content": "d"}}]},
+        ]
+        meter = SSEUsageMeter()
+        meter.feed(b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in pieces))
+        self.assertEqual(meter.estimate(), Usage(0, 6, estimated=True))
+
     def test_anthropic_messages(self):
         """
         Anthropic streams: input tokens from message_start survive the
@@ -130,14 +163,115 @@ class SSEUsageMeterTests(SynchronousTestCase):
         self.assertEqual(meter.usage(), Usage(11, 4))
 
 
+_KEYS = st.sampled_from(["usage", "us\"age", "usage ", "\\", "{", "}", "[", "x\\\"y", "a"]) | st.text(max_size=5)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.sampled_from(list('ab"\\{}[],: \n\u00e9\u2028')), max_size=8)
+)
+_VALUES = st.recursive(_SCALARS, lambda c: st.lists(c, max_size=4) | st.dictionaries(_KEYS, c, max_size=4), max_leaves=20)
+_FORMATS = st.sampled_from([{}, {"indent": 1}, {"separators": (",", ":")}, {"ensure_ascii": False}])
+
+
+def _scan(data: bytes, cuts) -> TopLevelUsageScanner:
+    scanner = TopLevelUsageScanner()
+    for piece in _split(data, cuts):
+        scanner.feed(piece)
+    return scanner
+
+
+class TopLevelUsageScannerTests(SynchronousTestCase):
+    """
+    Tests for L{TopLevelUsageScanner}: the top-level C{usage} member, as
+    C{json.loads} reads it, over any chunking.
+    """
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.dictionaries(_KEYS, _VALUES, max_size=6) | _VALUES, st.lists(st.integers(0, 600), max_size=10), _FORMATS)
+    def test_agrees_with_json_loads(self, document, cuts, fmt):
+        """
+        For random documents (keys and strings full of quotes, escapes,
+        brackets and C{"usage"}, nested anywhere), serialised in several
+        styles and cut at random points, the value found is the top-level
+        C{usage} member C{json.loads} reads, and nothing for any other.
+        """
+        data = json.dumps(document, **fmt).encode("utf-8")
+        expected = document.get("usage") if isinstance(document, dict) else None
+        self.assertEqual(_scan(data, cuts).value, expected)
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.dictionaries(_KEYS, _VALUES, max_size=6) | _VALUES, _FORMATS)
+    def test_whole_answer_agrees_with_json_loads(self, document, fmt):
+        """
+        The reading of a whole answer (last C{"usage"} keys checked from
+        the end, else a scan) agrees with C{json.loads} too.
+        """
+        data = json.dumps(document, **fmt).encode("utf-8")
+        expected = document.get("usage") if isinstance(document, dict) else None
+        self.assertEqual(whole_answer_usage(data), expected)
+
+    def test_whole_answer_nested_after_top_level(self):
+        """
+        A nested C{"usage"} after the top-level one (the last occurrence is
+        not a top-level member) does not hide it, nor does an escaped
+        quote before a key named C{usage}.
+        """
+        doc = {"usage": {"prompt_tokens": 1}, "kv_transfer_params": {"usage": {"prompt_tokens": 2}}}
+        self.assertEqual(whole_answer_usage(json.dumps(doc).encode()), {"prompt_tokens": 1})
+        doc = {'x\\"usage': 5, "y": {"usage": 3}}
+        self.assertIsNone(whole_answer_usage(json.dumps(doc).encode()))
+
+    @settings(max_examples=300, deadline=None)
+    @given(_VALUES, st.lists(st.integers(0, 300), max_size=10))
+    def test_usage_inside_never_taken(self, decoy, cuts):
+        """
+        A C{"usage"} key inside nested objects, tool schemas or echoed
+        text is never taken for the answer's usage.
+        """
+        document = {
+            "choices": [{"message": {"content": '{"usage": {"prompt_tokens": 1}}', "usage": decoy}}],
+            "tools": [{"function": {"parameters": {"usage": {"prompt_tokens": 99}}}}],
+            "text": 'x", "usage": {"prompt_tokens": 7}',
+        }
+        self.assertIsNone(_scan(json.dumps(document).encode("utf-8"), cuts).value)
+
+    def test_capture_bounded(self):
+        """
+        A top-level C{usage} value larger than the capture limit is not
+        kept (a usage object is small); the scan still ends cleanly.
+        """
+        scanner = TopLevelUsageScanner()
+        big = {"usage": {"prompt_tokens": 1, "pad": "x" * (TopLevelUsageScanner.CAPTURE_LIMIT + 1)}}
+        scanner.feed(json.dumps(big).encode())
+        self.assertIsNone(scanner.value)
+        self.assertTrue(scanner.done)
+
+    def test_not_an_object(self):
+        """
+        Garbage, arrays and truncated answers give no usage and never raise.
+        """
+        for data in (b"\xff\xfe\x00", b'[{"usage": 1}]', b'{"usage": {"prompt_tokens": 3', b'{"a" 1, "usage": 2}'):
+            scanner = TopLevelUsageScanner()
+            scanner.feed(data)
+            self.assertIsNone(scanner.value, data)
+
+
 class JSONUsageMeterTests(SynchronousTestCase):
     """
     Tests for L{JSONUsageMeter}.
     """
 
-    def _read(self, document, pieces=3):
+    def _read(self, document, pieces=3, held=True):
+        """
+        :param held: read the answer whole at its end (as the relay holds
+            it), else scan it as it streams.
+        """
         data = json.dumps(document).encode()
         meter = JSONUsageMeter()
+        if not held:
+            meter.stream()
         step = max(1, len(data) // pieces)
         for i in range(0, len(data), step):
             self.assertEqual(meter.feed(data[i : i + step]), data[i : i + step])
@@ -170,6 +304,113 @@ class JSONUsageMeterTests(SynchronousTestCase):
         An answer with no usage gives L{None}.
         """
         self.assertIsNone(self._read({"count": 3, "tokens": [1, 2, 3]}))
+
+    def test_usage_in_the_middle(self):
+        """
+        vLLM's chat order puts C{usage} after the choices (here 200 KB of
+        logprobs) and before C{prompt_logprobs} (200 KB more): it is found
+        more than 64 KiB from either end, whatever the chunking.
+        """
+        entries = [{"token": "t", "logprob": -0.5, "top_logprobs": [{"token": "u", "logprob": -1.0}] * 3}] * 2000
+        doc = {
+            "id": "c",
+            "choices": [{"message": {"content": "x"}, "logprobs": {"content": entries}}],
+            "usage": {"prompt_tokens": 3000, "completion_tokens": 400, "total_tokens": 3400},
+            "prompt_logprobs": [None] + [{"1": {"logprob": -1.2, "rank": 1, "decoded_token": "w"}}] * 3000,
+            "kv_transfer_params": None,
+        }
+        for pieces in (1, 7, 300):
+            for held in (True, False):
+                self.assertEqual(self._read(doc, pieces=pieces, held=held), Usage(3000, 400))
+
+    def test_nested_usage_not_taken(self):
+        """
+        Only the top-level C{usage} counts: a C{"usage"} key the model
+        wrote inside a tool call, in a small or a large answer, is not.
+        """
+        for pad in (0, 100_000):
+            doc = {"choices": [{"message": {"tool_calls": [{"function": {"arguments": {"usage": {"prompt_tokens": 1}}}}]}}],
+                   "pad": "p" * pad}
+            for held in (True, False):
+                self.assertIsNone(self._read(doc, held=held))
+            doc["usage"] = {"prompt_tokens": 2, "completion_tokens": 3}
+            for held in (True, False):
+                self.assertEqual(self._read(doc, held=held), Usage(2, 3))
+
+    def test_estimate(self):
+        """
+        An answer without usage is estimated at its length in tokens of 4
+        bytes.
+        """
+        meter = JSONUsageMeter()
+        meter.feed(b'{"text": "abcdefghij"}')
+        self.assertIsNone(meter.usage())
+        self.assertEqual(meter.estimate(), Usage(0, 6, estimated=True))
+
+
+class DurationTests(SynchronousTestCase):
+    """
+    Transcriptions report usage in seconds of audio.
+    """
+
+    def test_duration_usage(self):
+        """
+        C{{"type": "duration", "seconds": N}} is N seconds, priced with
+        C{input_cost_per_second} (exactly, in nano-USD).
+        """
+        usage = usage_from_object({"type": "duration", "seconds": 7})
+        self.assertEqual(usage, Usage(seconds=7))
+        self.assertEqual(cost_nanos(usage, 0.0000002, 0.0000006, 0.0001), 700_000)
+        self.assertIsNone(usage_from_object({"type": "duration", "seconds": "7"}))
+        self.assertIsNone(usage_from_object({"type": "duration", "seconds": -1}))
+
+
+class EncodedAnswerTests(SynchronousTestCase):
+    """
+    Compressed answers and usage declared in headers.
+    """
+
+    def test_gzip_answer(self):
+        """
+        A gzip answer relays its bytes unchanged and is metered from the
+        decoded JSON, whatever the chunking.
+        """
+        body = gzip.compress(json.dumps({"usage": {"prompt_tokens": 4, "completion_tokens": 2}}).encode())
+        for step in (1, 5, len(body)):
+            meter = DecodingMeter(JSONUsageMeter())
+            out = b"".join(meter.feed(body[i : i + step]) for i in range(0, len(body), step))
+            self.assertEqual(out, body)
+            self.assertEqual(meter.usage(), Usage(4, 2))
+
+    def test_bomb_bounded(self):
+        """
+        A compression bomb is decoded at most L{DecodingMeter.MAX_DECODED}
+        bytes deep, after which the answer has no readable usage.
+        """
+        bomb = zlib.compress(b"{" + b" " * (DecodingMeter.MAX_DECODED + 10), 9)
+        meter = DecodingMeter(JSONUsageMeter())
+        meter.feed(bomb)
+        self.assertIsNone(meter.usage())
+
+    def test_garbage(self):
+        """
+        Bytes that do not decode leave no usage and are relayed as they
+        came.
+        """
+        meter = DecodingMeter(JSONUsageMeter())
+        self.assertEqual(meter.feed(b"not gzip at all"), b"not gzip at all")
+        self.assertIsNone(meter.usage())
+        self.assertEqual(meter.estimate(), Usage(0, 4, estimated=True))
+
+    def test_metadata_header(self):
+        """
+        Binary embeddings' C{metadata} header declares the usage; a header
+        that is not JSON, or has no usage, declares none.
+        """
+        header = json.dumps({"id": "e", "data": [], "usage": {"prompt_tokens": 5, "total_tokens": 5}}).encode()
+        self.assertEqual(DeclaredUsageMeter.from_metadata(header).usage(), Usage(5, 0))
+        self.assertIsNone(DeclaredUsageMeter.from_metadata(b"{oops").usage())
+        self.assertIsNone(DeclaredUsageMeter.from_metadata(b'{"data": []}').usage())
 
 
 class CostTests(SynchronousTestCase):

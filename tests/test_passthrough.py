@@ -466,11 +466,13 @@ class DeploymentChoiceTests(ProxyTestCase):
         self.assertEqual(self.beta.received[0].form["model"], "beta")
         self.assertIn("text", json.loads(answer))
 
-    async def test_multipart_model_after_file_ignored(self):
+    async def test_multipart_model_after_file_refused(self):
         """
-        A multipart C{model} field that comes after the first file part does
-        not choose the deployment (the proxy does not read past the file):
-        with no default upstream the call is 404 and not forwarded.
+        A multipart C{model} field that comes after the first file part
+        does not choose the deployment (the proxy does not wait for it),
+        and since vLLM would use it, it must name the model the call was
+        authorized for: naming none, this call gets 400 C{model} and is
+        not forwarded.
         """
         await self._start()
         boundary = b"b0undary"
@@ -481,8 +483,8 @@ class DeploymentChoiceTests(ProxyTestCase):
             dict(auth(), **{"content-type": "multipart/form-data; boundary=" + boundary.decode()}),
             body,
         )
-        self.assertEqual(response.code, 404)
-        self.assertEqual(error_of(answer)["code"], "model_not_found")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(error_of(answer)["param"], "model")
         self.assertEqual(self.alpha.received + self.beta.received, [])
 
     async def test_body_model_wins_over_header_and_query(self):

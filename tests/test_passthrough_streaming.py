@@ -406,7 +406,7 @@ class StreamingTests(ProxyHarness, TestCase):
         await self._start()
         client = await self.raw_connect()
         client.transport.write(
-            b"GET /vllm/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode()
+            b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode()
             + b"\r\nx-fake-fault: hang\r\n\r\n"
         )
         self.assertTrue(await poll(lambda: self.upstream.received and self.upstream.open_connections == 1))

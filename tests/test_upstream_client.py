@@ -404,7 +404,8 @@ class FailureTests(_PoolCase):
     async def test_reset_before_head(self):
         """
         A connection lost before the head fails with UpstreamFailed, with
-        reused False on a new connection and True on a pooled one.
+        reused False on a new connection and True on a pooled one (for a
+        POST, which is never sent again).
         """
         answers = [OK_HELLO, None]
 
@@ -417,7 +418,7 @@ class FailureTests(_PoolCase):
 
         server = ScriptedServer(respond).start(self)
         await read_body(await self.get(server))
-        e = await self.assertFailure(self.get(server), UpstreamFailed)
+        e = await self.assertFailure(self.get(server, method=b"POST", body=b"{}"), UpstreamFailed)
         self.assertTrue(e.reused)
         server.respond = lambda c, r: c.transport.abortConnection()
         e = await self.assertFailure(self.get(server), UpstreamFailed)

@@ -7,6 +7,16 @@ across any number of proxy processes sharing that Redis; Python never reads
 a counter and writes it back.  One round trip admits a call; the matching
 release (and the spend) is L{dheera_tx.accounting.spend.SpendLedger.settle}.
 
+Spend is only known once a call has ended, so admission I{reserves} each
+call's worst case (L{dheera_tx.accounting.reservation}) on its key and end
+user, and budget and tpm checks count the reservations of the calls in
+flight: a call is admitted while spend plus the reservations of the calls
+already in flight stay under the budget (its own reservation is not
+counted).  Whatever order concurrent calls come in, the last one admitted
+found the others' worst cases under the budget, so together they overrun it
+by at most its own actual cost.  Settlement takes the reservation back and
+charges the truth.
+
 Redis keys (all under the configured prefix):
 
 * C{rl:rpm:<token>}: requests in the current 60 s window (the window opens
@@ -15,6 +25,15 @@ Redis keys (all under the configured prefix):
 * C{rl:par:<token>}: a sorted set of the key's calls in flight, scored by
   start time; entries older than the longest call timeout are dropped, so a
   crashed proxy cannot leak slots forever.
+* C{rsv:key:<token>}, C{rsv:<end user hash name>}: a sorted set of the
+  reservations in flight, member C{<call id>|<nano-USD>|<tokens>} scored by
+  the time after which it is stale (the longest call timeout after
+  admission: a crashed proxy's reservations lapse then), and the sums of
+  the live ones under the members C{nanos} and C{tokens}, I{negated} so
+  that no range of deadlines includes them.
+* C{end_user_new:<team or "">:<epoch day>}: how many new end user ids a
+  team's calls named that day; past C{max_new_end_users_per_day}, calls are
+  counted under the team's end user C{__overflow__}.
 """
 
 from typing import List, Optional, Tuple
@@ -22,101 +41,13 @@ from typing import List, Optional, Tuple
 import attr
 from twisted.internet.defer import Deferred, fail
 
+from dheera_tx.accounting.admission_scripts import ADMIT_BATCH_SCRIPT, ADMIT_ONE_SCRIPT
+from dheera_tx.accounting.end_users import OVERFLOW_END_USER, end_user_name
+from dheera_tx.accounting.reservation import NO_RESERVATION, Reservation
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
 
 WINDOW_MS = 60_000
-
-# KEYS: 1 key hash ("" for none), 2 end-user hash (""), 3 rpm counter,
-#       4 tpm counter, 5 parallel set
-# ARGV: 1 now (s), 2 call id, 3 rpm limit, 4 tpm limit, 5 parallel limit
-#       (0 = none), 6 seconds after which a parallel slot is stale,
-#       7 window ms
-# Returns {0} when admitted, else {reason, retry_after_ms}.
-ADMIT_SCRIPT = r"""
-local now = tonumber(ARGV[1])
-local function seconds(d)
-  if not d then return nil end
-  local n, u = string.match(d, "^(%d+)([smhd])$")
-  if not n then return nil end
-  local mult = {s = 1, m = 60, h = 3600, d = 86400}
-  return tonumber(n) * mult[u]
-end
-local function over_budget(hash)
-  local f = redis.call('HMGET', hash, 'max_budget', 'budget_duration',
-                       'budget_reset_at', 'budget_spend_nanos', 'spend_nanos')
-  if not f[1] then return false end
-  -- Rounded to whole nano-USD: a float budget times 1e9 can land a hair
-  -- above the exact amount (1.54e-05 * 1e9 = 15400.000000000002), and a
-  -- spend that reached the budget exactly would still be let through.
-  local limit = math.floor(tonumber(f[1]) * 1e9 + 0.5)
-  local duration = seconds(f[2])
-  local spent
-  if duration then
-    local reset = tonumber(f[3] or '0') or 0
-    if now >= reset then
-      redis.call('HSET', hash, 'budget_spend_nanos', '0',
-                 'budget_reset_at', string.format('%.3f', now + duration))
-      spent = 0
-    else
-      spent = tonumber(f[4] or '0') or 0
-    end
-  else
-    spent = tonumber(f[5] or '0') or 0
-  end
-  return spent >= limit
-end
-if KEYS[2] ~= '' then
-  if redis.call('HGET', KEYS[2], 'blocked') == '1' then
-    return {'end_user_blocked', 0}
-  end
-  if over_budget(KEYS[2]) then return {'end_user_budget', 0} end
-end
-if KEYS[1] ~= '' then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return {'key_gone', 0} end
-  if over_budget(KEYS[1]) then return {'budget', 0} end
-  -- milliseconds until a full window reopens, or nil when it has room
-  local function full(counter, limit)
-    if limit <= 0 or tonumber(redis.call('GET', counter) or '0') < limit then return nil end
-    local ttl = redis.call('PTTL', counter)
-    if ttl < 0 then redis.call('PEXPIRE', counter, ARGV[7]); ttl = tonumber(ARGV[7]) end
-    return ttl
-  end
-  local rpm = tonumber(ARGV[3])
-  local wait = full(KEYS[3], rpm)
-  if wait then return {'rpm', wait} end
-  wait = full(KEYS[4], tonumber(ARGV[4]))
-  if wait then return {'tpm', wait} end
-  local parallel = tonumber(ARGV[5])
-  if parallel > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[6]))
-    if redis.call('ZCARD', KEYS[5]) >= parallel then return {'parallel', 1000} end
-    redis.call('ZADD', KEYS[5], now, ARGV[2])
-    redis.call('EXPIRE', KEYS[5], math.ceil(tonumber(ARGV[6])))
-  end
-  if rpm > 0 then
-    if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[7]) end
-  end
-end
-return {0}
-"""
-
-_KEYS_PER_CALL = 5
-_ARGS_PER_CALL = 7
-
-# The admissions of one reactor tick in one script run: KEYS and ARGV are
-# those of ADMIT_SCRIPT for each call in turn; returns one reply per call.
-ADMIT_BATCH_SCRIPT = (
-    "local function admit(KEYS, ARGV)\n"
-    + ADMIT_SCRIPT
-    + "\nend\nlocal out = {}\n"
-    + f"for i = 0, #KEYS / {_KEYS_PER_CALL} - 1 do\n"
-    + "  local k, a = {}, {}\n"
-    + f"  for j = 1, {_KEYS_PER_CALL} do k[j] = KEYS[i * {_KEYS_PER_CALL} + j] end\n"
-    + f"  for j = 1, {_ARGS_PER_CALL} do a[j] = ARGV[i * {_ARGS_PER_CALL} + j] end\n"
-    + "  out[i + 1] = admit(k, a)\n"
-    + "end\nreturn out\n"
-)
-
+_NEW_END_USER_COUNTER_TTL = 2 * 86400
 
 class AdmissionBatch:
     """
@@ -126,11 +57,13 @@ class AdmissionBatch:
 
     :param redis: a L{dheera_tx.redis.client.RedisClient}.
     :param reactor: an C{IReactorTime}.
+    :param constants: the script's C{C} arguments, the same for every call.
     """
 
-    def __init__(self, redis, reactor):
+    def __init__(self, redis, reactor, constants: tuple):
         self._redis = redis
         self._reactor = reactor
+        self._constants = constants
         self._pending: List[Tuple[tuple, tuple, Deferred]] = []
 
     def admit(self, keys: tuple, args: tuple) -> Deferred:
@@ -156,7 +89,7 @@ class AdmissionBatch:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         keys: list = []
-        args: list = []
+        args: list = list(self._constants)
         for k, a, _ in batch:
             keys.extend(k)
             args.extend(a)
@@ -180,6 +113,14 @@ class Admission:
     """
     A call let through: what L{dheera_tx.accounting.spend.SpendLedger.settle} needs
     to release and bill it.
+
+    :ivar end_user: the end user billed: the one the call named, or the
+        team's overflow end user when the team named too many new ones.
+    :ivar team_id: the end user's scope, the team of the calling key
+        (L{None}: the default scope).
+    :ivar reservation: the worst case held for the call.
+    :ivar key_reserves: the reservation was held on the key (it has a
+        budget or a tpm limit).
     """
 
     call_id: str
@@ -187,6 +128,35 @@ class Admission:
     end_user: Optional[str]
     holds_parallel_slot: bool
     counts_tokens: bool
+    team_id: Optional[str] = None
+    reservation: Reservation = NO_RESERVATION
+    key_reserves: bool = False
+
+    @property
+    def reservation_member(self) -> str:
+        """
+        :return: the reservation's member in the reservation sets, or C{""}
+            when nothing is reserved.
+        """
+        r = self.reservation
+        if not (r.nanos or r.tokens):
+            return ""
+        return f"{self.call_id}|{r.nanos}|{r.tokens}"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RedisNames:
+    """
+    The Redis keys of one call's key and end user.
+    """
+
+    key: str
+    end_user: str
+    rpm: str
+    tpm: str
+    parallel: str
+    key_reservations: str
+    end_user_reservations: str
 
 
 def _limit(value: Optional[int]) -> int:
@@ -200,63 +170,90 @@ class CallLimiter:
     :param redis: a L{dheera_tx.redis.client.RedisClient}.
     :param prefix: the Redis key prefix.
     :param now: epoch seconds.
-    :param stale_after: seconds after which a parallel slot is forgotten
-        (longer than any call may last).
+    :param stale_after: seconds after which a parallel slot or a
+        reservation is forgotten (longer than any call may last).
     :param reactor: when given, the admissions of one reactor tick share
         one script run (L{AdmissionBatch}).
+    :param end_user_ttl: seconds an end user seen only in traffic is kept
+        after its last call.
+    :param new_end_users_per_day: new end user ids a team's calls may name
+        a day before they are counted under the overflow end user.
     """
 
-    def __init__(self, redis, prefix: str, now, stale_after: float, reactor=None):
+    def __init__(
+        self,
+        redis,
+        prefix: str,
+        now,
+        stale_after: float,
+        reactor=None,
+        end_user_ttl: int = 35 * 86400,
+        new_end_users_per_day: int = 10000,
+    ):
         self._redis = redis
         self._prefix = prefix
         self._now = now
-        self._stale_after = stale_after
-        self._batch = AdmissionBatch(redis, reactor) if reactor is not None else None
+        self.end_user_ttl = end_user_ttl
+        self._constants = (stale_after, WINDOW_MS, end_user_ttl, new_end_users_per_day, _NEW_END_USER_COUNTER_TTL)
+        self._batch = AdmissionBatch(redis, reactor, self._constants) if reactor is not None else None
 
-    def key_names(self, token: Optional[str], end_user: Optional[str]):
+    def names(self, admission: Admission) -> RedisNames:
         """
-        :return: the Redis keys of a call's key and end user, in the order
-            the scripts take them.
+        :return: the Redis keys of a call's key and end user ("" where it
+            has none), as the admission and settlement scripts take them.
         """
         p = self._prefix
+        token = admission.token
         if token is None:
-            key = rpm = tpm = par = ""
+            key = rpm = tpm = par = key_rsv = ""
         else:
-            key, rpm, tpm, par = (
-                f"{p}key:{token}",
-                f"{p}rl:rpm:{token}",
-                f"{p}rl:tpm:{token}",
-                f"{p}rl:par:{token}",
-            )
-        user = f"{p}end_user:{end_user}" if end_user else ""
-        return key, user, rpm, tpm, par
+            key, rpm, tpm, par = f"{p}key:{token}", f"{p}rl:rpm:{token}", f"{p}rl:tpm:{token}", f"{p}rl:par:{token}"
+            key_rsv = f"{p}rsv:key:{token}" if admission.key_reserves else ""
+        user = user_rsv = ""
+        if admission.end_user:
+            name = end_user_name(admission.end_user, admission.team_id)
+            user, user_rsv = p + name, f"{p}rsv:{name}"
+        return RedisNames(key, user, rpm, tpm, par, key_rsv, user_rsv)
 
     @staticmethod
-    def admission_of(principal, end_user: Optional[str], call_id: str) -> Admission:
+    def admission_of(
+        principal, end_user: Optional[str], call_id: str, reservation: Reservation = NO_RESERVATION
+    ) -> Admission:
         """
         :return: what admitting this call holds (whether it takes a parallel
-            slot, whether its tokens count against tpm).
+            slot, whether its tokens count against tpm, what it reserves
+            where).
         """
         record = principal.key
         if record is None:
-            return Admission(call_id, None, end_user, False, False)
+            return Admission(call_id, None, end_user, False, False, None, reservation, False)
         return Admission(
-            call_id, record.token, end_user, _limit(record.max_parallel_requests) > 0, _limit(record.tpm_limit) > 0
+            call_id,
+            record.token,
+            end_user,
+            _limit(record.max_parallel_requests) > 0,
+            _limit(record.tpm_limit) > 0,
+            record.team_id,
+            reservation,
+            record.max_budget is not None or _limit(record.tpm_limit) > 0,
         )
 
-    async def admit(self, principal, end_user: Optional[str], call_id: str) -> Admission:
+    async def admit(
+        self, principal, end_user: Optional[str], call_id: str, reservation: Reservation = NO_RESERVATION
+    ) -> Admission:
         """
-        Check the call's limits and count it.
+        Check the call's limits, count it and reserve its worst case.
 
         :param principal: the caller (L{dheera_tx.keys.auth.Principal}).
         :param end_user: the end user the call is made for, or L{None}.
+        :param reservation: the call's worst case
+            (L{dheera_tx.accounting.reservation.worst_case}).
         :raise ProxyError: 429 over a limit or budget (with C{Retry-After}),
             403 for a blocked end user, 401 for a key deleted meanwhile,
             503 when Redis cannot be reached for a virtual key.
         """
-        admission = self.admission_of(principal, end_user, call_id)
+        admission = self.admission_of(principal, end_user, call_id, reservation)
         record = principal.key
-        token = admission.token
         rpm = tpm = parallel = 0
         if record is not None:
             rpm, tpm, parallel = _limit(record.rpm_limit), _limit(record.tpm_limit), _limit(record.max_parallel_requests)
@@ -264,13 +261,22 @@ class CallLimiter:
             return admission
         if record is None and not end_user:
             return admission
-        keys = self.key_names(token, end_user)
-        args = (repr(self._now()), call_id, rpm, tpm, parallel, self._stale_after, WINDOW_MS)
+        n = self.names(admission)
+        now = self._now()
+        if end_user:
+            p = self._prefix
+            scope = admission.team_id if admission.team_id is not None else ""
+            overflow = end_user_name(OVERFLOW_END_USER, admission.team_id)
+            per_day = (f"{p}end_user_new:{scope}:{int(now // 86400)}", p + overflow, f"{p}rsv:{overflow}")
+        else:
+            per_day = ("", "", "")
+        keys = (n.key, n.end_user, n.rpm, n.tpm, n.parallel, n.key_reservations, n.end_user_reservations, *per_day)
+        args = (repr(now), call_id, rpm, tpm, parallel, admission.reservation_member)
         try:
             if self._batch is not None:
                 result = await self._batch.admit(keys, args)
             else:
-                result = await self._redis.eval(ADMIT_SCRIPT, keys, args)
+                result = await self._redis.eval(ADMIT_ONE_SCRIPT, keys, self._constants + args)
         except Exception:
             if record is None:
                 # The master key keeps working while Redis is away.
@@ -283,6 +289,9 @@ class CallLimiter:
         if isinstance(reason, bytes):
             reason = reason.decode()
         if reason == 0 or reason == "0":
+            if len(result) > 1:
+                # The team named too many new end users today.
+                return attr.evolve(admission, end_user=OVERFLOW_END_USER)
             return admission
         retry_ms = int(result[1]) if len(result) > 1 else 0
         retry_after = {"Retry-After": str(max(1, -(-retry_ms // 1000)))}

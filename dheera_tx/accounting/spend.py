@@ -5,17 +5,21 @@ for reports.
 
 L{SpendLedger.settle} runs one Lua script per batch of calls that ended
 within a few milliseconds (which also releases each call's parallel slot and
-counts its tokens against tpm).  When Redis cannot
+reservations, and counts its tokens against tpm).  When Redis cannot
 be reached the settlement waits in a bounded in-memory backlog and is
 retried every second; what is in that backlog is lost if the process dies
 (see the README's guarantees).
 
 Redis keys (under the configured prefix): the C{spend_nanos} and
-C{budget_spend_nanos} fields of C{key:<sha256>} and C{end_user:<id>};
-hashes C{spend:user:<id>}, C{spend:team:<id>}, C{spend:model:<name>} with
-C{spend_nanos}, C{prompt_tokens}, C{completion_tokens}, C{requests}; and
+C{budget_spend_nanos} fields of C{key:<sha256>} and of the end user's hash
+(L{dheera_tx.accounting.end_users.end_user_name}; one seen only in traffic expires
+C{end_user_ttl_days} after its last call); hashes C{spend:user:<id>},
+C{spend:team:<id>}, C{spend:model:<name>} with C{spend_nanos},
+C{prompt_tokens}, C{completion_tokens}, C{requests}; and
 C{spend:daily:<YYYY-MM-DD>} hashes whose fields are
-C{<group>:<id>:<counter>} (group: key, user, team, end_user, model).
+C{<group>:<id>:<counter>} (group: key, user, team, end_user, model; an end
+user of a team is C{team_end_user:<team>:<id>},
+L{dheera_tx.accounting.end_users.end_user_report_id}).
 """
 
 import datetime
@@ -28,6 +32,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from dheera_tx.accounting.admission_scripts import RESERVATIONS_LUA
+from dheera_tx.accounting.end_users import end_user_report_id, parse_end_user_report_id
 from dheera_tx.accounting.limits import WINDOW_MS, Admission, CallLimiter
 from dheera_tx.accounting.metering import nanos_to_usd
 
@@ -38,28 +44,35 @@ COUNTERS = ("spend_nanos", "prompt_tokens", "completion_tokens", "requests")
 
 # KEYS: 1 the batch's "settled" marker, then per entry: 1 key hash,
 #       2 user spend, 3 team spend, 4 end-user hash, 5 model spend, 6 tpm
-#       counter, 7 parallel set, 8 daily hash (a key of "" is skipped)
+#       counter, 7 parallel set, 8 daily hash, 9 the key's reservations,
+#       10 the end user's reservations (a key of "" is skipped)
 # ARGV: 1 marker TTL, then per entry: 1 cost nanos, 2 prompt,
-#       3 completion, 4 call ids ("," between them), 5 window ms, 6..10 ids
-#       of key, user, team, end user, model (for daily fields), 11 daily TTL
-#       seconds, 12 "1" to bill, "0" to only release the parallel slots,
-#       13 the number of calls
+#       3 completion, 4 call ids ("," between them), 5 window ms, 6..10 the
+#       "<group>:<id>" of key, user, team, end user, model (daily fields),
+#       11 daily TTL seconds, 12 "1" to bill, "0" to only release the
+#       parallel slots and reservations, 13 the number of calls, 14 the
+#       calls' reservation members ("," between them), 15 seconds an end
+#       user seen only in traffic is kept
 # An entry sums the calls of a batch that bill the same key, user, team,
 # end user and model on the same day.
-SETTLE_SCRIPT = r"""
+SETTLE_SCRIPT = RESERVATIONS_LUA + r"""
 -- A batch retried after a lost reply was already applied: apply it once.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local groups = {'key', 'user', 'team', 'end_user', 'model'}
-local function release(set, ids)
+local function release_slots(set, ids)
   for id in string.gmatch(ids, '[^,]+') do redis.call('ZREM', set, id) end
 end
-for n = 0, (#KEYS - 1) / 8 - 1 do
-  local K, A = 1 + n * 8, 1 + n * 13
+for n = 0, (#KEYS - 1) / 10 - 1 do
+  local K, A = 1 + n * 10, 1 + n * 15
   local cost, prompt, completion = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
   local calls = tonumber(ARGV[A + 13])
+  -- Reservations go back whatever the outcome: the truth replaces them.
+  if ARGV[A + 14] ~= '' then
+    if KEYS[K + 9] ~= '' then release(KEYS[K + 9], ARGV[A + 14]) end
+    if KEYS[K + 10] ~= '' then release(KEYS[K + 10], ARGV[A + 14]) end
+  end
   if ARGV[A + 12] == '0' then
     -- Only release the parallel slots of calls whose admission was lost.
-    if KEYS[K + 7] ~= '' then release(KEYS[K + 7], ARGV[A + 4]) end
+    if KEYS[K + 7] ~= '' then release_slots(KEYS[K + 7], ARGV[A + 4]) end
   else
   local function add(hash)
     redis.call('HINCRBY', hash, 'spend_nanos', cost)
@@ -74,6 +87,10 @@ for n = 0, (#KEYS - 1) / 8 - 1 do
   if KEYS[K + 4] ~= '' then
     redis.call('HINCRBY', KEYS[K + 4], 'spend_nanos', cost)
     redis.call('HINCRBY', KEYS[K + 4], 'budget_spend_nanos', cost)
+    -- Seen only in traffic (or deleted while the call ran): expiring.
+    if redis.call('HEXISTS', KEYS[K + 4], 'created_at') == 0 then
+      redis.call('EXPIRE', KEYS[K + 4], ARGV[A + 15])
+    end
   end
   for _, i in ipairs({2, 3, 5}) do
     if KEYS[K + i] ~= '' then add(KEYS[K + i]) end
@@ -87,11 +104,11 @@ for n = 0, (#KEYS - 1) / 8 - 1 do
       end
     end
   end
-  if KEYS[K + 7] ~= '' then release(KEYS[K + 7], ARGV[A + 4]) end
+  if KEYS[K + 7] ~= '' then release_slots(KEYS[K + 7], ARGV[A + 4]) end
   for g = 1, 5 do
-    local id = ARGV[A + 5 + g]
-    if id ~= '' then
-      local base = groups[g] .. ':' .. id .. ':'
+    local base = ARGV[A + 5 + g]
+    if base ~= '' then
+      base = base .. ':'
       redis.call('HINCRBY', KEYS[K + 8], base .. 'spend_nanos', cost)
       redis.call('HINCRBY', KEYS[K + 8], base .. 'prompt_tokens', prompt)
       redis.call('HINCRBY', KEYS[K + 8], base .. 'completion_tokens', completion)
@@ -101,7 +118,7 @@ for n = 0, (#KEYS - 1) / 8 - 1 do
   redis.call('EXPIRE', KEYS[K + 8], ARGV[A + 11])
   end
 end
-return (#KEYS - 1) / 8
+return (#KEYS - 1) / 10
 """
 
 
@@ -213,12 +230,16 @@ class SpendLedger:
 
     def release_lost_slot(self, admission: Admission) -> None:
         """
-        Release the parallel slot of a call whose admission script may have
-        run although its reply was lost (the call was refused with 503).
+        Release the parallel slot and reservations of a call whose
+        admission script may have run although its reply was lost (the call
+        was refused with 503).
         """
-        if admission.holds_parallel_slot:
+        if admission.holds_parallel_slot or admission.reservation_member:
             release = Settlement(admission, 0, 0, 0, None, None, None, 0.0, billable=False)
-            ensureDeferred(self._write_or_queue(_Batch(uuid.uuid4().hex, [release])))
+            d = ensureDeferred(self._write_or_queue(_Batch(uuid.uuid4().hex, [release])))
+            # flush() waits for it like for any write under way.
+            self._writing.add(d)
+            d.addBoth(lambda result: self._writing.discard(d))
 
     def _queue(self, batch: "_Batch") -> None:
         if self._queued + len(batch.settlements) > self._max_backlog:
@@ -305,8 +326,9 @@ class SpendLedger:
         and model on the same day: Redis does the work once per entry, not
         once per call.
 
-        :return: C{[settlement, day, cost, prompt, completion, call ids]}
-            lists, the settlement standing for its entry's identity.
+        :return: C{[settlement, day, cost, prompt, completion, call ids,
+            reservation members]} lists, the settlement standing for its
+            entry's identity.
         """
         entries: Dict[tuple, list] = {}
         days = self._days
@@ -319,33 +341,42 @@ class SpendLedger:
                     epoch_day * 86400, datetime.timezone.utc
                 ).strftime("%Y-%m-%d")
             identity = (
-                a.token, a.end_user, a.counts_tokens, a.holds_parallel_slot,
+                a.token, a.end_user, a.team_id, a.counts_tokens, a.holds_parallel_slot, a.key_reserves,
                 s.user_id, s.team_id, s.model_name, day, s.billable,
             )
+            member = a.reservation_member
             entry = entries.get(identity)
             if entry is None:
-                entries[identity] = [s, day, s.cost_nanos, s.prompt_tokens, s.completion_tokens, [a.call_id]]
+                entries[identity] = [
+                    s, day, s.cost_nanos, s.prompt_tokens, s.completion_tokens, [a.call_id], [member] if member else []
+                ]
             else:
                 entry[2] += s.cost_nanos
                 entry[3] += s.prompt_tokens
                 entry[4] += s.completion_tokens
                 entry[5].append(a.call_id)
+                if member:
+                    entry[6].append(member)
         return entries.values()
 
-    def _script_arguments(self, s: Settlement, day: str, cost: int, prompt: int, completion: int, call_ids: List[str]):
+    def _script_arguments(
+        self, s: Settlement, day: str, cost: int, prompt: int, completion: int, call_ids: List[str], members: List[str]
+    ):
         a = s.admission
         p = self._prefix
-        key, end_user, _rpm, tpm, par = self._limiter.key_names(a.token, a.end_user)
+        names = self._limiter.names(a)
         model = s.model_name or ""
         keys = [
-            key,
+            names.key,
             f"{p}spend:user:{s.user_id}" if s.user_id else "",
             f"{p}spend:team:{s.team_id}" if s.team_id else "",
-            end_user,
+            names.end_user,
             f"{p}spend:model:{model}" if model else "",
-            tpm if a.counts_tokens else "",
-            par if a.holds_parallel_slot else "",
+            names.tpm if a.counts_tokens else "",
+            names.parallel if a.holds_parallel_slot else "",
             f"{p}spend:daily:{day}",
+            names.key_reservations,
+            names.end_user_reservations,
         ]
         args = [
             cost,
@@ -353,40 +384,55 @@ class SpendLedger:
             completion,
             ",".join(call_ids) if a.holds_parallel_slot else "",
             WINDOW_MS,
-            a.token or "",
-            s.user_id or "",
-            s.team_id or "",
-            a.end_user or "",
-            model,
+            f"key:{a.token}" if a.token else "",
+            f"user:{s.user_id}" if s.user_id else "",
+            f"team:{s.team_id}" if s.team_id else "",
+            end_user_report_id(a.end_user, a.team_id) if a.end_user else "",
+            f"model:{model}" if model else "",
             self._daily_ttl,
             "1" if s.billable else "0",
             len(call_ids),
+            ",".join(members),
+            self._limiter.end_user_ttl,
         ]
         return keys, args
 
-    async def report(self, group: str, start: datetime.date, end: datetime.date) -> List[Dict]:
+    async def report(
+        self, group: str, start: datetime.date, end: datetime.date, team_id: Optional[str] = None
+    ) -> List[Dict]:
         """
         Sum the per-day counters of C{group} from C{start} to C{end}
         (inclusive).
 
-        :return: one row per id, highest spend first.
+        :param team_id: for C{end_user}: only the end users of this team.
+        :return: one row per id, highest spend first; C{end_user} rows also
+            name their C{team_id} (L{None}: the default scope).
         """
         if group not in GROUPS:
             raise ValueError(group)
-        totals: Dict[str, Dict[str, int]] = {}
+        groups = ("end_user", "team_end_user") if group == "end_user" else (group,)
+        totals: Dict[tuple, Dict[str, int]] = {}
         day = start
         while day <= end:
             fields = await self._redis.execute("HGETALL", f"{self._prefix}spend:daily:{day.isoformat()}")
             for name, value in _pairs(fields):
                 g, _, rest = name.partition(":")
-                if g != group:
+                if g not in groups:
                     continue
                 ident, _, counter = rest.rpartition(":")
-                row = totals.setdefault(ident, dict.fromkeys(COUNTERS, 0))
+                row = totals.setdefault((g, ident), dict.fromkeys(COUNTERS, 0))
                 if counter in row:
                     row[counter] += int(value)
             day += datetime.timedelta(days=1)
-        rows = [{"group_by": group, "id": ident, **row, "spend": nanos_to_usd(row["spend_nanos"])} for ident, row in totals.items()]
+        rows = []
+        for (g, ident), row in totals.items():
+            extra = {}
+            if group == "end_user":
+                team, ident = parse_end_user_report_id(g, ident)
+                if team_id is not None and team != team_id:
+                    continue
+                extra["team_id"] = team
+            rows.append({"group_by": group, "id": ident, **extra, **row, "spend": nanos_to_usd(row["spend_nanos"])})
         rows.sort(key=lambda r: -r["spend_nanos"])
         return rows
 

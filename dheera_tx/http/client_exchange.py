@@ -54,6 +54,7 @@ class ClientExchange:
         "requestHeaders",
         "raw_headers",
         "body",
+        "form_watch",
         "rejection",
         "received_at",
         "client_gone",
@@ -94,6 +95,8 @@ class ClientExchange:
             headers.addRawHeader(name, value)
         self.requestHeaders = headers
         self.body: Optional[StreamingBody] = None
+        # Watches a multipart body's model parts as it streams.
+        self.form_watch = None
         self.rejection: Optional[ProxyError] = None
         self.received_at = received_at
         self.client_gone = False

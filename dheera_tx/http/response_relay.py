@@ -14,7 +14,7 @@ from typing import List, Optional
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from dheera_tx.accounting.metering import cost_nanos
+from dheera_tx.accounting.metering import deployment_cost_nanos
 from dheera_tx.call import Call
 from dheera_tx.config import Deployment
 from dheera_tx.errors import ProxyError
@@ -160,13 +160,7 @@ class ResponseRelay:
             self._request.write(chunk)
 
     def _cost_header(self):
-        usage = self._meter.usage() if self._meter is not None else None
-        if usage is None or self._call.status >= 400:
-            return ()
-        d = self._deployment
-        nanos = cost_nanos(usage, *d.prices_for(self._call.model_name))
-        usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
-        return ((b"x-dheera-response-cost", usd),)
+        return cost_header(self._meter, self._deployment, self._call.status, self._call.model_name)
 
     def timed_out(self, kind: str) -> None:
         """
@@ -218,6 +212,21 @@ class ResponseRelay:
         self._write_head = None
         done, self.done = self.done, None
         done.callback(None)
+
+
+def cost_header(meter, deployment: Deployment, status: int, model: Optional[str] = None):
+    """
+    :param model: the name the call was routed by (a LoRA adapter may have
+        its own prices).
+    :return: the C{x-dheera-response-cost} header (decimal USD) of an answer
+        whose usage its meter read, or no header.
+    """
+    usage = meter.usage() if meter is not None else None
+    if usage is None or status >= 400:
+        return ()
+    nanos = deployment_cost_nanos(usage, deployment, model)
+    usd = (b"%d.%09d" % divmod(nanos, 1_000_000_000)).rstrip(b"0").rstrip(b".")
+    return ((b"x-dheera-response-cost", usd),)
 
 
 def early_end(kind: str) -> ProxyError:

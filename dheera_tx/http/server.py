@@ -312,7 +312,7 @@ class GatewayConnection(Protocol):
                     exchange.rejection = rejection = e
                 else:
                     if boundary is not None:
-                        self._form_watch = MultipartModelWatch(boundary)
+                        self._form_watch = exchange.form_watch = MultipartModelWatch(boundary)
                     exchange.body = StreamingBody(
                         None if chunked else length, self._hold_body, self._release_body, self._body_limit
                     )

@@ -11,12 +11,16 @@ Routes, all answering JSON (errors in the OpenAI shape)::
     POST /key/regenerate    {"key"}
     POST /key/block         {"key"}
     POST /key/unblock       {"key"}
-    POST /end_user/new      {"user_id", "max_budget", "budget_duration", "blocked", "metadata"}
-    GET  /end_user/info?end_user_id=ID
-    POST /end_user/update   {"user_id", ...fields}
-    POST /end_user/block    {"user_ids": [...]} (or {"user_id"}); unknown ones are created blocked
-    POST /end_user/unblock  {"user_ids": [...]} (or {"user_id"})
-    POST /end_user/delete   {"user_ids": [...]} (or {"user_id"})
+    POST /end_user/new      {"user_id", "team_id", "max_budget", "budget_duration", "blocked", "metadata"}
+    GET  /end_user/info?end_user_id=ID&team_id=TEAM
+    POST /end_user/update   {"user_id", "team_id", ...fields}
+    POST /end_user/block    {"user_ids": [...]} (or {"user_id"}), "team_id"; unknown ones are created blocked
+    POST /end_user/unblock  {"user_ids": [...]} (or {"user_id"}), "team_id"
+    POST /end_user/delete   {"user_ids": [...]} (or {"user_id"}), "team_id"
+
+End users are scoped to the team of the calling key: C{team_id} (optional
+everywhere) addresses the end users of that team's keys; without it, those
+of keys without a team (the default scope).
 
 Every route takes the master key only (403 for a virtual key, 401 without a
 valid key), except that a virtual key may read its own /key/info.  Keys are
@@ -144,13 +148,30 @@ def _names(body: dict, field: str) -> list:
     return names
 
 
-def _user_ids(body: dict) -> list:
-    _only(body, ("user_ids", "user_id"))
+def _user_ids(body: dict):
+    """
+    :return: C{(end user ids, team_id or None)} of an /end_user/block,
+        unblock or delete body.
+    """
+    _only(body, ("user_ids", "user_id", "team_id"))
     if ("user_ids" in body) == ("user_id" in body):
         raise bad_request("Give user_ids (a list) or user_id.", "user_ids")
+    team_id = _team(body.get("team_id"))
     if "user_id" in body:
-        return _names({"user_id": [body["user_id"]]}, "user_id")
-    return _names(body, "user_ids")
+        return _names({"user_id": [body["user_id"]]}, "user_id"), team_id
+    return _names(body, "user_ids"), team_id
+
+
+def _team(value):
+    """
+    :return: an end user's scope from a C{team_id} given in a body or query
+        (L{None}: the default scope).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
+        raise bad_request(f"team_id must be a non-empty string of at most {MAX_NAME_LENGTH} characters.", "team_id")
+    return value
 
 
 class KeyAPI:
@@ -318,20 +339,21 @@ class KeyAPI:
         Make an end user (400 if it exists).
         """
         require_master(principal)
-        record = await self._store.new_end_user(validate_end_user_fields(_body(request)))
+        fields = validate_end_user_fields(_body(request))
+        record = await self._store.new_end_user(fields, fields.pop("team_id", None))
         return record.to_api()
 
     @app.route("/end_user/info", methods=["GET"])
     @_json_route
     async def end_user_info(self, request, principal):
         """
-        Describe an end user.
+        Describe an end user (of team C{team_id}, or of the default scope).
         """
         require_master(principal)
         user_id = _query(request, "end_user_id")
         if not user_id:
             raise bad_request("end_user_id is required.", "end_user_id")
-        record = await self._store.get_end_user(user_id)
+        record = await self._store.get_end_user(user_id, _team(_query(request, "team_id")))
         if record is None:
             raise not_found("End user")
         return record.to_api()
@@ -344,7 +366,8 @@ class KeyAPI:
         """
         require_master(principal)
         fields = validate_end_user_fields(_body(request))
-        record = await self._store.update_end_user(fields.pop("user_id"), fields)
+        team_id = fields.pop("team_id", None)
+        record = await self._store.update_end_user(fields.pop("user_id"), fields, team_id)
         return record.to_api()
 
     @app.route("/end_user/block", methods=["POST"])
@@ -354,9 +377,9 @@ class KeyAPI:
         Block end users (creating unknown ones blocked).
         """
         require_master(principal)
-        user_ids = _user_ids(_body(request))
+        user_ids, team_id = _user_ids(_body(request))
         for user_id in user_ids:
-            await self._store.block_end_user(user_id)
+            await self._store.block_end_user(user_id, team_id)
         return {"blocked_users": user_ids}
 
     @app.route("/end_user/unblock", methods=["POST"])
@@ -366,9 +389,9 @@ class KeyAPI:
         Unblock end users (404 if one is unknown).
         """
         require_master(principal)
-        user_ids = _user_ids(_body(request))
+        user_ids, team_id = _user_ids(_body(request))
         for user_id in user_ids:
-            await self._store.unblock_end_user(user_id)
+            await self._store.unblock_end_user(user_id, team_id)
         return {"unblocked_users": user_ids}
 
     @app.route("/end_user/delete", methods=["POST"])
@@ -378,7 +401,8 @@ class KeyAPI:
         Delete end users (404 if none existed).
         """
         require_master(principal)
-        deleted = [u for u in _user_ids(_body(request)) if await self._store.delete_end_user(u)]
+        user_ids, team_id = _user_ids(_body(request))
+        deleted = [u for u in user_ids if await self._store.delete_end_user(u, team_id)]
         if not deleted:
             raise not_found("End user")
         return {"deleted_end_users": deleted}

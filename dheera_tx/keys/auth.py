@@ -8,14 +8,17 @@ tell a missing key from an unknown, expired or blocked one.  Keys are never
 taken from the URL.
 """
 
+import functools
 import hashlib
 import hmac
+import re
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Tuple
 
 import attr
 
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
+from dheera_tx.keys.tenancy import TenantRoutes
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -120,55 +123,23 @@ def require_master(principal: Principal) -> None:
         raise forbidden("This route needs the master key.")
 
 
-DEFAULT_OPERATOR_ROUTES = (
-    "sleep",
-    "wake_up",
-    "reset_prefix_cache",
-    "reset_mm_cache",
-    "reset_encoder_cache",
-    "collective_rpc",
-    "release_kv_cache_memory",
-    "pause",
-    "resume",
-    "abort_requests",
-    "update_weights",
-    "start_profile",
-    "stop_profile",
-    "scale_elastic_ep",
-    "v1/load_lora_adapter",
-    "v1/unload_lora_adapter",
-    "adapters",
-)
-
-
-def is_operator_route(path: str, operator_routes: Sequence[str]) -> bool:
-    """
-    :param path: the upstream path without the leading slash and query,
-        e.g. C{"sleep"} or C{"v1/chat/completions"}.
-    :return: whether C{path} is one of vLLM's operator routes (or below one).
-    """
-    for route in operator_routes:
-        if path == route or path.startswith(route + "/"):
-            return True
-    return False
-
-
 def authorize_vllm_call(
     principal: Principal,
     path: str,
     model_name: Optional[str],
-    operator_routes: Sequence[str],
+    tenant_routes: TenantRoutes,
 ) -> None:
     """
     Check that C{principal} may make this pass-through call.
 
     :param path: the upstream path without leading slash and query.
     :param model_name: the model the call names, or L{None}.
+    :param tenant_routes: the routes virtual keys may call.
     :raise ProxyError: 403 when the key may not call this route or model.
     """
     if principal.is_master:
         return
-    authorize_route(principal, path, operator_routes)
+    authorize_route(principal, path, tenant_routes)
     key = principal.key
     if key.models and model_name not in key.models:
         if model_name is None:
@@ -176,28 +147,39 @@ def authorize_vllm_call(
         raise forbidden(f"This key may not use model {model_name!r}.")
 
 
-def authorize_route(principal: Principal, path: str, operator_routes: Sequence[str]) -> None:
+def authorize_route(principal: Principal, path: str, tenant_routes: TenantRoutes) -> None:
     """
     Check that C{principal} may call the route C{path}, whatever the model
-    (for calls the proxy answers itself, such as the model list).
+    (also for calls the proxy answers itself, such as the model list).
 
     :param path: the upstream path without leading slash and query.
-    :raise ProxyError: 403 for an operator route or a route outside the
-        key's C{allowed_routes}.
+    :param tenant_routes: the routes virtual keys may call.
+    :raise ProxyError: 403 for a route outside the tenant API or outside
+        the key's C{allowed_routes}.
     """
     if principal.is_master:
         return
-    if is_operator_route(path, operator_routes):
-        raise forbidden("vLLM operator routes need the master key.")
+    if not tenant_routes.allows(path):
+        raise forbidden("This vLLM route needs the master key.")
     allowed = principal.key.allowed_routes
-    if allowed:
-        full = "/" + path
-        if not any(_route_allows(prefix, full) for prefix in allowed):
-            raise forbidden("This key may not call this route.")
+    if allowed and _allowed_routes(allowed).match("/" + path) is None:
+        raise forbidden("This key may not call this route.")
 
 
-def _route_allows(prefix: str, path: str) -> bool:
-    prefix = "/" + prefix.strip("/")
-    if prefix.startswith("/vllm/") or prefix == "/vllm":
-        prefix = prefix[len("/vllm"):] or "/"
-    return prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+@functools.lru_cache(maxsize=1024)
+def _allowed_routes(prefixes: Tuple[str, ...]) -> "re.Pattern[str]":
+    """
+    :param prefixes: a key's C{allowed_routes}, path prefixes with or
+        without C{/vllm}.
+    :return: a pattern matching the paths (with leading slash) at or below
+        one of them, compiled once per distinct list.
+    """
+    alternatives = []
+    for prefix in prefixes:
+        prefix = "/" + prefix.strip("/")
+        if prefix.startswith("/vllm/") or prefix == "/vllm":
+            prefix = prefix[len("/vllm"):] or "/"
+        if prefix == "/":
+            return re.compile("")
+        alternatives.append(re.escape(prefix))
+    return re.compile("(?:" + "|".join(alternatives) + ")(?:/|$)")

@@ -171,20 +171,20 @@ class CachedKeyStore:
         finally:
             self._forget(token)
 
-    async def new_end_user(self, fields):
-        return await self._store.new_end_user(fields)
+    async def new_end_user(self, fields, team_id=None):
+        return await self._store.new_end_user(fields, team_id)
 
-    async def get_end_user(self, user_id):
-        return await self._store.get_end_user(user_id)
+    async def get_end_user(self, user_id, team_id=None):
+        return await self._store.get_end_user(user_id, team_id)
 
-    async def update_end_user(self, user_id, fields):
-        return await self._store.update_end_user(user_id, fields)
+    async def update_end_user(self, user_id, fields, team_id=None):
+        return await self._store.update_end_user(user_id, fields, team_id)
 
-    async def block_end_user(self, user_id):
-        return await self._store.block_end_user(user_id)
+    async def block_end_user(self, user_id, team_id=None):
+        return await self._store.block_end_user(user_id, team_id)
 
-    async def unblock_end_user(self, user_id):
-        return await self._store.unblock_end_user(user_id)
+    async def unblock_end_user(self, user_id, team_id=None):
+        return await self._store.unblock_end_user(user_id, team_id)
 
-    async def delete_end_user(self, user_id):
-        return await self._store.delete_end_user(user_id)
+    async def delete_end_user(self, user_id, team_id=None):
+        return await self._store.delete_end_user(user_id, team_id)

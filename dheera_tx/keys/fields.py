@@ -119,7 +119,9 @@ GENERATE_FIELDS = frozenset(_CHECKS) - {"key"}
 #: The fields of a /key/update body (C{key} is required).
 UPDATE_FIELDS = frozenset(_CHECKS)
 #: The fields of /end_user/new and /end_user/update bodies.
-END_USER_FIELDS = frozenset({"user_id", "max_budget", "budget_duration", "blocked", "metadata"})
+#: C{team_id} names the end user's scope (the team of the keys it is the end
+#: user of); without it, the default scope of keys without a team.
+END_USER_FIELDS = frozenset({"user_id", "team_id", "max_budget", "budget_duration", "blocked", "metadata"})
 
 
 def _validate(body, allowed, required=()) -> dict:

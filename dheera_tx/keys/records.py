@@ -251,8 +251,11 @@ class EndUserRecord:
     """
     An end user (the C{x-dheera-end-user} header or the body's C{user}).
 
-    :ivar created_at: when /end_user/new made it, or L{None} for an end user
-        known only from traffic (a hash holding spend alone).
+    :ivar created_at: when the admin API made it, or L{None} for an end user
+        known only from traffic (a hash holding spend alone, which expires
+        C{general_settings.end_user_ttl_days} after its last call).
+    :ivar team_id: the team whose keys it is the end user of, or L{None}
+        for the default scope (not a hash field: the hash's name says it).
     """
 
     user_id: str
@@ -263,6 +266,7 @@ class EndUserRecord:
     spend_nanos: int = 0
     metadata: dict = attr.ib(factory=dict, hash=False)
     created_at: Optional[float] = None
+    team_id: Optional[str] = None
 
     @property
     def spend(self) -> float:
@@ -288,13 +292,15 @@ class EndUserRecord:
         )
 
     @classmethod
-    def from_redis_hash(cls, user_id: str, mapping: Mapping[str, str]) -> "EndUserRecord":
+    def from_redis_hash(cls, user_id: str, mapping: Mapping[str, str], team_id: Optional[str] = None) -> "EndUserRecord":
         """
         :param user_id: the end user's id (from the hash's name).
         :param mapping: the hash's fields.
+        :param team_id: its scope (from the hash's name).
         """
         return cls(
             user_id=user_id,
+            team_id=team_id,
             max_budget=_opt_float(mapping, "max_budget"),
             budget_duration=mapping.get("budget_duration") or None,
             budget_reset_at=_opt_float(mapping, "budget_reset_at"),
@@ -310,6 +316,7 @@ class EndUserRecord:
         """
         return {
             "user_id": self.user_id,
+            "team_id": self.team_id,
             "max_budget": self.max_budget,
             "budget_duration": self.budget_duration,
             "budget_reset_at": iso_time(self.budget_reset_at),

@@ -8,10 +8,13 @@ Redis::
     <prefix>key:<sha256>       hash    one key (fields: see dheera_tx.keys.records)
     <prefix>key_alias:<alias>  string  the sha256 of the key with that alias
     <prefix>keys               zset    every key's sha256, scored by created_at
-    <prefix>end_user:<id>      hash    one end user
+    <prefix>end_user:<id>      hash    one end user of the default scope
+    <prefix>team:<team>:end_user:<id>  hash  one end user of a team
+                                       (see L{dheera_tx.accounting.end_users.end_user_name})
 
 Every change to an existing key or end user is also published on
-C{<prefix>invalidate}: the key's sha256, or C{end_user:<id>} (a new key
+C{<prefix>invalidate}: the key's sha256, or the end user's hash name
+without the prefix (a new key
 needs no announcement: nothing caches unknown keys).
 L{dheera_tx.keys.cache.CachedKeyStore} listens there to keep an
 in-process cache of key records consistent; an operator who edits a hash
@@ -31,6 +34,7 @@ from typing import Callable, List
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
+from dheera_tx.accounting.end_users import end_user_name
 from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.keys.fields import end_user_changes, key_changes
 from dheera_tx.keys.records import EndUserRecord, KeyRecord, generate_key, hash_key, redis_fields
@@ -120,32 +124,37 @@ class IKeyStore(Interface):
         :return: the updated L{KeyRecord}.
         """
 
-    def new_end_user(fields):
+    def new_end_user(fields, team_id=None):
         """
+        End users are scoped: C{team_id} names the team whose keys it is
+        the end user of (L{None}: the default scope, keys without a team).
+        An end user the admin API made or changed persists; one known only
+        from traffic expires.
+
         :return: the new L{EndUserRecord}; 400 if it already exists.
         """
 
-    def get_end_user(user_id):
+    def get_end_user(user_id, team_id=None):
         """
         :return: the L{EndUserRecord}, or L{None}.
         """
 
-    def update_end_user(user_id, fields):
+    def update_end_user(user_id, fields, team_id=None):
         """
         :return: the updated L{EndUserRecord}.
         """
 
-    def block_end_user(user_id):
+    def block_end_user(user_id, team_id=None):
         """
         Block an end user, creating it if it is not known yet.
         """
 
-    def unblock_end_user(user_id):
+    def unblock_end_user(user_id, team_id=None):
         """
         :return: the updated L{EndUserRecord}.
         """
 
-    def delete_end_user(user_id):
+    def delete_end_user(user_id, team_id=None):
         """
         :return: whether it existed.
         """
@@ -229,14 +238,17 @@ return result
 
 # KEYS: end user hash.  ARGV: channel, message, mode (new|update|upsert),
 # created_at, n, n field names to delete, field, value, ...
-# An end user known only from traffic (spend, no created_at) may be made
-# with /end_user/new; its spend is kept.
+# An end user known only from traffic (spend, no created_at, expiring) may
+# be made with /end_user/new; its spend is kept.  Whatever the admin API
+# writes is an end user the operator manages: it gets a created_at and
+# stops expiring (a budget set on a traffic end user must not vanish).
 _WRITE_END_USER = """
 local mode = ARGV[3]
 local made = redis.call('HEXISTS', KEYS[1], 'created_at') == 1
 if mode == 'new' and made then return {'exists'} end
 if mode == 'update' and redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-if mode ~= 'update' and not made then redis.call('HSET', KEYS[1], 'created_at', ARGV[4]) end
+if not made then redis.call('HSET', KEYS[1], 'created_at', ARGV[4]) end
+redis.call('PERSIST', KEYS[1])
 redis.call('HINCRBY', KEYS[1], 'spend_nanos', 0)
 local ndel = tonumber(ARGV[5])
 if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 6, 5 + ndel)) end
@@ -295,11 +307,12 @@ class RedisKeyStore:
         """
         return f"{self.prefix}key:{token}"
 
-    def end_user_name(self, user_id: str) -> str:
+    def end_user_name(self, user_id: str, team_id=None) -> str:
         """
-        :return: the name of the Redis hash of this end user.
+        :return: the name of the Redis hash of this end user of C{team_id}
+            (L{None}: the default scope).
         """
-        return f"{self.prefix}end_user:{user_id}"
+        return self.prefix + end_user_name(user_id, team_id)
 
     # -- keys --
 
@@ -423,15 +436,15 @@ class RedisKeyStore:
 
     # -- end users --
 
-    async def _write_end_user(self, user_id, fields, mode) -> EndUserRecord:
+    async def _write_end_user(self, user_id, fields, mode, team_id) -> EndUserRecord:
         now = self._now()
         to_set, to_delete = redis_fields(EndUserRecord, end_user_changes(fields, now))
         reply = await self._redis.eval(
             _WRITE_END_USER,
-            [self.end_user_name(user_id)],
+            [self.end_user_name(user_id, team_id)],
             [
                 self.invalidation_channel,
-                "end_user:" + user_id,
+                end_user_name(user_id, team_id),
                 mode,
                 repr(now),
                 len(to_delete),
@@ -443,30 +456,31 @@ class RedisKeyStore:
             raise bad_request(f"End user {user_id!r} already exists.", "user_id")
         if reply[0] == "not_found":
             raise not_found("End user")
-        return EndUserRecord.from_redis_hash(user_id, _pairs(reply[1:]))
+        return EndUserRecord.from_redis_hash(user_id, _pairs(reply[1:]), team_id)
 
-    async def new_end_user(self, fields):
-        return await self._write_end_user(fields["user_id"], fields, "new")
+    async def new_end_user(self, fields, team_id=None):
+        return await self._write_end_user(fields["user_id"], fields, "new", team_id)
 
-    async def get_end_user(self, user_id):
-        mapping = _pairs(await self._redis.execute("HGETALL", self.end_user_name(user_id)))
-        return EndUserRecord.from_redis_hash(user_id, mapping) if mapping else None
+    async def get_end_user(self, user_id, team_id=None):
+        mapping = _pairs(await self._redis.execute("HGETALL", self.end_user_name(user_id, team_id)))
+        return EndUserRecord.from_redis_hash(user_id, mapping, team_id) if mapping else None
 
-    async def update_end_user(self, user_id, fields):
-        return await self._write_end_user(user_id, fields, "update")
+    async def update_end_user(self, user_id, fields, team_id=None):
+        return await self._write_end_user(user_id, fields, "update", team_id)
 
-    async def block_end_user(self, user_id):
-        return await self._write_end_user(user_id, {"blocked": True}, "upsert")
+    async def block_end_user(self, user_id, team_id=None):
+        return await self._write_end_user(user_id, {"blocked": True}, "upsert", team_id)
 
-    async def unblock_end_user(self, user_id):
-        return await self._write_end_user(user_id, {"blocked": False}, "update")
+    async def unblock_end_user(self, user_id, team_id=None):
+        return await self._write_end_user(user_id, {"blocked": False}, "update", team_id)
 
-    async def delete_end_user(self, user_id):
+    async def delete_end_user(self, user_id, team_id=None):
         n = await self._redis.eval(
-            _DELETE_END_USER, [self.end_user_name(user_id)], [self.invalidation_channel, "end_user:" + user_id]
+            _DELETE_END_USER,
+            [self.end_user_name(user_id, team_id)],
+            [self.invalidation_channel, end_user_name(user_id, team_id)],
         )
         return n == 1
-
 
 def _matches(record: KeyRecord, user_id, team_id, key_alias) -> bool:
     return (

@@ -48,6 +48,20 @@ RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
 
 
+# What redis-server is given of the proxy's environment: enough to run
+# (locale, time zone, library path), never the master key, upstream API keys
+# or anything else the proxy was started with.
+_REDIS_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "TZ", "LANG", "LC_ALL")
+
+
+def redis_environment(environ) -> dict:
+    """
+    :param environ: the proxy's environment.
+    :return: the environment the embedded C{redis-server} runs with.
+    """
+    return {name: environ[name] for name in _REDIS_ENVIRONMENT if name in environ}
+
+
 class EmbeddedRedisError(Exception):
     """
     The embedded Redis could not be started.
@@ -415,7 +429,7 @@ class EmbeddedRedis(Service):
             self._process,
             binary,
             ["redis-server", config_path],
-            env=dict(os.environ),
+            env=redis_environment(os.environ),
             path=self.data_dir,
         )
         process = self._process

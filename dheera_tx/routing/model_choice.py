@@ -221,28 +221,72 @@ def multipart_model(prefix: bytes, boundary: bytes) -> Tuple[bool, Optional[str]
 
 class MultipartModelWatch:
     """
-    Watches a multipart body as it streams to the upstream, for a second
-    part named C{model} anywhere (vLLM's form parser takes the last one;
-    the proxy checked the first): feed it every chunk before forwarding
-    that chunk.
+    Watches a multipart body as it streams to the upstream, for C{model}
+    parts anywhere in it (vLLM's form parser takes the last one; the proxy
+    decided before reading past the first file part): feed it every chunk
+    before forwarding that chunk.  A second C{model} part is refused; once
+    L{authorize} has named the model the call was authorized for, every
+    C{model} part, seen or still to come, must name that model.
 
     :param boundary: the form's boundary.
     """
 
     # A part head longer than this is refused.
     MAX_PART_HEAD = 16 * 1024
+    # A model name longer than this cannot be the authorized one.
+    MAX_MODEL = 1024
 
     def __init__(self, boundary: bytes):
         self._delimiter = b"\r\n--" + boundary
         self._pending = b"\r\n"
         self.models = 0
+        self._values: List[Optional[str]] = []
+        # The model part being read: its bytes so far, and where its
+        # content starts in the pending buffer.
+        self._value: Optional[List[bytes]] = None
+        self._value_at = 0
+        self._value_size = 0
+        self._authorized = False
+        self._model: Optional[str] = None
+
+    def authorize(self, model: Optional[str]) -> None:
+        """
+        The call was authorized for C{model}: check the model parts seen so
+        far, and those to come as they arrive.
+
+        :raise ProxyError: 400 when a model part names another model.
+        """
+        self._authorized = True
+        self._model = model
+        for value in self._values:
+            self._check(value)
+
+    def _check(self, value: Optional[str]) -> None:
+        if self._authorized and value != self._model:
+            raise bad_request(
+                "The form's 'model' part names another model than the one this call was authorized for.",
+                param="model",
+            )
+
+    def _value_ended(self, tail: bytes) -> None:
+        parts, self._value = self._value, None
+        size = self._value_size + len(tail)
+        if parts is None:
+            return
+        if size > self.MAX_MODEL:
+            value: Optional[str] = "\x00overlong"
+        else:
+            value = (b"".join(parts) + tail).decode("utf-8", "replace").strip() or None
+        self._values.append(value)
+        self._check(value)
 
     def feed(self, data: bytes) -> None:
         """
         Take the next chunk of the body.
 
-        :raise ProxyError: 400 once a second C{model} part has arrived, or
-            for a part head over L{MAX_PART_HEAD}.
+        :raise ProxyError: 400 once a second C{model} part has arrived, a
+            model part names another model than the authorized one, or for
+            a part head over L{MAX_PART_HEAD}.
         """
         buffer = self._pending + data
         start = 0
@@ -250,6 +294,8 @@ class MultipartModelWatch:
             at = buffer.find(self._delimiter, start)
             if at < 0:
                 break
+            if self._value is not None:
+                self._value_ended(buffer[self._value_at:at] if at > self._value_at else b"")
             head_start = at + len(self._delimiter)
             if buffer[head_start:head_start + 2] == b"--":
                 start = head_start
@@ -265,8 +311,20 @@ class MultipartModelWatch:
                 self.models += 1
                 if self.models > 1:
                     raise _duplicate_model()
+                self._value = []
+                self._value_at = end + 4
+                self._value_size = 0
             start = end + 2
         keep = max(start, len(buffer) - len(self._delimiter) + 1)
+        if self._value is not None:
+            if self._value_at < keep:
+                piece = buffer[self._value_at:keep]
+                self._value_size += len(piece)
+                if self._value_size <= self.MAX_MODEL:
+                    self._value.append(piece)
+                self._value_at = 0
+            else:
+                self._value_at -= keep
         self._pending = buffer[keep:]
 
 

@@ -11,27 +11,40 @@ the response, C{__slots__} on every per-call object, and TCP_NODELAY.
 
 Connections are kept per C{(host, port)} in a LIFO stack of idle ones and
 reused only after a complete response with keep-alive to a completely sent
-request.  Idle connections are closed after C{idle_timeout} seconds (below
-uvicorn's 5 s, so that the proxy does not reuse one the server is closing),
-or after an endpoint's own timeout (a deployment's C{keepalive_timeout}).
+request, and only if nothing waits unread on the socket when a request
+takes it (a non-blocking peek, about 0.9 us): bytes there would be a late
+answer nobody asked for, taken for the next request's, and an end of
+stream means the server closed it.  A request on a reused connection that
+the server closes before a byte of the answer (it was closing the idle
+connection as the request came) is sent again, once, on a fresh
+connection if its method is idempotent (RFC 9110: GET, HEAD, OPTIONS,
+TRACE, PUT, DELETE) and its body is in memory, as Twisted's
+C{HTTPConnectionPool} does; never a POST or PATCH.  Idle connections are
+closed after C{idle_timeout} seconds (below uvicorn's 5 s, so that the
+proxy does not reuse one the server is closing), or after an endpoint's
+own timeout (a deployment's C{keepalive_timeout}).
 
-This module holds the pool and connecting; the connection protocol
-(sending the head, parsing the response) is in
+This module holds the pool; making a new connection (resolving the host
+name, IPv6 and IPv4, and trying its addresses as C{HostnameEndpoint}
+does) is in L{dheera_tx.upstream.connecting}, the connection protocol
+(sending the head, parsing the response) in
 L{dheera_tx.upstream.connection}, the response and the delivery of its
 body in L{dheera_tx.upstream.response}, the writing of a request body
 from its producer in L{dheera_tx.upstream.request_body}.  Every error a
 request fails with (L{UpstreamUnreachable}, L{UpstreamFailed},
-L{UpstreamMalformed}) and L{UpstreamResponse} can be imported from here.
+L{UpstreamMalformed}, defined in L{dheera_tx.upstream.errors}) and
+L{UpstreamResponse} can be imported from here.
 """
 
+from socket import MSG_DONTWAIT, MSG_PEEK
 from typing import Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import NotConnectingError
-from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from dheera_tx.upstream.connection import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable, _UpstreamConnection
+from dheera_tx.upstream.connecting import _Connecting
+from dheera_tx.upstream.connection import _UpstreamConnection
+from dheera_tx.upstream.errors import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 from dheera_tx.upstream.response import UpstreamResponse
 
 __all__ = [
@@ -43,70 +56,11 @@ __all__ = [
 ]
 
 _BODY_METHODS = frozenset([b"POST", b"PUT", b"PATCH"])
-
-
-class _Connecting:
-    """
-    One connection attempt (the factory given to C{connectTCP}), holding
-    the request that will go out on it.
-    """
-
-    __slots__ = ("_pool", "key", "deferred", "head", "body", "is_head", "max_head", "connector", "connection")
-
-    def __init__(self, pool: "UpstreamPool", key: tuple, head: bytes, body, is_head: bool, max_head: int):
-        self._pool = pool
-        self.key = key
-        self.head = head
-        self.body = body
-        self.is_head = is_head
-        self.max_head = max_head
-        self.deferred: Optional[Deferred] = None
-        self.connector = None
-        self.connection = None
-
-    def cancel(self, d: Deferred) -> None:
-        """
-        The request was cancelled: stop connecting, or abort the connection.
-        """
-        if self.connection is not None:
-            self.connection.cancel(d)
-        elif self.deferred is d:
-            self.deferred = None
-            self.stop()
-
-    def stop(self) -> None:
-        """
-        Give up connecting.
-        """
-        try:
-            self.connector.stopConnecting()
-        except NotConnectingError:
-            pass
-
-    # The client factory interface, as tcp.Connector uses it.
-
-    def doStart(self) -> None:
-        pass
-
-    def doStop(self) -> None:
-        pass
-
-    def startedConnecting(self, connector) -> None:
-        pass
-
-    def buildProtocol(self, addr) -> _UpstreamConnection:
-        self.connection = _UpstreamConnection(self._pool, self.key, self)
-        return self.connection
-
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
-        d, self.deferred = self.deferred, None
-        self.body = None
-        self._pool._attempt_over(self)
-        if d is not None:
-            d.errback(UpstreamUnreachable("{}: {}".format(reason.type.__name__, reason.getErrorMessage())))
-
-    def clientConnectionLost(self, connector, reason: Failure) -> None:
-        pass
+_PEEK = MSG_PEEK | MSG_DONTWAIT
+# RFC 9110 section 9.2.2: sending one of these twice has the effect of
+# sending it once, so a request lost with a closing pooled connection may
+# be sent again.  Never POST or PATCH: the server may have acted on it.
+_IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
 
 class UpstreamPool:
@@ -194,26 +148,18 @@ class UpstreamPool:
         is_head = method == b"HEAD"
         connection = self._take(key)
         if connection is not None:
-            d = Deferred(connection.cancel)
-            connection.start(d, head, body, is_head, max_head_bytes, True)
+            d: Deferred[UpstreamResponse] = Deferred(connection.cancel)
+            # Only a body in memory can be sent again.
+            if method in _IDEMPOTENT and (body is None or isinstance(body, bytes)):
+                replay = (head, body, connect_timeout)
+            else:
+                replay = None
+            connection.start(d, head, body, is_head, max_head_bytes, True, replay)
             return d
-        attempt = _Connecting(self, key, head, body, is_head, max_head_bytes)
+        attempt = _Connecting(self, key, head, body, is_head, max_head_bytes, connect_timeout)
         d = attempt.deferred = Deferred(attempt.cancel)
         self._attempts.add(attempt)
-        try:
-            if tls:
-                from twisted.internet.ssl import optionsForClientTLS
-
-                attempt.connector = self._reactor.connectSSL(
-                    host, port, attempt, optionsForClientTLS(host), timeout=connect_timeout
-                )
-            else:
-                attempt.connector = self._reactor.connectTCP(host, port, attempt, timeout=connect_timeout)
-        except Exception as e:
-            # e.g. no TLS support installed, or a host name that is not text.
-            self._attempts.discard(attempt)
-            attempt.deferred = None
-            return fail(UpstreamUnreachable("Cannot connect: {}".format(type(e).__name__)))
+        attempt.begin(self._reactor.nameResolver)
         return d
 
     def idle_connections(self) -> int:
@@ -244,7 +190,7 @@ class UpstreamPool:
             attempt.stop()
         if not self._connections and not self._attempts:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._close_waiters.append(d)
         return d
 
@@ -254,16 +200,25 @@ class UpstreamPool:
         stack = self._idle.get(key)
         if not stack:
             return None
-        connection = stack.pop()
-        connection.idle = False
-        if self._reactor.seconds() - connection.idle_since < self._idle_timeouts.get(key, self._idle_timeout):
-            return connection
-        # The sweep is late: this one and every older one have expired.
-        connection.close()
-        for older in stack:
-            older.idle = False
-            older.close()
-        stack.clear()
+        timeout = self._idle_timeouts.get(key, self._idle_timeout)
+        now = self._reactor.seconds()
+        while stack:
+            connection = stack.pop()
+            connection.idle = False
+            if now - connection.idle_since >= timeout:
+                # The sweep is late: this one and every older one have
+                # expired.
+                connection.close()
+                for older in stack:
+                    older.idle = False
+                    older.close()
+                stack.clear()
+                return None
+            if _quiet(connection.transport):
+                return connection
+            # Bytes nobody asked for (a late answer would be taken for this
+            # request's), or the server's close not read yet.
+            connection.abort()
         return None
 
     def _connected(self, connection: _UpstreamConnection, attempt: _Connecting) -> None:
@@ -271,11 +226,29 @@ class UpstreamPool:
         self._connections.add(connection)
         d, attempt.deferred = attempt.deferred, None
         head, body = attempt.head, attempt.body
-        attempt.head = attempt.body = None
+        attempt.head, attempt.body = b"", None
         if d is None or self._closed:
             connection.close()
             return
         connection.start(d, head, body, attempt.is_head, attempt.max_head, False)
+
+    def _replay(self, d: Deferred, key: tuple, replay: tuple, is_head: bool, max_head: int) -> Optional[_Connecting]:
+        """
+        Send a request again on a new connection, its pooled one having
+        closed before any byte of the answer.
+
+        :param replay: C{(head, body, connect timeout)}.
+        :return: the new connection attempt, now in charge of C{d}, or
+            L{None} when the pool is closed.
+        """
+        if self._closed:
+            return None
+        head, body, timeout = replay
+        attempt = _Connecting(self, key, head, body, is_head, max_head, timeout)
+        attempt.deferred = d
+        self._attempts.add(attempt)
+        attempt.begin(self._reactor.nameResolver)
+        return attempt
 
     def _attempt_over(self, attempt: _Connecting) -> None:
         self._attempts.discard(attempt)
@@ -347,6 +320,28 @@ class UpstreamPool:
                 next_due = stack[0].idle_since + timeout
         if next_due is not None:
             self._sweep = self._reactor.callLater(max(next_due - now, 0.0), self._expire)
+
+
+def _quiet(transport) -> bool:
+    """
+    :return: whether nothing waits unread on the socket under C{transport}:
+        no byte and no end of stream (a non-blocking peek, one system
+        call).  Under TLS this is the TCP socket beneath the TLS layer
+        (C{TLSMemoryBIOProtocol} forwards C{socket} to it), which is enough:
+        the TLS layer hands on every byte it decrypts at once, and an idle
+        connection drops what it is handed.  A transport without a socket
+        (in memory) is taken as quiet.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return True
+    try:
+        sock.recv(1, _PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _host_header(host: str, port: int) -> bytes:

@@ -1,7 +1,6 @@
 """
 The connection of an upstream call: L{_UpstreamConnection}, the HTTP/1.1
-protocol that carries one request at a time, and the errors it fails a
-request with.
+protocol that carries one request at a time.
 
 L{dheera_tx.upstream.client} hands a connection its request with
 C{start}: the head goes out in one C{transport.write} (with the body when
@@ -16,11 +15,14 @@ request fails with L{UpstreamFailed} when the connection is lost before
 the response head, with L{UpstreamUnreachable} when it is lost in the TLS
 handshake (no request byte reached the server, so another replica may be
 tried), with L{UpstreamMalformed} when the head cannot be parsed or is too
-large; L{dheera_tx.upstream.client} re-exports all three.
+large (the three are defined in L{dheera_tx.upstream.errors};
+L{dheera_tx.upstream.client} re-exports them).
 
 The pool that owns the connection (C{UpstreamPool} in
 L{dheera_tx.upstream.client}) is passed in; the connection uses only its
-C{_connected}, C{_release}, C{_forget_idle} and C{_gone}, so this module
+C{_connected}, C{_release}, C{_forget_idle}, C{_gone} and C{_replay}
+(which sends a request again on a fresh connection, when the pool gave
+this connection the means to: see C{start}), so this module
 imports nothing from the client.  The leading underscores mark names used
 only by the upstream client modules (C{upstream_client},
 C{upstream_connection}, C{upstream_response}, C{upstream_request_body}).
@@ -36,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dheera_tx.socket_write import write_now
+from dheera_tx.upstream.errors import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 from dheera_tx.upstream.request_body import _BodyWriter
 from dheera_tx.upstream.response import UpstreamResponse
 
@@ -45,40 +48,6 @@ from dheera_tx.upstream.response import UpstreamResponse
 HEAD_SLACK = 8192
 
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-
-
-class UpstreamUnreachable(Exception):
-    """
-    Nothing reached the server: the connection could not be made (refused,
-    timed out, name not found, TLS handshake failed) or the pool is closed.
-
-    :ivar reason: why, in a few words (never a header value).
-    """
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UpstreamFailed(Exception):
-    """
-    The connection was lost after (part of) the request was written and
-    before the response head was complete.
-
-    :ivar reused: whether the connection came from the pool (a keep-alive
-        connection the server may have been closing).
-    """
-
-    def __init__(self, reused: bool, reason: str = "connection lost"):
-        super().__init__(reason)
-        self.reused = reused
-
-
-class UpstreamMalformed(Exception):
-    """
-    The response could not be parsed, or its header lines are larger than
-    allowed.
-    """
 
 
 class _HeadTooLarge(Exception):
@@ -105,7 +74,7 @@ class _UpstreamConnection:
         "_deferred", "_response", "_reused", "_is_head", "_max_head", "_head_seen",
         "_headers", "_head_bytes", "_phrase", "_content_length", "_chunked",
         "_interim", "_stop_after_head", "_complete", "_keep_alive",
-        "_writer", "_sent", "_failure", "_secured",
+        "_writer", "_sent", "_failure", "_secured", "_replay", "_retry",
     )
 
     def __init__(self, pool, key: tuple, attempt):
@@ -126,6 +95,8 @@ class _UpstreamConnection:
         self._failure = None
         self._sent = True
         self._secured = not key[2]
+        self._replay = None
+        self._retry = None
 
     # IProtocol
 
@@ -182,11 +153,19 @@ class _UpstreamConnection:
                 why = "TLS handshake failed ({}: {})".format(reason.type.__name__, reason.getErrorMessage())
                 failure = Failure(UpstreamUnreachable(why))
             elif failure is None:
-                why = "The upstream closed the connection before the response head ({})".format(
-                    reason.type.__name__
-                )
-                failure = Failure(UpstreamFailed(self._reused, why))
-            d.errback(failure)
+                replay, self._replay = self._replay, None
+                if replay is not None and self._head_seen == 0:
+                    # A pooled connection the server closed as the request
+                    # came, not a byte answered: send it again, once, on a
+                    # fresh connection, as Twisted's pool does.
+                    self._retry = self._pool._replay(d, self.key, replay, self._is_head, self._max_head)
+                if self._retry is None:
+                    why = "The upstream closed the connection before the response head ({})".format(
+                        reason.type.__name__
+                    )
+                    failure = Failure(UpstreamFailed(self._reused, why))
+            if self._retry is None:
+                d.errback(failure)
         elif response is not None:
             if (
                 failure is None
@@ -209,13 +188,19 @@ class _UpstreamConnection:
 
     # Driven by the pool.
 
-    def start(self, d: Deferred, head: bytes, body, is_head: bool, max_head: int, reused: bool) -> None:
+    def start(self, d: Deferred, head: bytes, body, is_head: bool, max_head: int, reused: bool, replay=None) -> None:
         """
         Send a request and arrange for C{d} to fire with its response.
+
+        :param replay: for a request that may be sent again on a fresh
+            connection if this (pooled) one is closed before any byte of
+            the answer, what the pool needs to do so:
+            C{(head, body, connect timeout)}.
         """
         self.busy = True
         self._deferred = d
         self._reused = reused
+        self._replay = replay
         self._is_head = is_head
         self._max_head = max_head
         self._head_seen = 0
@@ -260,6 +245,8 @@ class _UpstreamConnection:
         if self._deferred is d:
             self._deferred = None
             self.abort()
+        elif self._retry is not None:
+            self._retry.cancel(d)
 
     def abort(self, failure: Optional[Failure] = None) -> None:
         """
@@ -455,6 +442,7 @@ class _UpstreamConnection:
             self._headers, length, self._head_bytes,
         )
         self._response = response
+        self._replay = None
         if self._is_head or code == 101:
             self._stop_after_head = True
             self._keep_alive = code != 101 and parser.should_keep_alive()

@@ -1,0 +1,230 @@
+"""
+The Lua scripts that admit calls (L{dheera_tx.accounting.limits}) and the
+reservation helpers the settlement script shares
+(L{dheera_tx.accounting.spend}).  The Redis keys they touch are described in
+L{dheera_tx.accounting.limits}.
+
+The admission script is written for one call (C{KEYS}, C{ARGV}) and run
+for all the calls of a reactor turn by L{ADMIT_BATCH_SCRIPT}; the settings
+that are the same for every call come once, as C{C}.  Every check comes
+before any count or reservation; a new per-call counter (say, a
+deployment's calls in flight) is one more key in C{KEYS} and one more step
+after the checks.
+"""
+
+# Lua shared by the admission and settlement scripts: the reservations in
+# flight of one holder (a key or an end user), a sorted set as described in
+# L{dheera_tx.accounting.limits}.
+RESERVATIONS_LUA = r"""
+local function amounts(member)
+  local n, t = string.match(member, '|(%d+)|(%d+)$')
+  return tonumber(n), tonumber(t)
+end
+-- Take reservations back; each only once (ZREM says whether it was there).
+local function release(rsv, members)
+  local n, t = 0, 0
+  for m in string.gmatch(members, '[^,]+') do
+    if redis.call('ZREM', rsv, m) == 1 then
+      local a, b = amounts(m)
+      n, t = n + a, t + b
+    end
+  end
+  if redis.call('ZCARD', rsv) <= 2 then
+    -- Only the two sums left: nothing in flight, nothing to keep.
+    redis.call('DEL', rsv)
+  elseif n + t > 0 then
+    redis.call('ZINCRBY', rsv, n, 'nanos')
+    redis.call('ZINCRBY', rsv, t, 'tokens')
+  end
+end
+"""
+
+# Lua helpers of the admission script, defined once per script run (not
+# once per call of a batch).
+ADMIT_HELPERS_LUA = r"""
+local function seconds(d)
+  if not d then return nil end
+  local n, u = string.match(d, "^(%d+)([smhd])$")
+  if not n then return nil end
+  local mult = {s = 1, m = 60, h = 3600, d = 86400}
+  return tonumber(n) * mult[u]
+end
+-- The sums of a holder's live reservations, after dropping stale ones.  One
+-- range read in the usual case: the sums (scored <= 0) and any lapsed
+-- reservation (scored by a deadline now past) are exactly the members
+-- scored up to now.
+local function in_flight(rsv, now)
+  if rsv == '' then return 0, 0 end
+  local low = redis.call('ZRANGEBYSCORE', rsv, '-inf', now, 'WITHSCORES')
+  local n, t, lapsed_n, lapsed_t = 0, 0, 0, 0
+  for i = 1, #low, 2 do
+    local m = low[i]
+    if m == 'nanos' then n = -tonumber(low[i + 1])
+    elseif m == 'tokens' then t = -tonumber(low[i + 1])
+    else
+      local a, b = amounts(m)
+      lapsed_n, lapsed_t = lapsed_n + a, lapsed_t + b
+    end
+  end
+  if lapsed_n + lapsed_t > 0 then
+    redis.call('ZREMRANGEBYSCORE', rsv, '(0', now)
+    redis.call('ZINCRBY', rsv, lapsed_n, 'nanos')
+    redis.call('ZINCRBY', rsv, lapsed_t, 'tokens')
+    n, t = n - lapsed_n, t - lapsed_t
+  end
+  return math.max(n, 0), math.max(t, 0)
+end
+-- Hold a call's reservation (member "<call id>|<nanos>|<tokens>") until
+-- settlement takes it back or its deadline passes.
+local function reserve(rsv, member, deadline, ttl)
+  if rsv == '' or member == '' then return end
+  local n, t = amounts(member)
+  redis.call('ZADD', rsv, deadline, member)
+  redis.call('ZINCRBY', rsv, -n, 'nanos')
+  redis.call('ZINCRBY', rsv, -t, 'tokens')
+  redis.call('EXPIRE', rsv, ttl)
+end
+-- f: HMGET of max_budget, budget_duration, budget_reset_at,
+-- budget_spend_nanos, spend_nanos.  Whether spend plus the reservations in
+-- flight reached the budget; nil when the hash sets no budget.
+local function over_budget(hash, f, reserved, now)
+  if not f[1] then return nil end
+  -- Rounded to whole nano-USD: a float budget times 1e9 can land a hair
+  -- above the exact amount (1.54e-05 * 1e9 = 15400.000000000002), and a
+  -- spend that reached the budget exactly would still be let through.
+  local limit = math.floor(tonumber(f[1]) * 1e9 + 0.5)
+  local duration = seconds(f[2])
+  local spent
+  if duration then
+    local reset = tonumber(f[3] or '0') or 0
+    if now >= reset then
+      redis.call('HSET', hash, 'budget_spend_nanos', '0',
+                 'budget_reset_at', string.format('%.3f', now + duration))
+      spent = 0
+    else
+      spent = tonumber(f[4] or '0') or 0
+    end
+  else
+    spent = tonumber(f[5] or '0') or 0
+  end
+  return spent + reserved >= limit
+end
+-- Milliseconds until a full window has room, or nil when it has room.
+local function full(counter, limit, reserved, window_ms)
+  if limit <= 0 then return nil end
+  local used = tonumber(redis.call('GET', counter) or '0')
+  if used + reserved < limit then return nil end
+  -- Full only with the calls in flight: they end (and settle) soon.
+  if used < limit then return 1000 end
+  local ttl = redis.call('PTTL', counter)
+  if ttl < 0 then redis.call('PEXPIRE', counter, window_ms); ttl = tonumber(window_ms) end
+  return ttl
+end
+"""
+
+# KEYS: 1 key hash ("" for none), 2 end-user hash (""), 3 rpm counter,
+#       4 tpm counter, 5 parallel set, 6 the key's reservations ("" when
+#       the key has no budget and no tpm limit), 7 the end user's
+#       reservations, 8 the team's new end user counter of the day,
+#       9 the team's overflow end-user hash, 10 its reservations
+# ARGV: 1 now (s), 2 call id, 3 rpm limit, 4 tpm limit, 5 parallel limit
+#       (0 = none), 6 the reservation "<call id>|<nanos>|<tokens>" ("" for
+#       none)
+# C (the same for every call, passed once per script run): 1 seconds after
+#       which a parallel slot or a reservation is stale, 2 window ms,
+#       3 seconds an end user seen only in traffic is kept, 4 new end users
+#       a team may name a day, 5 that counter's TTL
+# Returns {0} when admitted, {0, 'overflow'} when admitted as the team's
+# overflow end user, else {reason, retry_after_ms}.  Every check comes
+# before any count or reservation, so a refused call holds nothing (but
+# the end user it names is seen).
+ADMIT_SCRIPT = r"""
+local now = tonumber(ARGV[1])
+local stale = tonumber(C[1])
+local member = ARGV[6]
+local BUDGET = {'max_budget', 'budget_duration', 'budget_reset_at', 'budget_spend_nanos', 'spend_nanos'}
+
+-- The end user, scoped to the key's team by its hash name.
+local user, user_rsv, overflow = KEYS[2], KEYS[7], false
+local user_budgeted = false
+if user ~= '' then
+  if redis.call('EXISTS', user) == 0 then
+    -- A new id: at most C[4] a team a day leave state of their own.
+    local seen = redis.call('INCR', KEYS[8])
+    if seen == 1 then redis.call('EXPIRE', KEYS[8], C[5]) end
+    if seen > tonumber(C[4]) then
+      user, user_rsv, overflow = KEYS[9], KEYS[10], true
+    end
+  end
+  local f = redis.call('HMGET', user, 'blocked', 'created_at', unpack(BUDGET))
+  if not f[2] then
+    -- Seen only in traffic: kept C[3] seconds after its last call.
+    redis.call('HINCRBY', user, 'spend_nanos', 0)
+    redis.call('EXPIRE', user, C[3])
+  end
+  if f[1] == '1' then return {'end_user_blocked', 0} end
+  local n = 0
+  if f[3] then n = in_flight(user_rsv, now) end
+  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, n, now)
+  if over then return {'end_user_budget', 0} end
+  user_budgeted = over ~= nil
+end
+if KEYS[1] ~= '' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'key_gone', 0} end
+  local reserved_nanos, reserved_tokens = in_flight(KEYS[6], now)
+  local f = redis.call('HMGET', KEYS[1], unpack(BUDGET))
+  if over_budget(KEYS[1], f, reserved_nanos, now) then return {'budget', 0} end
+  local rpm = tonumber(ARGV[3])
+  local wait = full(KEYS[3], rpm, 0, C[2])
+  if wait then return {'rpm', wait} end
+  wait = full(KEYS[4], tonumber(ARGV[4]), reserved_tokens, C[2])
+  if wait then return {'tpm', wait} end
+  local parallel = tonumber(ARGV[5])
+  if parallel > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - stale)
+    if redis.call('ZCARD', KEYS[5]) >= parallel then return {'parallel', 1000} end
+    redis.call('ZADD', KEYS[5], now, ARGV[2])
+    redis.call('EXPIRE', KEYS[5], math.ceil(stale))
+  end
+  if rpm > 0 then
+    if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], C[2]) end
+  end
+  reserve(KEYS[6], member, now + stale, math.ceil(stale))
+end
+-- Admitted: hold the worst case where a budget can be overrun.
+if user_budgeted then reserve(user_rsv, member, now + stale, math.ceil(stale)) end
+if overflow then return {0, 'overflow'} end
+return {0}
+"""
+
+_KEYS_PER_CALL = 10
+_ARGS_PER_CALL = 6
+_CONSTANTS = 5
+
+# One call's admission, standing alone (the unbatched path): ARGV holds C,
+# then the call's arguments.
+ADMIT_ONE_SCRIPT = (
+    RESERVATIONS_LUA
+    + ADMIT_HELPERS_LUA
+    + f"local C = {{unpack(ARGV, 1, {_CONSTANTS})}}\n"
+    + f"local ARGV = {{unpack(ARGV, {_CONSTANTS + 1})}}\n"
+    + ADMIT_SCRIPT
+)
+
+# The admissions of one reactor tick in one script run: ARGV holds C, then
+# the arguments of each call in turn, KEYS the keys of each call in turn;
+# returns one reply per call.
+ADMIT_BATCH_SCRIPT = (
+    RESERVATIONS_LUA
+    + ADMIT_HELPERS_LUA
+    + f"local C = {{unpack(ARGV, 1, {_CONSTANTS})}}\n"
+    + "local function admit(KEYS, ARGV)\n"
+    + ADMIT_SCRIPT
+    + "\nend\nlocal out = {}\n"
+    + f"for i = 0, #KEYS / {_KEYS_PER_CALL} - 1 do\n"
+    + "  local k, a = {}, {}\n"
+    + f"  for j = 1, {_KEYS_PER_CALL} do k[j] = KEYS[i * {_KEYS_PER_CALL} + j] end\n"
+    + f"  for j = 1, {_ARGS_PER_CALL} do a[j] = ARGV[{_CONSTANTS} + i * {_ARGS_PER_CALL} + j] end\n"
+    + "  out[i + 1] = admit(k, a)\n"
+    + "end\nreturn out\n"
+)
