@@ -31,7 +31,7 @@ from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_js
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
-from dheera_tx.routing.affinity import prefix_key, session_key
+from dheera_tx.routing.affinity import call_affinity
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -98,8 +98,7 @@ class Passthrough:
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
-        self._session_header = config.router.session_header.encode("ascii")
-        self._affinity = config.router.routing_strategy == "cache-aware"
+        self._session_header = config.router.session_header.encode("ascii") if config.router.routing_strategy == "cache-aware" else None
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
 
     def _upstream(self, deployment: Deployment) -> _Upstream:
@@ -212,7 +211,9 @@ class Passthrough:
                 principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
             )
             progress.strip_usage = needs_usage_injection(path, document)
-            affinity = self._affinity_key(request, route, document) if self._affinity else None
+            affinity = None
+            if self._session_header is not None and len(route.replicas) > 1:
+                affinity = call_affinity(request.getHeader(self._session_header), route.model_name or "", document)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
@@ -276,22 +277,6 @@ class Passthrough:
             lambda p: multipart_model(p, boundary)[0], MULTIPART_PEEK_BYTES
         )
         return multipart_model(prefix, boundary)[1]
-
-    def _affinity_key(self, request, route: Route, document) -> Optional[int]:
-        """
-        :return: the call's affinity key for cache-aware routing: its
-            session header, else its prompt prefix; L{None} when it has
-            neither or there is only one replica to choose from.
-        """
-        if len(route.replicas) < 2:
-            return None
-        model = route.model_name or ""
-        session = request.getHeader(self._session_header)
-        if session:
-            return session_key(model, session)
-        if document is None:
-            return None
-        return prefix_key(document, model)
 
     # Forwarding.
 

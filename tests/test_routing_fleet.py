@@ -82,7 +82,7 @@ class CacheAwareFleetTests(TestCase):
     async def test_conversations_stay_on_their_replica(self):
         """
         Every turn of a conversation reaches the same replica, whichever
-        worker takes it, and later turns find their history cached
+        worker takes it (turns a moment apart, as users read), and later turns find their history cached
         (C{cached_tokens} in the usage and in the call record, reason
         C{affinity} after the first turn); different conversations spread
         over replicas.
@@ -99,6 +99,9 @@ class CacheAwareFleetTests(TestCase):
                     self.assertGreater(answer["usage"]["prompt_tokens_details"]["cached_tokens"],
                                        answer["usage"]["prompt_tokens"] // 2)
                 messages = messages + [answer["choices"][0]["message"], {"role": "user", "content": f"turn {turn}"}]
+                # The user reads the answer: meanwhile a placement made by
+                # one worker reaches the other (5 syncs per interval).
+                await deferLater(reactor, 0.25, lambda: None)
             self.assertEqual(len(seen), 1, f"user {user} moved: {seen}")
             homes[user] = seen.pop()
         self.assertGreater(len(set(homes.values())), 1)
@@ -155,10 +158,18 @@ class CacheAwareFleetTests(TestCase):
                     for _ in range(4)]
         self.assertEqual(set(replicas), {second})
 
-        response = await treq.get(self.proxy.url + "/metrics", persistent=False)
-        families = {f.name: f for f in text_string_to_metric_families((await response.content()).decode())}
-        reasons = {s.labels["reason"]: s.value for s in families["dheera_routing_decisions"].samples
-                   if s.name == "dheera_routing_decisions_total"}
+        families: dict = {}
+        reasons: dict = {}
+
+        async def counted():
+            # A call is counted just after its answer's last byte.
+            response = await treq.get(self.proxy.url + "/metrics", persistent=False)
+            families.update({f.name: f for f in text_string_to_metric_families((await response.content()).decode())})
+            reasons.update({s.labels["reason"]: s.value for s in families["dheera_routing_decisions"].samples
+                            if s.name == "dheera_routing_decisions_total"})
+            return sum(reasons.values()) >= 7
+
+        await self.wait_for(counted, "7 routing decisions counted")
         # A worker that spilled the key before keeps sending it there, as
         # its affinity: 7 calls, at least one of the last 4 a spill.
         self.assertEqual(reasons.get("affinity", 0) + reasons.get("spill", 0), 7.0)

@@ -81,6 +81,20 @@ def prefix_key(document: dict, model: str) -> Optional[int]:
     return _hash64((head + "".join(kept)).encode("utf-8", "surrogatepass"))
 
 
+def call_affinity(session: Optional[bytes], model: str, document: Optional[dict]) -> Optional[int]:
+    """
+    :param session: the call's session header value, or L{None}.
+    :param document: the call's parsed JSON body, or L{None}.
+    :return: the call's affinity key: its session's, else its prompt
+        prefix's; L{None} when it has neither.
+    """
+    if session:
+        return session_key(model, session)
+    if document is None:
+        return None
+    return prefix_key(document, model)
+
+
 def _affinity_pieces(document: dict) -> List[str]:
     """
     :return: the texts of the call's affinity prefix, in prompt order.
