@@ -113,6 +113,8 @@ class GeneralSettings:
     database_url: Optional[str] = attr.ib(default=None, repr=False)
     redis_key_prefix: str = "dheera:"
     max_request_body_bytes: int = 104857600
+    max_json_body_bytes: int = 16777216
+    max_control_body_bytes: int = 1048576
     metrics_require_auth: bool = False
     tenant_routes: Tuple[str, ...] = ()
     data_dir: str = "dheera_data"
@@ -222,6 +224,8 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "database_url": config_values.text,
     "redis_key_prefix": config_values.text,
     "max_request_body_bytes": config_values.whole(1),
+    "max_json_body_bytes": config_values.whole(1),
+    "max_control_body_bytes": config_values.whole(1),
     "metrics_require_auth": config_values.flag,
     "tenant_routes": config_values.routes,
     "data_dir": config_values.text,

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
+from dheera_tx.accounting.full_windows import FullWindows, WindowFull
 from dheera_tx.accounting.metering import DeclaredUsageMeter, DecodingMeter, JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
@@ -28,7 +29,7 @@ from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, cost_header, write_response_head
-from dheera_tx.keys.auth import authorize_route, authorize_vllm_call
+from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_vllm_model
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.affinity import call_affinity
@@ -93,6 +94,7 @@ class Passthrough:
         self._pool = pool
         self._upstreams: Dict[str, _Upstream] = {}
         self._relay_watch = RelayWatch(reactor)
+        self._full_windows = FullWindows(reactor)
         self._accounting = accounting or CallAccounting()
         self._on_call_end = on_call_end
         self.in_flight = 0
@@ -173,15 +175,23 @@ class Passthrough:
                 call.key_alias = key.key_alias
                 call.user_id = key.user_id
                 call.team_id = key.team_id
+            named = header_or_query_model(request.requestHeaders, query)
             if self._catalog is not None and request.method == b"GET" and _names_models(path):
-                if header_or_query_model(request.requestHeaders, query) is None:
+                if named is None:
                     await self._answer_models(request, call, principal, path)
                     return
+            # What the head decides is refused before the body is read.
+            route_path = path[1:].decode("utf-8", "replace")
+            authorize_route(principal, route_path, self._tenant_routes)
+            if principal.key is not None:
+                self._full_windows.check(principal.key)
+                if named is not None:
+                    authorize_vllm_model(principal, named)
             document, raw_json = await self._json_document(request)
             progress.document = document
             model = body_model(document) if document is not None else None
             if model is None:
-                model = header_or_query_model(request.requestHeaders, query)
+                model = named
                 if request.body is not None and document is None:
                     # vLLM takes a form's model over any header: the model
                     # checked must be the model vLLM uses.
@@ -193,7 +203,7 @@ class Passthrough:
                     model = form_model or model
             # Authorize before routing: a tenant learns nothing about which
             # models are configured from a call it may not make.
-            authorize_vllm_call(principal, path[1:].decode("utf-8", "replace"), model, self._tenant_routes)
+            authorize_vllm_call(principal, route_path, model, self._tenant_routes)
             form_watch = getattr(request, "form_watch", None)
             if form_watch is not None:
                 # Every model part of the form, wherever it sits (also after
@@ -207,9 +217,14 @@ class Passthrough:
             if document is not None:
                 call.stream = document.get("stream") is True
             call.end_user = end_user_of(request.requestHeaders, document)
-            progress.admission = await self._accounting.admit(
-                principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
-            )
+            try:
+                progress.admission = await self._accounting.admit(
+                    principal, call.end_user, call, path, document, len(raw_json) if raw_json else 0, route.replicas
+                )
+            except WindowFull as e:
+                if principal.key is not None:
+                    self._full_windows.remember(principal.key, e)
+                raise
             progress.strip_usage = needs_usage_injection(path, document)
             affinity = None
             if self._session_header is not None and len(route.replicas) > 1:
@@ -218,9 +233,9 @@ class Passthrough:
         except ProxyError as e:
             call.error = call.error or e.type
             answer_error(request, e, call)
-        except BodyTooLarge:
+        except BodyTooLarge as e:
             call.error = "request_too_large"
-            answer_error(request, _too_large(self._config), call)
+            answer_error(request, _too_large(e.limit or self._config.general.max_request_body_bytes), call)
         except BodyAborted:
             # The client left while its body was being read: nobody to answer.
             call.error = "client_disconnected"
@@ -499,10 +514,10 @@ def _raise_if_gone_or_late(request, call: Call, timed_out) -> None:
         raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
 
 
-def _too_large(config: ProxyConfig) -> ProxyError:
+def _too_large(limit: int) -> ProxyError:
     return ProxyError(
         413,
-        f"The request body is larger than {config.general.max_request_body_bytes} bytes.",
+        f"The request body is larger than {limit} bytes.",
         type="invalid_request_error",
         code="request_too_large",
     )

@@ -30,8 +30,9 @@ from dheera_tx.accounting.spend import SpendLedger
 from dheera_tx.config import ConfigError, ProxyConfig, load_config
 from dheera_tx.console.sessions import ConsoleSessions, RevokingKeyStore
 from dheera_tx.forwarding import Passthrough
+from dheera_tx.http.control_requests import ControlGate
+from dheera_tx.http.gateway_site import GatewaySite
 from dheera_tx.http.listener_limits import ListenerLimits
-from dheera_tx.http.server import GatewaySite
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
@@ -228,7 +229,8 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         ledger=ledger,
     )
     root = ControlRoot(control.app.resource(), branches)
-    site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor)
+    gate = ControlGate(authenticator, config.general.metrics_require_auth)
+    site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor, gate)
     return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger)
 
 

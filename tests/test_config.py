@@ -517,6 +517,8 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
                 "database_url": "redis://h:6379/1",
                 "redis_key_prefix": "p:",
                 "max_request_body_bytes": 10,
+                "max_json_body_bytes": 8,
+                "max_control_body_bytes": 6,
                 "metrics_require_auth": True,
                 "tenant_routes": ["/sleep", "v1/load_lora_adapter", "/vllm/adapters/*"],
                 "data_dir": "/var/lib/dheera",

@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, fail
 
 from dheera_tx.accounting.admission_scripts import ADMIT_BATCH_SCRIPT, ADMIT_ONE_SCRIPT
 from dheera_tx.accounting.end_users import OVERFLOW_END_USER, end_user_name
+from dheera_tx.accounting.full_windows import WindowFull
 from dheera_tx.accounting.reservation import NO_RESERVATION, Reservation
 from dheera_tx.errors import ProxyError, forbidden, service_unavailable, unauthorized
 
@@ -303,6 +304,12 @@ class CallLimiter:
             who = "key" if reason == "budget" else "end user"
             raise ProxyError(429, f"Budget exceeded for this {who}.", type="budget_exceeded", code="429", headers=retry_after)
         names = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
+        if reason in ("rpm", "tpm") and retry_ms > 1000:
+            # Full until the window reopens: remembered, so that the key's
+            # next calls are refused before their bodies are read.  (1000 ms
+            # is the script's guess for a window full only with the calls
+            # in flight, which may end sooner: not remembered.)
+            raise WindowFull(f"Rate limit exceeded: {names[reason]} of this key.", retry_ms)
         raise ProxyError(
             429,
             f"Rate limit exceeded: {names.get(reason, reason)} of this key.",

@@ -292,7 +292,7 @@ class ClientExchange:
         if self.client_gone:
             return
         self._producer = producer
-        self._transport.registerProducer(producer, True)
+        self._connection.attach_producer(producer)
 
     def unregisterProducer(self) -> None:
         """
@@ -301,7 +301,7 @@ class ClientExchange:
         if self._producer is not None:
             self._producer = None
             if not self.client_gone:
-                self._transport.unregisterProducer()
+                self._connection.detach_producer()
 
     # The client leaving.
 

@@ -71,6 +71,18 @@ class ControlConnection(Protocol):
         connection (C{keep_alive} false) or read the next request.
         """
 
+    def attach_producer(self, producer) -> None:
+        """
+        Let the transport's backpressure pause and resume C{producer} (a
+        connection registers its own producer on its transport, which
+        takes one).
+        """
+
+    def detach_producer(self) -> None:
+        """
+        Undo L{attach_producer}.
+        """
+
 
 class ControlBridge:
     """
@@ -288,15 +300,20 @@ class ControlExchange:
 
     def registerProducer(self, producer, streaming: bool) -> None:
         """
-        Register the request's producer on the connection's transport.
+        Have the connection's write backpressure pause and resume the
+        request's producer.
         """
-        self.transport.registerProducer(producer, streaming)
+        if not streaming:
+            # No resource of the control plane streams from a pull
+            # producer; the connection's backpressure drives push ones.
+            raise ValueError("Control-plane answers need a streaming (push) producer.")
+        self._connection.attach_producer(producer)
 
     def unregisterProducer(self) -> None:
         """
-        Unregister the request's producer from the transport.
+        Undo L{registerProducer}.
         """
-        self.transport.unregisterProducer()
+        self._connection.detach_producer()
 
     def getPeer(self):
         """

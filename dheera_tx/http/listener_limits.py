@@ -187,6 +187,9 @@ class ListenerLimits:
         self.header_timeout = general.header_timeout
         self.body_timeout = general.body_timeout
         self.max_request_body_bytes = general.max_request_body_bytes
+        # A JSON body is parsed whole: it gets the smaller cap of the two.
+        self.max_json_body_bytes = min(general.max_json_body_bytes, general.max_request_body_bytes)
+        self.max_control_body_bytes = min(general.max_control_body_bytes, general.max_request_body_bytes)
         self.max_header_bytes = general.max_header_bytes
         self.max_headers = general.max_headers
         self.max_connections = general.max_connections

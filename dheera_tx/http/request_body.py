@@ -19,8 +19,15 @@ from zope.interface import implementer
 
 class BodyTooLarge(Exception):
     """
-    The request body grew past C{max_request_body_bytes}.
+    The request body grew past its cap (C{max_request_body_bytes}, or
+    C{max_json_body_bytes} for a body the proxy parses).
+
+    :ivar limit: the cap, in bytes (L{None} when not known).
     """
+
+    def __init__(self, limit: Optional[int] = None):
+        super().__init__(limit)
+        self.limit = limit
 
 
 class BodyAborted(Exception):
@@ -38,6 +45,10 @@ class StreamingBody:
     :param pause_client: pauses reading from the client connection.
     :param resume_client: resumes it.
     :param limit: the most bytes accepted.
+    :ivar on_demand: called once, the first time the body is asked for
+        (collected, peeked at or produced upstream), or L{None}: the
+        connection sends an owed C{100 Continue} then, so a client waiting
+        for it sends nothing before the call is authenticated.
     """
 
     HIGH_WATER = 256 * 1024
@@ -66,6 +77,7 @@ class StreamingBody:
         self._finished: Optional[Deferred] = None
         self._collectors: List[Deferred] = []
         self._on_chunk: Optional[Callable[[], None]] = None
+        self.on_demand: Optional[Callable[[], None]] = None
 
     # The client side.
 
@@ -77,7 +89,7 @@ class StreamingBody:
             return
         self.received += len(data)
         if self.received > self._limit:
-            self.fail(Failure(BodyTooLarge()))
+            self.fail(Failure(BodyTooLarge(self._limit)))
             return
         if self._consumer is not None and not self._paused and not self._pending:
             self._consumer.write(data)
@@ -126,6 +138,8 @@ class StreamingBody:
         :return: a Deferred firing with the whole body once it has arrived
             (for JSON bodies that must be read before routing).
         """
+        if self.on_demand is not None:
+            self._demanded()
         if self.failure is not None:
             return _failed(self.failure)
         if self.complete:
@@ -142,6 +156,8 @@ class StreamingBody:
 
         :return: a Deferred firing with the buffered start of the body.
         """
+        if self.on_demand is not None:
+            self._demanded()
         d = Deferred()
 
         def check() -> None:
@@ -161,6 +177,11 @@ class StreamingBody:
         check()
         return d
 
+    def _demanded(self) -> None:
+        demand, self.on_demand = self.on_demand, None
+        if demand is not None:
+            demand()
+
     def _joined(self) -> bytes:
         if len(self._pending) > 1:
             self._pending = [b"".join(self._pending)]
@@ -176,6 +197,8 @@ class StreamingBody:
         """
         The upstream request started: write what is buffered, then stream.
         """
+        if self.on_demand is not None:
+            self._demanded()
         self.started = True
         self._consumer = consumer
         self._finished = Deferred()

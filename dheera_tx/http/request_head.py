@@ -19,6 +19,15 @@ from dheera_tx.http.listener_limits import CHUNKED, SINGLE_HEADERS, ListenerLimi
 
 MALFORMED = "The request is malformed (request line, headers or body framing)."
 
+# Headers a Connection header may not name: the proxy reads them (framing,
+# the caller, the body's type) and vLLM must see what the proxy read, but
+# a header named by Connection is dropped on the way (RFC 9110 7.6.1).
+NOT_HOP_BY_HOP = frozenset(
+    [b"content-type", b"content-length", b"transfer-encoding", b"host", b"authorization", b"x-forwarded-for"]
+)
+# Connection tokens that name no header to drop.
+_PLAIN_TOKENS = frozenset([b"keep-alive", b"close"])
+
 
 def request_line_too_long(limit: int) -> ProxyError:
     """
@@ -39,9 +48,11 @@ class RequestHead:
     The target and headers of one request, checked as they arrive.
 
     :param limits: the listener's limits.
+    :ivar connection: the Connection header values, or L{None} when there
+        is none.
     """
 
-    __slots__ = ("_limits", "url", "headers", "_header_bytes", "_seen")
+    __slots__ = ("_limits", "url", "headers", "_header_bytes", "_seen", "connection")
 
     def __init__(self, limits: ListenerLimits):
         self._limits = limits
@@ -49,6 +60,8 @@ class RequestHead:
         self.headers: List[Tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._seen: set = set()
+        # The Connection header values, or None when there is none.
+        self.connection: Optional[List[bytes]] = None
 
     def target(self) -> bytes:
         """
@@ -81,7 +94,44 @@ class RequestHead:
             self._seen.add(lower)
             if lower == b"transfer-encoding" and not CHUNKED.fullmatch(value):
                 raise bad_request("The only Transfer-Encoding accepted is 'chunked'.")
+        elif lower == b"connection":
+            if self.connection is None:
+                self.connection = []
+            self.connection.append(value)
         self.headers.append((name, value))
+
+    def connection_tokens(self) -> frozenset:
+        """
+        :return: the lower-case tokens of the Connection headers.
+        """
+        if self.connection is None:
+            return frozenset()
+        return frozenset(t for t in (t.strip().lower() for v in self.connection for t in v.split(b",")) if t)
+
+    def check_connection(self) -> None:
+        """
+        :raise ProxyError: 400 when the Connection header names a header
+            the proxy reads and vLLM must see.
+        """
+        if self.connection is None:
+            return
+        named = self.connection_tokens() - _PLAIN_TOKENS
+        if named & NOT_HOP_BY_HOP:
+            raise bad_request(
+                "The Connection header may not name " + ", ".join(sorted(t.decode() for t in named & NOT_HOP_BY_HOP)) + "."
+            )
+
+    def upgrade(self, method: bytes) -> bool:
+        """
+        :return: whether llhttp takes this request as an upgrade (CONNECT,
+            or Upgrade with a Connection token C{upgrade}): it then reads
+            nothing after the head as this request's body.
+        """
+        if method == b"CONNECT":
+            return True
+        if b"upgrade" not in self.connection_tokens():
+            return False
+        return any(len(n) == 7 and n.lower() == b"upgrade" for n, _ in self.headers)
 
 
 class RequestLine:

@@ -4,16 +4,28 @@ planes on one port.
 
 L{GatewayConnection} parses requests with httptools (llhttp, strict: no
 Content-Length with Transfer-Encoding, no second Content-Length, no folded
-or malformed header lines, no bad chunk framing).  A C{/vllm} call becomes
+or malformed header lines, no bad chunk framing), reading them through its
+L{dheera_tx.http.request_intake.RequestIntake} half.  A C{/vllm} call becomes
 a L{ClientExchange} as soon as its headers have arrived and is served by
 the data plane (L{dheera_tx.forwarding.Passthrough}) while its body streams
-on; every other request is read whole and handed to the Klein control
-plane through L{dheera_tx.http.control_bridge}.  On top of the parser the
-connection enforces what the proxy needs: a deadline for request headers
-(and for an idle keep-alive connection), size and count limits on the
-head (414/431), one Transfer-Encoding (plain C{chunked}), no second copy of
-a header the proxy and vLLM could read differently, the body size limit
-(413) and the body's pace (408).  L{GatewaySite} caps the open connections.
+on; every other request has its key checked when its headers arrive
+(L{dheera_tx.http.control_requests}), is then read whole and handed to the
+Klein control plane through L{dheera_tx.http.control_bridge}.  On top of the
+parser the connection enforces what the proxy needs: a deadline for request
+headers (and for an idle keep-alive connection), size and count limits on
+the head (414/431), one Transfer-Encoding (plain C{chunked}), no second
+copy of a header the proxy and vLLM could read differently, the body caps
+(413) and the body's pace (408).  L{dheera_tx.http.gateway_site.GatewaySite}
+caps the open connections.
+
+What a client may make the connection hold is bounded: bytes are fed to
+the parser a request at a time, at most L{PIPELINE_DEPTH}
+pipelined requests are parsed ahead of the one being answered, and while
+the socket's send buffer is over its high-water mark
+(L{dheera_tx.http.answer_flow}) no further request starts and nothing more
+is read.  Whatever a client sends or leaves unread, a connection holds at
+most one read of unparsed bytes, a few parsed heads and one buffer of
+answer.
 
 Every answer the listening side makes itself is in the OpenAI error shape
 (L{dheera_tx.http.listener_limits}).
@@ -21,108 +33,58 @@ Every answer the listening side makes itself is in the OpenAI error shape
 
 from typing import List, Optional
 
-import httptools
-from twisted.internet.interfaces import IProtocolNegotiationFactory
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server as webserver
-from zope.interface import implementer
 
 from dheera_tx.errors import ProxyError, bad_request
+from dheera_tx.http.answer_flow import AnswerFlow
 from dheera_tx.http.client_exchange import ClientExchange
-from dheera_tx.http.control_bridge import ControlBridge
-from dheera_tx.http.listener_limits import (
-    CLOSE_GRACE,
-    BodyPace,
-    BodyStalled,
-    ConnectionLimitReached,
-    HeadDeadlines,
-    ListenerLimits,
-    raw_answer,
-    request_timeout,
-    too_large,
-)
-from dheera_tx.http.paths import is_passthrough
-from dheera_tx.http.request_body import BodyTooLarge, StreamingBody
-from dheera_tx.http.request_head import MALFORMED, RequestHead, RequestLine, framing, headers_too_large, request_line_too_long
-from dheera_tx.http.websocket import is_websocket_upgrade
-from dheera_tx.routing.model_choice import MultipartModelWatch, multipart_boundary
+from dheera_tx.http.control_requests import ControlRequest
+from dheera_tx.http.listener_limits import CLOSE_GRACE, BodyStalled, raw_answer, request_timeout
+from dheera_tx.http.request_head import MALFORMED
+from dheera_tx.http.request_intake import PIPELINE_DEPTH, RequestIntake
+
+__all__ = ["PIPELINE_DEPTH", "GatewayConnection"]
 
 log = Logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
-
-#: The upgrade target the data plane may switch to a WebSocket.
-REALTIME_TARGET = b"/vllm/v1/realtime"
-#: Bytes held after an upgrade request's head until the switch.
-MAX_HELD_UPGRADE_BYTES = 65536
-
-
-class _Stop(Exception):
-    """
-    Raised from a parser callback to stop parsing a refused request.
-    """
-
-
+# The active request while a control request is being started (its answer
+# may be complete before ControlBridge.serve returns).
 _STARTING = object()
 
 
-class _ControlRequest:
-    """
-    A control-plane request being read whole.
-    """
-
-    __slots__ = ("method", "target", "version", "headers", "chunks", "size", "complete")
-
-    def __init__(self, method: bytes, target: bytes, version: bytes, headers):
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
-        self.chunks: List[bytes] = []
-        self.size = 0
-        self.complete = False
-
-
-class GatewayConnection(Protocol):
+class GatewayConnection(RequestIntake):
     """
     One client connection: requests parsed in order, answered in order.
+
+    This half answers: it starts each request in its turn, sends C{100
+    Continue} when due, follows write backpressure, refuses and closes.
     """
 
-    def __init__(self, site: "GatewaySite"):
+    def __init__(self, site):
+        super().__init__(site.limits)
         self.site = site
-        self._limits: ListenerLimits = site.limits
-        self._parser = httptools.HttpRequestParser(self)
         self._counted = False
         self._refused = False
         self._closing = False
         self._lost = False
         self._close_timer = None
         self._held: set = set()
-        # The request being parsed.
-        self._incoming = None
-        self._in_head = False
-        self._head_bytes = 0
-        self._head = RequestHead(self._limits)
-        self._body_limit = self._limits.max_request_body_bytes
-        self._pace: Optional[BodyPace] = None
-        self._form_watch: Optional[MultipartModelWatch] = None
-        self._to_dispatch = None
-        self._line = RequestLine(self._limits.max_header_bytes)
         # The request being answered, and those waiting for their turn.
         self._active = None
         self._queue: list = []
-        # A request with Expect: 100-continue that arrived behind an
-        # unfinished answer: its 100 goes out when its turn comes.
+        # The bytes each waiting request holds, and their sum.
+        self._queue_sizes: List[int] = []
+        self._queued_bytes = 0
+        # A control request with Expect: 100-continue whose 100 waits for
+        # its key check or for the answer before it.
         self._continue_owed = None
-        # A WebSocket upgrade waiting for the data plane's switch, the bytes
-        # that came after its head, and the relay once switched.
-        self._switching = None
-        self._upgrade_rest = b""
-        self._taken = None
+        self._control_keep_alive = True
+        self._flow = AnswerFlow(self._write_blocked, self._write_unblocked)
+        # Runs while the answers wait in a full send buffer.
+        self._unread_timer = None
 
     # Connection events.
 
@@ -133,85 +95,15 @@ class GatewayConnection(Protocol):
             self.transport.setTcpNoDelay(True)
         except Exception:
             pass
+        self._flow.register(self.transport)
         self.site.deadlines.watch(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._taken is not None:
-            self._taken.dataReceived(data)
-            return
-        if self._switching is not None:
-            self._held_upgrade(data)
-            return
-        if self._refused:
-            return
-        if self._incoming is None or self._in_head:
-            self._head_bytes += len(data)
-            if self._incoming is None:
-                # A request starts with this read: check its request line.
-                self._line.start()
-            if self._line.checking and not self._line.feed(data):
-                self._refuse(bad_request(MALFORMED))
-                return
-        rest = self._feed(data)
-        if self._to_dispatch is not None:
-            exchange, self._to_dispatch = self._to_dispatch, None
-            if not self._refused:
-                self.site.passthrough.serve(exchange)
-        if rest:
-            self.dataReceived(rest)
-            return
-        incoming = self._incoming
-        if incoming is None:
-            return
-        if self._in_head:
-            if self._head_bytes > self._limits.max_header_bytes:
-                limit = self._limits.max_header_bytes
-                self._refuse(headers_too_large(limit) if self._head.headers else request_line_too_long(limit))
-        elif self._pace is None and not self._refused:
-            self._pace = BodyPace(self.site.reactor, self._limits.body_timeout, self._body_too_slow)
-            if self._held:
-                self._pace.pause()
-
-    def _feed(self, data: bytes) -> bytes:
-        """
-        Parse C{data}.
-
-        :return: bytes left to parse after an upgrade request (answered as
-            a plain request: upgrades are not supported), else C{b""}.
-        """
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            offset = e.args[0] if e.args else len(data)
-            upgraded = self._queue[-1] if self._queue else self._active
-            if isinstance(upgraded, ClientExchange) and upgraded.switching and self._queue:
-                # Behind unfinished answers: served as a plain request.
-                upgraded.switching = False
-            elif isinstance(upgraded, ClientExchange) and upgraded.switching:
-                # The data plane may switch this connection to a WebSocket:
-                # what follows the head is not HTTP; hold it for the relay.
-                self._switching = upgraded
-                self._held_upgrade(data[offset:])
-                return b""
-            return data[offset:]
-        except httptools.HttpParserCallbackError as e:
-            if not isinstance(e.__context__, _Stop):
-                log.failure("Request parsing failed", Failure(e.__context__ or e))
-                self._malformed()
-        except httptools.HttpParserError:
-            self._malformed()
-        return b""
-
-    def _held_upgrade(self, data: bytes) -> None:
-        self._upgrade_rest += data
-        if len(self._upgrade_rest) > MAX_HELD_UPGRADE_BYTES:
-            # A client sends frames only after the 101.
-            self.transport.abortConnection()
 
     def take_over(self, consumer):
         """
         Hand the connection to C{consumer} after a protocol switch (see
-        L{ClientExchange.take_over}).
+        L{ClientExchange.take_over}): from now on every byte goes to
+        C{consumer.dataReceived}, and the connection's reading and write
+        backpressure are the consumer's to drive.
 
         :return: the transport.
         """
@@ -219,9 +111,15 @@ class GatewayConnection(Protocol):
         self._switching = None
         self.site.deadlines.forget(self)
         self._stop_pace()
+        self._cancel_unread_timer()
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
-        held, self._upgrade_rest = self._upgrade_rest, b""
+        # The relay registers its own producers on the transport.
+        self._flow.unregister()
+        if self._held:
+            self._held.clear()
+            self.transport.resumeProducing()
+        held, self._unparsed = self._unparsed, b""
         if held:
             self.site.reactor.callLater(0, consumer.dataReceived, held)
         return self.transport
@@ -231,6 +129,8 @@ class GatewayConnection(Protocol):
             taken, self._taken = self._taken, None
             taken.connectionLost(reason)
         self._lost = True
+        self._unparsed = b""
+        self._cancel_unread_timer()
         self.site.deadlines.forget(self)
         self._stop_pace()
         if self._close_timer is not None:
@@ -243,180 +143,96 @@ class GatewayConnection(Protocol):
         waiting = [self._active, self._incoming] + self._queue
         self._active = self._incoming = None
         self._queue = []
+        self._queue_sizes = []
+        self._queued_bytes = 0
         for exchange in waiting:
             if isinstance(exchange, ClientExchange):
                 exchange.connection_lost()
             elif exchange is not None and hasattr(exchange, "connection_lost"):
                 exchange.connection_lost(reason)
 
-    # Parser callbacks.
-
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head = RequestHead(self._limits)
-        self._incoming = True
-
-    def on_url(self, fragment: bytes) -> None:
-        self._head.url.append(fragment)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._refused:
-            raise _Stop()
-        try:
-            self._head.add_header(name, value)
-        except ProxyError as e:
-            self._refuse(e)
-            raise _Stop()
-
-    def on_headers_complete(self) -> None:
-        if self._refused:
-            raise _Stop()
-        self._in_head = False
-        self._head_bytes = 0
-        self.site.deadlines.forget(self)
-        parser = self._parser
-        try:
-            target = self._head.target()
-        except ProxyError as e:
-            self._refuse(e)
-            raise _Stop()
-        version = _VERSIONS.get(parser.get_http_version())
-        if version is None:
-            self._refuse(bad_request("Only HTTP/1.0 and HTTP/1.1 are served."))
-            raise _Stop()
-        method = parser.get_method()
-        headers = self._head.headers
-        length, chunked, expect = framing(headers)
-        rejection = None
-        if not target.startswith(b"/") and target != b"*":
-            # Absolute-form ("http://host/...") and other targets that are
-            # not a path: the host comes from config only.
-            rejection = bad_request("The request target must be a path (origin-form), not a URL.")
-        elif length is not None and length > self._body_limit:
-            rejection = too_large(self._body_limit)
-        has_body = chunked or bool(length)
-        keep_alive = parser.should_keep_alive()
-        site = self.site
-        if is_passthrough(target) and site.passthrough is not None:
-            exchange = ClientExchange(self, method, target, version, headers, site.reactor.seconds(), keep_alive)
-            exchange.rejection = rejection
-            if method == b"GET" and target.split(b"?", 1)[0] == REALTIME_TARGET and is_websocket_upgrade(exchange.requestHeaders):
-                exchange.switching = True
-                # Unless it switches, the connection ends with its answer:
-                # what the client sent after the head is not HTTP.
-                exchange.keep_alive = False
-            if has_body and rejection is None:
-                try:
-                    boundary = multipart_boundary(exchange.getHeader(b"content-type"))
-                except ProxyError as e:
-                    exchange.rejection = rejection = e
-                else:
-                    if boundary is not None:
-                        self._form_watch = exchange.form_watch = MultipartModelWatch(boundary)
-                    exchange.body = StreamingBody(
-                        None if chunked else length, self._hold_body, self._release_body, self._body_limit
-                    )
-            self._incoming = exchange
-            # Never before an earlier answer: a request pipelined with
-            # Expect gets its 100 when its turn comes.
-            if expect and has_body and rejection is None and version == b"HTTP/1.1":
-                self._expects_continue(exchange)
-            if self._active is None:
-                self._active = exchange
-                self._to_dispatch = exchange
-            else:
-                self._queue.append(exchange)
-                self._hold(b"queue")
-            return
-        if rejection is not None:
-            self._refuse(rejection)
-            raise _Stop()
-        self._incoming = _ControlRequest(method, target, version, headers)
-        if expect and has_body and version == b"HTTP/1.1":
-            self._expects_continue(self._incoming)
-
-    def _expects_continue(self, request) -> None:
+    def _send_continue(self, exchange: ClientExchange) -> None:
         """
-        Send C{100 Continue} for C{request} now, or once the answer before
-        it is complete.
+        C{exchange} asks for its body: send its C{100 Continue}, unless
+        its client started the body anyway (after its own expect timeout).
         """
-        if self._active is None:
+        body = exchange.body
+        if body is not None and body.received == 0 and not exchange.startedWriting and not self._closing and not self._lost:
             self.transport.write(_CONTINUE)
-        else:
-            self._continue_owed = request
+
+    def _admit_control(self, error: Optional[ProxyError], request: ControlRequest) -> None:
+        """
+        The key check of control request C{request} is done: let its body
+        be read, or answer C{error} when its turn comes (its body unread).
+        """
+        if self._lost or self._refused:
+            return
+        if error is not None:
+            request.rejection = error
+        if request.rejection is not None:
+            # Nothing more is read from this connection.
+            self._continue_owed = None
+            request.complete = True
+            # Nothing after this request is read: it is answered and the
+            # connection closed.
+            self._unparsed = b""
+            self._reading_done = True
+            self._hold(b"done")
+            if self._incoming is request:
+                self._incoming = None
+            self._enqueue_control(request)
+            return
+        request.admitted = True
+        if self._active is None:
+            self._pay_continue(request)
+        if not self._parsing:
+            self._parse()
+
+    def _gate_failed(self, failure: Failure, request: ControlRequest) -> None:
+        log.failure("Checking a control request's key failed", failure)
+        self._admit_control(ProxyError(500, "The proxy failed to handle this request.", type="internal_error", code="500"), request)
 
     def _pay_continue(self, request) -> None:
         """
-        C{request}'s turn came: send its owed C{100 Continue}, unless its
-        client already started the body (after its own expect timeout).
+        Send C{request}'s owed C{100 Continue} (its key is good, and no
+        other answer is being written), unless its client already started
+        the body.
         """
-        if request is not self._continue_owed:
+        if request is not self._continue_owed or not request.admitted:
             return
         self._continue_owed = None
-        if isinstance(request, _ControlRequest):
-            started = request.size > 0
-        else:
-            started = request.body is None or request.body.received > 0
-        if not started and not self._closing and not self._lost:
+        if request.size == 0 and not self._closing and not self._lost:
             self.transport.write(_CONTINUE)
 
-    def on_body(self, data: bytes) -> None:
-        incoming = self._incoming
-        if self._pace is not None:
-            self._pace.arrived(len(data))
-            if self._refused:
-                raise _Stop()
-        if isinstance(incoming, ClientExchange):
-            if incoming.rejection is not None or incoming.finished or incoming.body is None:
-                return
-            if self._form_watch is not None:
-                try:
-                    self._form_watch.feed(data)
-                except ProxyError as e:
-                    # Refused before this chunk goes on: vLLM never gets the
-                    # whole form.
-                    self._form_watch = None
-                    incoming.refuse(e)
-                    return
-            body = incoming.body
-            body.receive(data)
-            failure = body.failure
-            if failure is not None and failure.check(BodyTooLarge):
-                self._stop_pace()
-                incoming.refuse(too_large(self._body_limit))
-        elif isinstance(incoming, _ControlRequest):
-            incoming.size += len(data)
-            if incoming.size > self._body_limit:
-                self._refuse(too_large(self._body_limit))
-                raise _Stop()
-            incoming.chunks.append(data)
+    def _enqueue_control(self, request: ControlRequest) -> None:
+        if self._active is None and not self._queue and not self._flow.is_blocked:
+            self._start_control(request)
+        else:
+            self._queue_request(request, request.head_size + request.size)
 
-    def on_message_complete(self) -> None:
-        self._stop_pace()
-        self._form_watch = None
-        incoming, self._incoming = self._incoming, None
-        self._in_head = False
-        self._head_bytes = 0
-        # Only a request line that starts a read is checked.
-        self._line.stop()
-        if isinstance(incoming, ClientExchange):
-            if incoming.body is not None:
-                incoming.body.end()
-        elif isinstance(incoming, _ControlRequest):
-            incoming.complete = True
-            if self._active is None:
-                self._start_control(incoming)
-            else:
-                self._queue.append(incoming)
-                self._hold(b"queue")
+    def _queue_request(self, request, size: int) -> None:
+        """
+        Put C{request} behind the others, counting the C{size} bytes it
+        holds against L{PIPELINE_BYTES}.
+        """
+        self._queue.append(request)
+        self._queue_sizes.append(size)
+        self._queued_bytes += size
 
     # Answers done, next requests.
 
-    def _start_control(self, request: _ControlRequest) -> None:
+    def _start_control(self, request: ControlRequest) -> None:
+        if request.rejection is not None:
+            self._refused = True
+            self._active = _STARTING
+            self.transport.write(raw_answer(request.rejection))
+            self._close()
+            return
         # The answer may be complete before serve() returns.
         self._active = _STARTING
+        self._control_keep_alive = request.keep_alive
         exchange = self.site.control.serve(
-            self, request.method, request.target, request.version, request.headers, b"".join(request.chunks)
+            self, request.method, request.target, request.version, request.headers, request.body()
         )
         if self._active is _STARTING:
             self._active = exchange
@@ -431,7 +247,7 @@ class GatewayConnection(Protocol):
         """
         A control-plane request's answer is complete.
         """
-        self._answer_done(keep_alive)
+        self._answer_done(keep_alive and self._control_keep_alive)
 
     def _answer_done(self, keep_alive: bool) -> None:
         self._active = None
@@ -442,28 +258,75 @@ class GatewayConnection(Protocol):
             return
         if self._queue:
             self.site.reactor.callLater(0, self._start_next)
-        elif self._incoming is not None:
+            return
+        if self._incoming is not None:
             # A control request still reading its body.
             self._pay_continue(self._incoming)
-        else:
+        elif not self._unparsed:
             # Between requests the connection gets the header deadline too,
             # so an idle keep-alive connection does not hold its place.
             self.site.deadlines.watch(self)
+        self._parse()
 
     def _start_next(self) -> None:
-        if self._active is not None or not self._queue or self._closing or self._lost:
+        if self._active is not None or not self._queue or self._closing or self._lost or self._flow.is_blocked:
             return
         request = self._queue.pop(0)
-        self._pay_continue(request)
-        if not self._queue:
-            self._release(b"queue")
+        self._queued_bytes -= self._queue_sizes.pop(0)
         if isinstance(request, ClientExchange):
             self._active = request
             self.site.passthrough.serve(request)
         else:
             self._start_control(request)
-        if self._active is None and self._incoming is None and not self._queue:
+        if self._active is None and self._incoming is None and not self._queue and not self._unparsed:
             self.site.deadlines.watch(self)
+        self._parse()
+
+    # Write backpressure (AnswerFlow).
+
+    def _write_blocked(self) -> None:
+        # Stop reading: requests read now could not be answered anyway.
+        self._hold(b"write")
+        if self._unread_timer is None:
+            self._unread_timer = self.site.reactor.callLater(self._limits.body_timeout, self._answers_unread)
+
+    def _write_unblocked(self) -> None:
+        self._cancel_unread_timer()
+        self._release(b"write")
+        if self._lost or self._closing:
+            return
+        if self._queue and self._active is None:
+            self._start_next()
+        else:
+            self._parse()
+
+    def _answers_unread(self) -> None:
+        """
+        The client read nothing of its answers for C{body_timeout}
+        seconds: it holds a connection and a buffer it does not use.
+        """
+        self._unread_timer = None
+        log.info("Dropping a client that read none of its answer for {timeout} s", timeout=self._limits.body_timeout)
+        self._closing = True
+        self.transport.abortConnection()
+
+    def _cancel_unread_timer(self) -> None:
+        timer, self._unread_timer = self._unread_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def attach_producer(self, producer) -> None:
+        """
+        Let the connection's write backpressure pause and resume
+        C{producer} (the producer of the answer being written).
+        """
+        self._flow.attach(producer)
+
+    def detach_producer(self) -> None:
+        """
+        Undo L{attach_producer}.
+        """
+        self._flow.detach()
 
     # Refusals and closing.
 
@@ -482,11 +345,16 @@ class GatewayConnection(Protocol):
         self._refuse(request_timeout("The request headers did not arrive in time."))
 
     def _malformed(self) -> None:
-        error = bad_request(MALFORMED)
+        self._refuse_incoming(bad_request(MALFORMED))
+
+    def _refuse_incoming(self, error: ProxyError) -> None:
+        """
+        Refuse the request being parsed: a call already dispatched answers
+        itself (and fails the body it is streaming upstream); anything else
+        is answered on the raw connection.
+        """
         incoming = self._incoming
         if isinstance(incoming, ClientExchange) and incoming is self._active and not incoming.finished:
-            # A call already dispatched answers itself, and fails the body
-            # it is streaming upstream.
             self._refused = True
             self._stop_pace()
             incoming.refuse(error)
@@ -495,14 +363,8 @@ class GatewayConnection(Protocol):
 
     def _body_too_slow(self, message: str) -> None:
         log.info("Dropping a client whose request body is too slow: {why}", why=message)
-        error = BodyStalled(message)
-        incoming = self._incoming
         self._pace = None
-        if isinstance(incoming, ClientExchange) and incoming is self._active:
-            self._refused = True
-            incoming.refuse(error)
-            return
-        self._refuse(error)
+        self._refuse_incoming(BodyStalled(message))
 
     def _refuse(self, error: ProxyError) -> None:
         """
@@ -512,6 +374,7 @@ class GatewayConnection(Protocol):
         if self._lost or self._refused:
             return
         self._refused = True
+        self._unparsed = b""
         self.site.deadlines.forget(self)
         self._stop_pace()
         active = self._active
@@ -525,7 +388,13 @@ class GatewayConnection(Protocol):
 
     def _close(self) -> None:
         self._closing = True
+        # Whatever else arrives is not parsed.
+        self._reading_done = True
+        self._unparsed = b""
         self.site.deadlines.forget(self)
+        # A transport whose producer is paused would wait for it instead of
+        # closing once its buffer drains.
+        self._flow.unregister()
         self.transport.loseConnection()
         if self._close_timer is None:
             self._close_timer = self.site.reactor.callLater(CLOSE_GRACE, self._cut_off)
@@ -544,9 +413,9 @@ class GatewayConnection(Protocol):
 
     def _hold(self, reason: bytes) -> None:
         """
-        Stop reading from the client (the upstream holds the body back, or
-        a pipelined request waits for its turn); the body's pace clock
-        stops too.
+        Stop reading from the client (the upstream holds the body back, a
+        pipelined request waits for its turn, the answers are not being
+        read); the body's pace clock stops too.
         """
         if not self._held:
             self.transport.pauseProducing()
@@ -567,76 +436,3 @@ class GatewayConnection(Protocol):
 
     def _release_body(self) -> None:
         self._release(b"body")
-
-
-@implementer(IProtocolNegotiationFactory)
-class GatewaySite(Factory):
-    """
-    The listening factory both planes share.
-
-    :param control: the control-plane resource (Klein, under
-        L{dheera_tx.control.ControlRoot}).
-    :param passthrough: the data plane (L{dheera_tx.forwarding.Passthrough}),
-        or L{None} to serve the control plane only.
-    :param limits: a L{ListenerLimits}.
-    :ivar open_connections: connections open now (in this process:
-        C{max_connections} holds per worker).
-    :ivar refused_connections: connections refused for being over the
-        limit.
-    """
-
-    protocol = GatewayConnection
-
-    def __init__(self, control, passthrough, limits: ListenerLimits, reactor):
-        self.passthrough = passthrough
-        self.limits = limits
-        self.reactor = reactor
-        self.control_site = webserver.Site(control, reactor=reactor)
-        self.control_site.displayTracebacks = False
-        # Pass-through calls are logged as call records (dheera_tx.call);
-        # the stock access log would print URIs with secrets in queries.
-        self.control_site.log = lambda request: None
-        self.control = ControlBridge(self.control_site)
-        self.deadlines = HeadDeadlines(reactor, limits.header_timeout)
-        self.open_connections = 0
-        self.refused_connections = 0
-        self._at_limit = False
-
-    def acceptableProtocols(self) -> List[bytes]:
-        """
-        Over TLS, the protocol ALPN may choose: HTTP/1.1 only.  (Twisted
-        selects over ALPN on every TLS listener; with nothing to offer, a
-        client that offers ALPN, as curl and httpx do, gets an alert.)
-        """
-        return [b"http/1.1"]
-
-    def buildProtocol(self, addr):
-        if self.open_connections >= self.limits.max_connections:
-            self.refused_connections += 1
-            if not self._at_limit:
-                self._at_limit = True
-                log.warn("{limit} connections open: refusing new ones", limit=self.limits.max_connections)
-            protocol = ConnectionLimitReached()
-            protocol.factory = self
-            return protocol
-        return self.protocol(self)
-
-    def doStop(self) -> None:
-        super().doStop()
-        if not self.numPorts:
-            self.deadlines.stop()
-
-    def connection_opened(self) -> None:
-        """
-        A connection of this site opened.
-        """
-        self.open_connections += 1
-
-    def connection_closed(self) -> None:
-        """
-        A connection of this site closed.
-        """
-        self.open_connections -= 1
-        if self._at_limit and self.open_connections < self.limits.max_connections:
-            self._at_limit = False
-            log.info("Accepting connections again")

@@ -137,9 +137,19 @@ def authorize_vllm_call(
     :param tenant_routes: the routes virtual keys may call.
     :raise ProxyError: 403 when the key may not call this route or model.
     """
+    authorize_route(principal, path, tenant_routes)
+    authorize_vllm_model(principal, model_name)
+
+
+def authorize_vllm_model(principal: Principal, model_name: Optional[str]) -> None:
+    """
+    The model part of L{authorize_vllm_call}; also applied, before the
+    body is read, to a model named by header or query.
+
+    :raise ProxyError: 403 when the key may not use C{model_name}.
+    """
     if principal.is_master:
         return
-    authorize_route(principal, path, tenant_routes)
     key = principal.key
     if key.models and model_name not in key.models:
         if model_name is None:
