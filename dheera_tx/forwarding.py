@@ -226,9 +226,7 @@ class Passthrough:
                     self._full_windows.remember(principal.key, e)
                 raise
             progress.strip_usage = needs_usage_injection(path, document)
-            affinity = None
-            if self._session_header is not None and len(route.replicas) > 1:
-                affinity = call_affinity(request.getHeader(self._session_header), route.model_name or "", document)
+            affinity = call_affinity(self._session_header, request.getHeader, route, document)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
@@ -295,9 +293,7 @@ class Passthrough:
 
     # Forwarding.
 
-    async def _forward(
-        self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None
-    ) -> None:
+    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None) -> None:
         tried: List[Deployment] = []
         while True:
             chosen = self._router.choose(route, tried, affinity)

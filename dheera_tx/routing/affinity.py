@@ -81,13 +81,21 @@ def prefix_key(document: dict, model: str) -> Optional[int]:
     return _hash64((head + "".join(kept)).encode("utf-8", "surrogatepass"))
 
 
-def call_affinity(session: Optional[bytes], model: str, document: Optional[dict]) -> Optional[int]:
+def call_affinity(session_header: Optional[bytes], get_header, route, document: Optional[dict]) -> Optional[int]:
     """
-    :param session: the call's session header value, or L{None}.
+    :param session_header: C{router_settings.session_header}, or L{None}
+        when the strategy has no use for affinity.
+    :param get_header: the request's C{getHeader}.
+    :param route: the call's L{dheera_tx.routing.router.Route}.
     :param document: the call's parsed JSON body, or L{None}.
     :return: the call's affinity key: its session's, else its prompt
-        prefix's; L{None} when it has neither.
+        prefix's; L{None} when it has neither, or there is no choice to
+        make (one replica).
     """
+    if session_header is None or len(route.replicas) < 2:
+        return None
+    model = route.model_name or ""
+    session = get_header(session_header)
     if session:
         return session_key(model, session)
     if document is None:

@@ -10,11 +10,10 @@ its share of the recently active keys, and keep it there.  The state is
 this process's own and bounded: keys unseen for C{window} seconds stop
 counting, and at most C{capacity} keys are kept (about 100 bytes each).
 
-Keys placed elsewhere than their first-ranked replica are queued in
-L{KeyHomes.outbox} for L{dheera_tx.routing.shared_load} to pass to the other
-workers and proxies, which L{learn} them: a conversation placed by one
-worker finds its home from any other (every process ranks first choices
-alike, so those need no sharing).
+New placements and moves are queued in L{KeyHomes.outbox} for
+L{dheera_tx.routing.shared_load} to pass to the other workers and proxies,
+which L{learn} them: a conversation placed by one worker finds its home
+from any other (whose own key counts may differ).
 """
 
 import collections
@@ -72,8 +71,8 @@ class KeyHomes:
         Record that the key's call went to the deployment (its home from
         now on).
 
-        :param share: queue the placement for the other processes (it is
-            not the key's first-ranked replica, or the key moved).
+        :param share: queue the placement for the other processes when it
+            is new or a move.
         """
         if share and len(self.outbox) < MAX_OUTBOX:
             previous = self._homes.get(key)

@@ -11,15 +11,14 @@ the others' counts to its own when no fresh C{/metrics} sample says what a
 replica holds (a fresh sample already counts every process's calls).
 
 The same script passes on the key placements the router queued
-(L{dheera_tx.routing.homes.KeyHomes.outbox}: keys placed elsewhere than
-their first-ranked replica) and reads the other processes' placements since
-the last sync.
+(L{dheera_tx.routing.homes.KeyHomes.outbox}: new keys and keys that moved)
+and reads the other processes' placements since the last sync.
 
 Redis keys (under the configured prefix): C{routing:procs}, a sorted set of
 process ids by last write; C{routing:inflight:<id>}, one hash per process,
 deployment id to calls in flight; C{routing:homes}, a sorted set of recent
-placements (C{<key>|<deployment id>|<process id>}) by time, kept for the
-key window.
+placements (C{<key>|<deployment id>|<process id>}) by time, kept for 3 sync
+periods (long enough for every live process to read them once).
 """
 
 import os
@@ -136,7 +135,7 @@ class SharedInFlight:
         now = self._now()
         keys = (self._procs, self._hash_prefix + self.process_id, self._placements)
         args = [repr(now), repr(STALE_INTERVALS * self._interval), self.process_id, self._hash_prefix, str(len(pairs)),
-                repr(self._read_since), repr(self._homes.window if self._homes is not None else 0)] + pairs + placed
+                repr(self._read_since), repr(STALE_INTERVALS * self._interval)] + pairs + placed
         try:
             counts, placements = await self._redis.eval(SYNC_SCRIPT, keys, args)
         except Exception as e:

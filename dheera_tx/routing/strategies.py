@@ -99,11 +99,11 @@ def cache_aware(router, pool: Sequence[Deployment], affinity: Optional[int]) -> 
     share = math.ceil(keys / len(pool))
     for rank, deployment in enumerate(ranked):
         if deployment.id != home and homes.count(deployment.id) < share and has_room(deployment):
-            homes.place(affinity, deployment.id, share=rank > 0 or home is not None)
+            homes.place(affinity, deployment.id, share=True)
             return deployment, AFFINITY if rank == 0 else SPILL
     for rank, deployment in enumerate(ranked):
         if deployment.id != home and has_room(deployment):
-            homes.place(affinity, deployment.id, share=rank > 0 or home is not None)
+            homes.place(affinity, deployment.id, share=True)
             return deployment, AFFINITY if rank == 0 else SPILL
     # Everything is over the bound or saturated: the least loaded.
     return _least_loaded(router, pool, loads), LOAD
