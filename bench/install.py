@@ -5,8 +5,11 @@ than failing the run when an optional piece cannot be had.
 * apt: ``wrk`` and ``nginx`` (services are kept from starting: the suite
   runs its own nginx with its own config).
 * pip, into this Python: ``uvloop`` (fast harness), ``matplotlib`` (the
-  chart), ``py-spy`` (the profile), ``pyyaml``.
-* LiteLLM in its own venv, ``bench/.venv-litellm``: ``litellm[proxy]``.
+  chart), ``py-spy`` (the profile), ``pyyaml``, at the versions pinned in
+  the repository's ``constraints.txt``.
+* LiteLLM in its own venv, ``bench/.venv-litellm``: ``litellm[proxy]`` at
+  L{LITELLM} (its own dependencies are resolved by pip, unpinned: they
+  clash with the proxy's pins and never share a process with it).
 """
 
 import os
@@ -17,6 +20,8 @@ from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LITELLM_VENV = os.path.join(HERE, ".venv-litellm")
+CONSTRAINTS = os.path.join(os.path.dirname(HERE), "constraints.txt")
+LITELLM = "litellm[proxy]==1.110.2"
 _POLICY = "/usr/sbin/policy-rc.d"
 
 
@@ -76,7 +81,8 @@ def ensure_pip(modules: Dict[str, str]) -> Dict[str, str]:
         else:
             missing.append((module, requirement))
     if missing:
-        done = _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *[r for _, r in missing]], 900)
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", CONSTRAINTS]
+        done = _run([*pip, *[r for _, r in missing]], 900)
         for module, _ in missing:
             ok = done.returncode == 0
             report[module] = "installed" if ok else f"install failed: {done.stderr[-300:]}"
@@ -98,11 +104,11 @@ def ensure_litellm(timeout: float = 1200) -> str:
             if made.returncode != 0:
                 return f"venv failed: {made.stderr[-300:]}"
         pip = os.path.join(LITELLM_VENV, "bin", "pip")
-        done = _run([pip, "install", "-q", "--disable-pip-version-check", "litellm[proxy]"], timeout)
+        done = _run([pip, "install", "-q", "--disable-pip-version-check", LITELLM], timeout)
     except subprocess.TimeoutExpired:
-        return f"pip install 'litellm[proxy]' did not finish within {timeout} s"
+        return f"pip install '{LITELLM}' did not finish within {timeout} s"
     if done.returncode != 0 or not os.path.exists(litellm):
-        return f"pip install 'litellm[proxy]' failed: {done.stderr[-400:]}"
+        return f"pip install '{LITELLM}' failed: {done.stderr[-400:]}"
     return "installed"
 
 

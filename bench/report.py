@@ -276,7 +276,7 @@ def markdown(results: dict) -> str:
             if plan.get("sse_large_runs", 1) > 1
             else "). "
         )
-        + 
+        +
         f"Rate: {paced[0]} streams x {paced[1]} chunks every "
         f"{paced[2]:g} ms ({paced[0] * 1000 / paced[2]:,.0f} chunks/s offered): the delivered rate, and whether the "
         f"proxy keeps up (added delay). Saturated: {sat[0]} streams x {sat[1]} chunks every {sat[2]:g} ms, offered "

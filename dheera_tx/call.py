@@ -8,11 +8,11 @@ whatever way it ends.
 
 import itertools
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import attr
 
-_ids = {"prefix": "", "counter": None}
+_ids: Dict[str, Any] = {"prefix": "", "counter": None}
 
 
 def _fresh_ids() -> None:

@@ -171,7 +171,7 @@ def api_base(value: Any) -> str:
         raise InvalidValue("must not hold a user or password: put the key in api_key")
     try:
         parts = urlsplit(value)
-        parts.port
+        parts.port  # noqa: B018 - reading .port raises ValueError on a bad port
     except ValueError:
         raise InvalidValue(_BASE_HINT + " (it does not parse as one)")
     scheme = parts.scheme.lower()
@@ -195,7 +195,7 @@ def lora_adapters(value: Any) -> Tuple[Tuple[str, Optional[float], Optional[floa
     """
     if not isinstance(value, list):
         raise InvalidValue(f"expected a list of adapter names, got {kind_of(value)}")
-    adapters = []
+    adapters: list = []
     for item in value:
         costs: dict = {}
         if isinstance(item, dict):

@@ -270,7 +270,7 @@ class _UpstreamSocket(Protocol):
         self._status: Optional[int] = None
         self._headers: List[Tuple[bytes, bytes]] = []
         self._head_done = False
-        self._relay: Optional["WebSocketRelay"] = None
+        self._relay: Optional[WebSocketRelay] = None
         self._answered: Optional[Deferred] = None
         self._lost = False
 

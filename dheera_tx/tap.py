@@ -12,6 +12,7 @@ embedded Redis last.
 
 import atexit
 import gc
+import inspect
 import os
 import sys
 import time
@@ -254,7 +255,9 @@ class OrderedServices(service.MultiService):
 
 
 async def _maybe(result):
-    if isinstance(result, Deferred):
+    # A component's stop() or close() returns a Deferred, a coroutine (an
+    # async def), or nothing: wait on either of the first two.
+    if isinstance(result, Deferred) or inspect.iscoroutine(result):
         return await result
     return result
 

@@ -220,7 +220,7 @@ class _RecordingRequest(http.Request):
 
     def __init__(self, channel: http.HTTPChannel) -> None:
         super().__init__(channel, parsePOSTFormSubmission=False)
-        self.fake: "FakeVLLM" = channel.fake
+        self.fake: FakeVLLM = channel.fake
         self.record: Optional[ReceivedRequest] = None
 
     def gotLength(self, length: Optional[int]) -> None:

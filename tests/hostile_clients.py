@@ -107,7 +107,7 @@ class Attack:
         self,
         port: int,
         head: bytes,
-        body: Iterator[bytes] = iter(()),
+        body: Iterator[bytes] = iter(()),  # noqa: B008 - empty: sharing it is harmless
         seconds: float = 15.0,
         done: Optional[Callable[[bytes], bool]] = None,
         read: bool = True,

@@ -75,7 +75,7 @@ class ReplicaTests(ProxyTestCase):
         )
         boundary = b"upload-boundary"
         body = multipart(boundary, [("model", b"alpha", None), ("file", b"\x01" * (MB // 2), "a.wav")])
-        for i in range(16):
+        for _ in range(16):
             response, answer = await self.request(
                 b"POST",
                 "/vllm/v1/audio/transcriptions",

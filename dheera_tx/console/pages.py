@@ -185,7 +185,10 @@ def my_key_page(record: KeyRecord, csrf: str, calls: Sequence[dict]) -> Tag:
 
 def calls_table(calls: Sequence[dict], live: bool = False) -> Tag:
     columns = ("time", "status", "model_name", "key_alias", "end_user", "prompt_tokens", "completion_tokens", "cost", "duration_ms")
-    rows = [tags.tr(**{"data-id": call.get("_id", "")})(*[tags.td(str(call.get(c, "")) if call.get(c) is not None else "—") for c in columns]) for call in calls]
+    rows = [
+        tags.tr(**{"data-id": call.get("_id", "")})(*[tags.td(str(call.get(c, "")) if call.get(c) is not None else "—") for c in columns])
+        for call in calls
+    ]
     attributes = {"id": "calls"}
     if live:
         attributes["data-live"] = "/ui/calls.json"
@@ -233,7 +236,16 @@ def spend_page(group: str, rows: Sequence[dict], days: Sequence[dict], csrf: str
     )
     daily = tags.table(id="daily")(
         tags.thead(tags.tr(tags.th("day"), tags.th("spend"), tags.th(""))),
-        tags.tbody(*[tags.tr(tags.td(d["day"]), tags.td(_money(d["spend_nanos"])), tags.td(tags.meter(value=str(d["spend_nanos"]), max=str(max(x["spend_nanos"] for x in days) or 1)))) for d in days]),
+        tags.tbody(
+            *[
+                tags.tr(
+                    tags.td(d["day"]),
+                    tags.td(_money(d["spend_nanos"])),
+                    tags.td(tags.meter(value=str(d["spend_nanos"]), max=str(max(x["spend_nanos"] for x in days) or 1))),
+                )
+                for d in days
+            ]
+        ),
     )
     chart = tags.div(id="spend-chart", **{"data-source": f"/ui/spend.json?group_by={group}"})
     body = [choice, chart, tags.h2(f"Last 30 days by {group}"), table, tags.h2("Per day"), daily]

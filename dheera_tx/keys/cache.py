@@ -9,6 +9,8 @@ cache is emptied and bypassed.  Every other method passes through to the
 store; one that changes or removes a key also drops that key's entry.
 """
 
+from typing import Any, Dict, List
+
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -53,11 +55,11 @@ class CachedKeyStore:
         self._reactor = reactor
         self._ttl = ttl
         self._max_entries = max_entries
-        self._cache = {}
+        self._cache: Dict[str, Any] = {}
         self._generation = 0
         # token -> (generation the read started in, Deferreds of the
         # lookups waiting for it)
-        self._reading = {}
+        self._reading: Dict[str, Any] = {}
         self.invalidation_channel = store.invalidation_channel
         self.subscription = redis_client.subscribe(self.invalidation_channel, self._invalidate, self._subscription_state)
 
@@ -101,10 +103,10 @@ class CachedKeyStore:
         generation = self._generation
         reading = self._reading.get(token)
         if reading is not None and reading[0] == generation:
-            waiter = Deferred()
+            waiter: Deferred = Deferred()
             reading[1].append(waiter)
             return await waiter
-        waiters = []
+        waiters: List[Deferred] = []
         self._reading[token] = (generation, waiters)
         try:
             record = await self._store.get_key(token)

@@ -152,7 +152,7 @@ def _url(value) -> str:
         raise ValueError("expected an http:// or https:// URL")
     try:
         parts = urlsplit(value)
-        parts.port
+        parts.port  # noqa: B018 - reading .port raises ValueError on a bad port
     except ValueError:
         raise ValueError("expected an http:// or https:// URL (it does not parse as one)") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):

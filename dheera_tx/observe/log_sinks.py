@@ -20,7 +20,7 @@ the sinks from the configuration.
 import json
 import sys
 from collections import deque
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import treq
 import treq.client
@@ -81,6 +81,7 @@ class JSONLogSink:
 
     def __init__(self, stream: Optional[TextIO] = None, path: Optional[str] = None):
         self._owned = path is not None
+        self._stream: TextIO
         if path is not None:
             self._stream = open(path, "a", encoding="utf-8")
         else:
@@ -339,7 +340,7 @@ class WebhookSink(_BatchingSink):
         if http_client is None:
             http_client, self._pool = outbound_client(reactor, timeout, per_host=1)
         self._client = http_client
-        self._pause = None
+        self._pause: Optional[Tuple[Deferred, Any]] = None
         self.posts = 0
 
     @property
@@ -381,8 +382,13 @@ class WebhookSink(_BatchingSink):
     async def _post_once(self, body: bytes, timeout: float):
         self.posts += 1
         d = Deferred.fromCoroutine(self._post(body))
-        timed_out = []
-        d.addTimeout(timeout, self._clock, onTimeoutCancel=lambda result, _: timed_out.append(True) or result)
+        timed_out: List[bool] = []
+
+        def on_timeout(result, _):
+            timed_out.append(True)
+            return result
+
+        d.addTimeout(timeout, self._clock, onTimeoutCancel=on_timeout)
         try:
             status = await d
         except Exception as e:

@@ -13,7 +13,7 @@ Both L{dheera_tx.redis.client.RedisClient}'s pool and its pub/sub
 subscriptions (L{dheera_tx.redis.pubsub}) connect through these.
 """
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attr
@@ -211,8 +211,10 @@ def redis_endpoint(reactor, address: RedisAddress, timeout: float):
     a = address
     if a.kind == "unix":
         return UNIXClientEndpoint(reactor, a.path, timeout=timeout)
+    assert a.host is not None and a.port is not None  # parse_redis_url sets both for tcp and tls
     endpoint = HostnameEndpoint(reactor, a.host, a.port, timeout=timeout)
     if a.kind == "tls":
+        creator: Any
         if not a.verify_tls:
             creator = CertificateOptions(verify=False)
         elif a.ca_certs:
@@ -268,6 +270,11 @@ class FastCommands:
     (txredisapi's C{_build_command} costs about 0.6 us per argument); other
     types are encoded by txredisapi as before.
     """
+
+    # The txredisapi protocol this is mixed into provides these.
+    charset: str
+    errors: str
+    _encode_value: Callable[..., bytes]
 
     def _build_command(self, *args, **kwargs) -> bytes:
         encode = self._encode_value

@@ -23,7 +23,7 @@ reply an L{int}, a nil reply L{None}.  Redis Cluster is not supported.
 """
 
 import hashlib
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import txredisapi
 from twisted.internet import defer
@@ -81,14 +81,14 @@ class RedisClient:
         self._reactor = reactor
         self.address = address
         self.timeout = timeout
-        self._shas = {}
+        self._shas: Dict[str, str] = {}
         self._waiters: List[Deferred] = []
         self._peeking = False
         self._wake_call = None
         self._next = 0
         self._closed = False
         self._subscriptions: List[Subscription] = []
-        self._sentinel = None
+        self._sentinel: Any = None
         self._factory = self._start_pool(poolsize)
 
     def _start_pool(self, poolsize: int):
@@ -230,7 +230,7 @@ class RedisClient:
         conn = self._pick()
         if conn is not None:
             return defer.succeed(conn)
-        waiter = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
+        waiter: Deferred = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
         self._waiters.append(waiter)
         self._peek()
         return waiter

@@ -25,7 +25,7 @@ import fcntl
 import os
 import shutil
 import signal
-from typing import Optional
+from typing import Any, List, Optional
 from urllib.parse import quote
 
 from twisted.application.service import Service
@@ -98,7 +98,7 @@ def _quote_conf(value: str) -> str:
 class _RedisProcess(protocol.ProcessProtocol):
     def __init__(self, log_path: str):
         self._log = open(log_path, "ab", buffering=0)
-        self.ended = Deferred()
+        self.ended: Deferred = Deferred()
         self.exited = False
 
     def outReceived(self, data: bytes):
@@ -118,8 +118,11 @@ class _Inline(protocol.Protocol):
     fails if the connection closes first (as it does after C{SHUTDOWN}).
     """
 
+    # Set by the connection before any callback below runs.
+    transport: Any
+
     def __init__(self, command: bytes = b"PING"):
-        self.answer = Deferred()
+        self.answer: Deferred = Deferred()
         self._command = command
         self._buffer = b""
 
@@ -132,7 +135,7 @@ class _Inline(protocol.Protocol):
             self.answer.callback(self._buffer.split(b"\r\n", 1)[0])
             self.transport.loseConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason=protocol.connectionDone):
         if not self.answer.called:
             self.answer.errback(reason)
 
@@ -190,9 +193,9 @@ class EmbeddedRedis(Service):
         self._restart_call = None
         self._restart_delay = RESTART_DELAY
         self._process: Optional[_RedisProcess] = None
-        self._transport = None
-        self._outcome = None
-        self._waiting = None
+        self._transport: Any = None
+        self._outcome: Any = None
+        self._waiting: Optional[List[Deferred]] = None
         self._lock_fd: Optional[int] = None
 
     @property
@@ -255,7 +258,7 @@ class EmbeddedRedis(Service):
         if isinstance(result, Failure):
             log.error("The embedded Redis did not start: {error}", error=result.getErrorMessage())
         self._outcome = result
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = self._waiting or [], []
         for d in waiting:
             self._fire(d)
 
@@ -273,7 +276,7 @@ class EmbeddedRedis(Service):
         """
         if self._waiting is None:
             return defer.fail(EmbeddedRedisError("The embedded Redis was not started"))
-        d = Deferred()
+        d: Deferred = Deferred()
         if self._outcome is None:
             self._waiting.append(d)
         else:
@@ -339,10 +342,11 @@ class EmbeddedRedis(Service):
         by themselves.
         """
         process = self._process
+        assert process is not None  # called once Redis is spawned
         self._restart_delay = RESTART_DELAY
         process.ended.addCallback(lambda _: self._died(process, binary))
 
-    def _died(self, process: "_RedisProcess", binary: str) -> None:
+    def _died(self, process: Optional["_RedisProcess"], binary: str) -> None:
         if not self.running or process is not self._process:
             return
         delay = self._restart_delay
@@ -498,7 +502,7 @@ class EmbeddedRedis(Service):
         if process is None or process.exited:
             self._release_lock()
             return defer.succeed(None)
-        ended = Deferred()
+        ended: Deferred = Deferred()
         # The directory stays locked until our Redis has really exited.
         ended.addBoth(lambda result: self._release_lock())
         process.ended.addBoth(lambda result: ended.callback(None) if not ended.called else None)
@@ -520,6 +524,6 @@ def _signal_pid(pid: int, signum: int) -> None:
 
 
 def _sleep(reactor, seconds: float) -> Deferred:
-    d = Deferred()
+    d: Deferred = Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d

@@ -8,7 +8,7 @@ up or down, so that a cache kept consistent by it
 (L{dheera_tx.keys.cache.CachedKeyStore}) knows when it cannot be trusted.
 """
 
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import txredisapi
 from twisted.internet import defer
@@ -55,6 +55,7 @@ def open_subscription(
     """
     subscription = Subscription(reactor, channel, callback, on_state, heartbeat)
     if address.kind == "sentinel":
+        assert sentinel is not None  # the client makes one for a Sentinel address
         handler = sentinel.master_for(
             address.master_name,
             factory_class=_SentinelSubscriberFactory,
@@ -85,10 +86,11 @@ class _SentinelSubscriberProtocol(_SubscriberProtocol, txredisapi.SentinelRedisP
 
 
 class _SubscriberMixin:
-    subscription = None
+    # Set on the factory before it connects.
+    subscription: Any = None
 
     def buildProtocol(self, addr):
-        p = super().buildProtocol(addr)
+        p = super().buildProtocol(addr)  # type: ignore[misc]  # a mixin: the factory class comes after it
         p.whenConnected().addCallback(self.subscription._ready)
         return p
 
@@ -116,7 +118,7 @@ class Subscription:
         self._callback = callback
         self._on_state = on_state
         self._heartbeat = heartbeat
-        self._factory = None
+        self._factory: Any = None
         self._protocol = None
         self._ping_pending = False
         self._timer = None
@@ -130,7 +132,7 @@ class Subscription:
         """
         if self.active:
             return defer.succeed(self)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._waiting.append(d)
         return d
 

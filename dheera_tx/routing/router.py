@@ -103,7 +103,7 @@ class Router:
             configured and there is no default upstream.
         """
         if model is not None:
-            replicas = self._config.replicas(model)
+            replicas: Sequence[Deployment] = self._config.replicas(model)
             if replicas:
                 return Route(model, replicas)
             replicas = self._adapters(model)
