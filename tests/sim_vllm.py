@@ -68,7 +68,7 @@ class PrefixCache:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._blocks: "collections.OrderedDict[bytes, None]" = collections.OrderedDict()
+        self._blocks: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -160,9 +160,9 @@ class SimEngine:
         self.reactor = reactor
         self.settings = settings
         self.cache = PrefixCache(settings.cache_blocks)
-        self.waiting: "collections.deque[_Sequence]" = collections.deque()
+        self.waiting: collections.deque[_Sequence] = collections.deque()
         self.running: List[_Sequence] = []
-        self._prefill_queue: "collections.deque[_Sequence]" = collections.deque()
+        self._prefill_queue: collections.deque[_Sequence] = collections.deque()
         self._prefilling = False
         self.prefix_queries = 0
         self.prefix_hits = 0

@@ -35,7 +35,7 @@ class KeyHomes:
         self.window = window
         self._capacity = capacity
         # key: (deployment id, last seen, process that placed it: "" here)
-        self._homes: "collections.OrderedDict[int, Tuple[str, float, str]]" = collections.OrderedDict()
+        self._homes: collections.OrderedDict[int, Tuple[str, float, str]] = collections.OrderedDict()
         self._counts: Dict[str, int] = {}
         self.outbox: List[Tuple[int, str]] = []
 

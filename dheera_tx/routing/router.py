@@ -12,7 +12,7 @@ in this process and the last load sample scraped from its C{/metrics}
 """
 
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 
@@ -22,6 +22,9 @@ from dheera_tx.routing import strategies
 from dheera_tx.routing.affinity import replica_weight
 from dheera_tx.routing.homes import KeyHomes
 from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, is_fresh, parse_metrics
+
+if TYPE_CHECKING:
+    from dheera_tx.routing.shared_load import SharedInFlight
 
 DEFAULT_SATURATION = Saturation()
 
@@ -90,7 +93,7 @@ class Router:
         self._seeds: Dict[str, int] = {}
         self.homes = KeyHomes(now)
         # Other processes' calls in flight (L{dheera_tx.routing.shared_load}), when shared.
-        self.shared = None
+        self.shared: Optional[SharedInFlight] = None
         for deployment in config.all_deployments():
             self._state.setdefault(deployment.id, _ReplicaState())
             self._seeds[deployment.id] = replica_weight(deployment)
