@@ -49,6 +49,7 @@ class Call:
     started_at: float
     model_name: Optional[str] = None
     deployment: Optional[str] = None
+    routing_reason: Optional[str] = None
     api_base: Optional[str] = None
     status: Optional[int] = None
     stream: bool = False
@@ -59,6 +60,7 @@ class Call:
     end_user: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     usage_estimated: bool = False
     cost_nanos: int = 0
     upstream_sent_at: Optional[float] = None

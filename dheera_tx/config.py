@@ -137,11 +137,18 @@ class GeneralSettings:
 class RouterSettings:
     """
     The C{router_settings} section: a replica that fails C{allowed_fails}
-    times in a row is cooled down for C{cooldown_time} seconds.
+    times in a row is cooled down for C{cooldown_time} seconds; replicas
+    are chosen by C{routing_strategy} (see L{dheera_tx.routing.strategies}),
+    from load samples of every deployment's C{/metrics} taken every
+    C{metrics_interval} seconds; C{session_header} names the header that
+    keeps a conversation on one replica.
     """
 
     allowed_fails: int = 3
     cooldown_time: float = 30.0
+    routing_strategy: str = "cache-aware"
+    metrics_interval: float = 1.0
+    session_header: str = "x-session-id"
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -210,6 +217,8 @@ class ProxyConfig:
 
 
 _positive = config_values.number(0, inclusive=False)
+# router_settings.routing_strategy: dheera_tx.routing.strategies implements each.
+ROUTING_STRATEGIES = ("cache-aware", "load-aware", "least-busy", "simple-shuffle")
 _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "master_key": config_values.master_key,
     "database_url": config_values.text,
@@ -235,6 +244,9 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "allowed_fails": config_values.whole(1),
     "cooldown_time": config_values.number(0, inclusive=True),
+    "routing_strategy": config_values.one_of(ROUTING_STRATEGIES),
+    "metrics_interval": config_values.number(0.05, inclusive=True),
+    "session_header": config_values.header_name,
 }
 _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "model": config_values.served_model,

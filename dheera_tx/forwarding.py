@@ -32,6 +32,7 @@ from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_js
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_vllm_model
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
 from dheera_tx.realtime import RealtimeCalls
+from dheera_tx.routing.affinity import call_affinity
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -99,6 +100,7 @@ class Passthrough:
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
+        self._session_header = config.router.session_header.encode("ascii") if config.router.routing_strategy == "cache-aware" else None
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
 
     def _upstream(self, deployment: Deployment) -> _Upstream:
@@ -224,7 +226,8 @@ class Passthrough:
                     self._full_windows.remember(principal.key, e)
                 raise
             progress.strip_usage = needs_usage_injection(path, document)
-            await self._forward(request, call, route, path + query, raw_json, progress)
+            affinity = call_affinity(self._session_header, request.getHeader, route, document)
+            await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
             answer_error(request, e, call)
@@ -290,12 +293,13 @@ class Passthrough:
 
     # Forwarding.
 
-    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress") -> None:
+    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None) -> None:
         tried: List[Deployment] = []
         while True:
-            deployment = self._router.pick(route, tried)
-            if deployment is None:
+            chosen = self._router.choose(route, tried, affinity)
+            if chosen is None:
                 raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+            deployment, call.routing_reason = chosen
             tried.append(deployment)
             producer = self._body_for(request, deployment, route, raw_json, progress)
             progress.deployment = deployment

@@ -43,6 +43,8 @@ from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
+from dheera_tx.routing.shared_load import SYNCS_PER_INTERVAL, SharedInFlight
+from dheera_tx.routing.signals import MetricsScraper
 from dheera_tx.upstream.client import UpstreamPool
 
 log = Logger()
@@ -139,6 +141,7 @@ class Gateway:
     call_log: CallLog
     prober: DeploymentProber
     catalog: ModelCatalog
+    scraper: MetricsScraper
     key_store: Optional[CachedKeyStore] = None
     ledger: Optional[SpendLedger] = None
 
@@ -212,6 +215,12 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         catalog=catalog,
     )
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
+    scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
+    if redis is not None and scraper.deployments:
+        router.shared = SharedInFlight(
+            redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
+            homes=router.homes,
+        )
     control = ControlPlane(
         probes,
         metrics=metrics,
@@ -223,7 +232,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     root = ControlRoot(control.app.resource(), branches)
     gate = ControlGate(authenticator, config.general.metrics_require_auth)
     site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor, gate)
-    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, key_store, ledger)
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger)
 
 
 class OrderedServices(service.MultiService):
@@ -428,6 +437,20 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
             health_start()
 
     _Step("accounting", start=background_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
+    if gateway.scraper.deployments:
+        shared = gateway.router.shared
+
+        def signals_start():
+            gateway.scraper.start()
+            if shared is not None:
+                shared.start()
+
+        async def signals_stop():
+            await gateway.scraper.stop()
+            if shared is not None:
+                await shared.stop()
+
+        _Step("load signals", start=signals_start, stop=lambda: ensureDeferred(signals_stop())).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
     listeners = service.MultiService()
