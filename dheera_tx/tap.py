@@ -213,7 +213,9 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         ),
         on_call_end=call_log.emit,
         catalog=catalog,
+        metrics=metrics,
     )
+    metrics.read_queue(passthrough.flow.depths)
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
     scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
     if redis is not None and scraper.deployments:
