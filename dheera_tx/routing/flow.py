@@ -282,6 +282,9 @@ class GatewayQueue:
     def _gone(self, queue: _ModelQueue, waiter: _Waiter) -> None:
         queue.size -= 1
         self._waiting -= 1
+        if not self._waiting and self._poll is not None and self._poll.active():
+            self._poll.cancel()
+            self._poll = None
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
         waiter.timer = None

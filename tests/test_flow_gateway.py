@@ -1,0 +1,115 @@
+"""
+Flow control end to end: the proxy over a fake vLLM on loopback sockets,
+with a deployment's C{max_parallel_requests}, the gateway queue's bounds,
+and vLLM's C{priority} body field stripped or forwarded.
+"""
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+
+from tests.passthrough_harness import ProxyTestCase, deployment, error_of
+from tests.scripted_upstream import sleep
+
+
+class FlowGatewayTests(ProxyTestCase):
+    """
+    Calls through the proxy to a deployment with a parallel cap of 1.
+    """
+
+    async def start(self, router=None, **params):
+        self.upstream = await self.fake()
+        params.setdefault("max_parallel_requests", 1)
+        self.proxy([deployment("alpha", "tiny", self.upstream, **params)], router=router)
+
+    async def test_second_call_waits_for_the_first(self):
+        """
+        Two concurrent calls, cap 1: the second reaches vLLM only after the
+        first has ended, then is served; its wait shows in C{/metrics}.
+        """
+        await self.start()
+        first = ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.5"}))
+        await self.upstream.wait_for_requests(1)
+        second = ensureDeferred(self.chat())
+        await sleep(0.2)
+        self.assertEqual(len(self.upstream.received), 1)
+        response, _ = await first
+        self.assertEqual(response.code, 200)
+        first_done = reactor.seconds()
+        response, body = await second
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(len(self.upstream.received), 2)
+        self.assertGreaterEqual(self.upstream.received[1].body_done_at or 0, first_done - 0.05)
+        _, metrics = await self.request(b"GET", "/metrics")
+        self.assertIn(b'dheera_queue_wait_seconds_count{model="alpha",priority="0"} 1.0', metrics)
+
+    async def test_queue_full_429_nothing_reaches_vllm(self):
+        """
+        With C{max_queue: 0}, a call finding the replica at its cap is
+        refused with 429, C{Retry-After} and the OpenAI error shape, and
+        vLLM never sees it.
+        """
+        await self.start(router={"max_queue": 0})
+        first = ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.3"}))
+        await self.upstream.wait_for_requests(1)
+        response, body = await self.chat()
+        self.assertEqual(response.code, 429)
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        self.assertEqual(error_of(body)["code"], "queue_full")
+        (await first)
+        self.assertEqual(len(self.upstream.received), 1)
+        _, metrics = await self.request(b"GET", "/metrics")
+        self.assertIn(b'dheera_queue_shed_total{model="alpha",reason="queue_full"} 1.0', metrics)
+
+    async def test_queue_wait_429(self):
+        """
+        A queued call still waiting after C{max_queue_wait} gets 429 with
+        C{Retry-After} and never reaches vLLM.
+        """
+        await self.start(router={"max_queue_wait": 0.2})
+        first = ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.6"}))
+        await self.upstream.wait_for_requests(1)
+        response, body = await self.chat()
+        self.assertEqual(response.code, 429)
+        self.assertEqual(error_of(body)["code"], "queue_timeout")
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        (await first)
+        self.assertEqual(len(self.upstream.received), 1)
+
+    async def test_client_priority_stripped(self):
+        """
+        Without C{forward_priority}, a client's C{priority} body field is
+        removed before the call reaches vLLM; a body without one is sent
+        byte for byte.
+        """
+        await self.start(max_parallel_requests=None)
+        response, _ = await self.chat(priority=-100)
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("priority", self.upstream.received[0].json)
+        response, _ = await self.chat()
+        self.assertEqual(response.code, 200)
+        self.assertNotIn(b"priority", self.upstream.received[1].body)
+
+    async def test_priority_forwarded(self):
+        """
+        With C{forward_priority: true}, the master key's C{priority} reaches
+        vLLM (a virtual key's own priority replaces a client's: see
+        L{tests.test_flow.PriorityFieldTests}).
+        """
+        await self.start(max_parallel_requests=None, forward_priority=True)
+        response, _ = await self.chat(priority=3)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.upstream.received[0].json["priority"], 3)
+
+    async def test_health_shows_saturation(self):
+        """
+        C{/health} tells each deployment's saturation.
+        """
+        await self.start()
+        self.addCleanup(self.gateway.prober.stop)
+        first = ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.3"}))
+        await self.upstream.wait_for_requests(1)
+        response, body = await self.request(b"GET", "/health", {"authorization": "Bearer sk-test-master-key-0123456789"})
+        self.assertIn('"saturated": true', json.dumps(json.loads(body)))
+        await first
