@@ -113,3 +113,38 @@ class FlowGatewayTests(ProxyTestCase):
         response, body = await self.request(b"GET", "/health", {"authorization": "Bearer sk-test-master-key-0123456789"})
         self.assertIn('"saturated": true', json.dumps(json.loads(body)))
         await first
+
+    async def test_client_leaving_frees_its_place(self):
+        """
+        A client that disconnects while its call is queued frees its place
+        at once (queue depth 0, well before C{max_queue_wait}); its call
+        never reaches vLLM and is recorded unbilled, as a client
+        disconnect, with the time it waited.
+        """
+        await self.start()
+        records = []
+        emit = self.gateway.passthrough._on_call_end
+        self.gateway.passthrough._on_call_end = lambda call: (records.append(call), emit(call))
+        first = ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.6"}))
+        await self.upstream.wait_for_requests(1)
+        client = await self.raw_connect()
+        body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        client.transport.write(
+            b"POST /vllm/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-master-key-0123456789\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        flow = self.gateway.passthrough.flow
+        while not flow.depths():
+            await sleep(0.01)
+        await sleep(0.1)
+        client.transport.abortConnection()
+        await sleep(0.05)
+        self.assertEqual(flow.depths(), {})
+        left = [r for r in records if r.error == "client_disconnected"]
+        self.assertEqual(len(left), 1)
+        self.assertIsNone(left[0].deployment)
+        self.assertEqual(left[0].cost_nanos, 0)
+        self.assertGreaterEqual(left[0].queued_ms, 100.0)
+        response, _ = await first
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.upstream.received), 1)
