@@ -11,7 +11,7 @@ no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -142,6 +142,8 @@ class Passthrough:
             progress.path,
             body_bytes,
         )
+        if progress.queued is not None and call.deployment is not None:
+            self.flow.served(*progress.queued, call.prompt_tokens + call.completion_tokens)
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -222,11 +224,11 @@ class Passthrough:
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
             key = principal.key
             progress.priority = key.priority if key is not None else None
-            waiting = self.flow.admit(
-                route, key.token if key is not None else "", key.priority if key is not None else 0,
-                key.weight if key is not None else 1.0, call_cost(raw_json, document, self._default_max_tokens),
-            )
+            share = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            cost = call_cost(raw_json, document, self._default_max_tokens)
+            waiting = self.flow.admit(route, share[0], share[1], share[2], cost)
             if waiting is not None:
+                progress.queued = (route.model_name, *share, cost)
                 await self._queued(request, call, waiting)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
@@ -484,7 +486,7 @@ class _Progress:
     """
 
     __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded",
-                 "priority")
+                 "priority", "queued")
 
     def __init__(self):
         self.request = None
@@ -500,6 +502,8 @@ class _Progress:
         self.forwarded: Optional[dict] = None
         # The key's priority (vLLM's priority field where a deployment forwards it).
         self.priority: Optional[int] = None
+        # A queued call's (model, key, priority, weight, estimated tokens), for fair share.
+        self.queued: Optional[Tuple[Optional[str], str, int, float, float]] = None
 
 
 def call_cost(raw_json, document, default_max_tokens: int) -> float:

@@ -137,6 +137,24 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(order.count("light"), 10)
         clock.advance(31)
 
+    def test_tokens_served_move_the_tag(self):
+        """
+        Two keys queue calls estimated alike; key A's first call served ten
+        times its estimate: A's next queued call goes after B's two.
+        """
+        clock, router, queue, route, shed, _ = _setup()
+        replica = route.replicas[0]
+        router.started(replica)
+        order: list = []
+        self.later(queue.admit(route, "A", cost=100).addCallback(self.take(router, route, order, "A1")))
+        queue.served("m", "A", 0, 1.0, 100, 1000)
+        self.later(queue.admit(route, "A", cost=100).addCallback(self.take(router, route, order, "A2")))
+        for name in ("B1", "B2"):
+            self.later(queue.admit(route, "B", cost=100).addCallback(self.take(router, route, order, name)))
+        for _ in range(4):
+            router.finished(replica)
+        self.assertEqual(order, ["A1", "B1", "B2", "A2"])
+
     def test_queue_full_429(self):
         """
         Beyond C{max_queue} waiting calls, the next is refused at once with

@@ -22,7 +22,8 @@ priority level, keys share capacity by weighted fair queuing: a call's
 finish tag is C{max(V, the key's last tag) + cost / weight}, where the cost
 is its estimated tokens (prompt and output) and C{V} the level's virtual
 time (the start tag of the last call dispatched); the lowest tag leaves
-first.  So a key with a thousand queued calls holds tags far ahead, and
+first.  When a queued call ends, the tokens it served replace its estimate
+in its key's tag (L{GatewayQueue.served}).  So a key with a thousand queued calls holds tags far ahead, and
 another key's single call leaves next.
 """
 
@@ -177,6 +178,20 @@ class GatewayQueue:
         # Capacity may be there already (a call queued behind others).
         self.dispatch()
         return waiter.deferred
+
+    def served(self, model_name: Optional[str], key: str, priority: int, weight: float, estimate: float,
+               tokens: int) -> None:
+        """
+        A queued call ended having served C{tokens} (prompt and output)
+        against the C{estimate} it was queued with: the difference moves the
+        key's finish tag for the calls it queues next, so that shares follow
+        tokens served.  Nothing is kept for a key with no calls queued.
+        """
+        queue = self._queues.get(model_name)
+        level = queue.levels.get(priority) if queue is not None else None
+        if level is None or key not in level.last_finish:
+            return
+        level.last_finish[key] += (tokens - max(1.0, estimate)) / (weight if weight > 0 else 1.0)
 
     def depths(self) -> Dict[Tuple[Optional[str], int], int]:
         """
