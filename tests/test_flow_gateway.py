@@ -148,3 +148,21 @@ class FlowGatewayTests(ProxyTestCase):
         response, _ = await first
         self.assertEqual(response.code, 200)
         self.assertEqual(len(self.upstream.received), 1)
+
+    async def test_cap_holds_with_a_queue(self):
+        """
+        Four concurrent calls, cap 1: vLLM sees them one at a time (each
+        queued call takes the replica as it leaves the queue, before the
+        next is considered), and all are served.
+        """
+        await self.start()
+        running = []
+        calls = [ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.15"})) for _ in range(4)]
+        while not all(call.called for call in calls):
+            running.append(self.upstream.requests_running)
+            await sleep(0.01)
+        for call in calls:
+            response, _ = await call
+            self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.upstream.received), 4)
+        self.assertLessEqual(max(running), 1)

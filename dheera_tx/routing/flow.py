@@ -313,16 +313,3 @@ class GatewayQueue:
         self.dispatch()
         if self._waiting:
             self._arm_poll()
-
-    def stop(self) -> None:
-        """
-        Shed every waiting call (shutdown) and stop the poll timer.
-        """
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = None
-        for queue in list(self._queues.values()):
-            for level in list(queue.levels.values()):
-                for _, _, waiter in list(level.heap):
-                    if self._take_out(queue, waiter) and waiter.deferred is not None:
-                        waiter.deferred.errback(self._shed(waiter.route, "queue_timeout"))
