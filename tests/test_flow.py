@@ -228,6 +228,23 @@ class FlowTests(SynchronousTestCase):
         router.finished(route.replicas[1])
         self.successResultOf(d)
 
+    def test_shuffle_skips_saturated_replica(self):
+        """
+        Under C{simple-shuffle} (which weighs no load), a replica at its
+        parallel cap is not chosen while another has room.
+        """
+        config = config_from_dict({
+            "model_list": [{"model_name": "m", "dheera_ai_params": {"model": "hosted_vllm/m", "api_base": f"http://h{i}",
+                                                                      "max_parallel_requests": 1}} for i in range(2)],
+            "router_settings": {"routing_strategy": "simple-shuffle"},
+        })
+        clock = Clock()
+        router = Router(config, now=clock.seconds, choice=lambda replicas: replicas[0])
+        GatewayQueue(clock, router, 10, 30.0)
+        route = router.route("m")
+        router.started(route.replicas[0])
+        self.assertEqual(router.pick(route), route.replicas[1])
+
     def test_sample_saturation(self):
         """
         A fresh sample with C{max_waiting} requests waiting saturates a

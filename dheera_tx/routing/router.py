@@ -26,6 +26,10 @@ from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation,
 if TYPE_CHECKING:
     from dheera_tx.routing.shared_load import SharedInFlight
 
+# Strategies that do not weigh saturation themselves.
+_BLIND_TO_SATURATION = frozenset(["least-busy", "simple-shuffle"])
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Route:
     """
@@ -154,8 +158,9 @@ class Router:
         now = self._now()
         healthy = [d for d in candidates if self._state[d.id].cooldown_until <= now]
         pool = healthy or candidates
-        if self.on_capacity is not None:
-            # Flow control: a replica at its limits takes no call while another has room.
+        if self.on_capacity is not None and self.strategy in _BLIND_TO_SATURATION:
+            # Flow control: a replica at its limits takes no call while
+            # another has room (cache-aware and load-aware see to it themselves).
             free = [d for d in pool if not self.saturated(d)]
             pool = free or pool
         return strategies.choose(self.strategy, self, pool, affinity)
