@@ -224,11 +224,11 @@ class Passthrough:
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
             key = principal.key
             progress.priority = key.priority if key is not None else None
-            share = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            owner, priority, weight = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
             cost = call_cost(raw_json, document, self._default_max_tokens)
-            waiting = self.flow.admit(route, share[0], share[1], share[2], cost)
+            waiting = self.flow.admit(route, owner, priority, weight, cost)
             if waiting is not None:
-                progress.queued = (route.model_name, *share, cost)
+                progress.queued = (route.model_name, owner, priority, weight, cost)
                 await self._queued(request, call, waiting)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
