@@ -6,11 +6,13 @@ and vLLM's C{priority} body field stripped or forwarded.
 
 import json
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 
 from tests.passthrough_harness import ProxyTestCase, deployment, error_of
 from tests.scripted_upstream import sleep
+from tests.sim_vllm import SimSettings, listen
 
 
 class FlowGatewayTests(ProxyTestCase):
@@ -166,3 +168,54 @@ class FlowGatewayTests(ProxyTestCase):
             self.assertEqual(response.code, 200)
         self.assertEqual(len(self.upstream.received), 4)
         self.assertLessEqual(max(running), 1)
+
+
+class _At:
+    """Something with a C{url}, for L{deployment}."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+
+class SampledSaturationTests(ProxyTestCase):
+    """
+    Saturation read from scraped C{/metrics}: two simulated replicas
+    (L{tests.sim_vllm}) each running one sequence with one more waiting.
+    """
+
+    timeout = 60
+
+    async def test_call_waits_for_a_sample_with_room(self):
+        """
+        With both replicas' waiting queues at C{max_waiting} (traffic sent
+        to them directly), a call through the proxy waits in the gateway
+        and reaches a replica only once a sample shows room; it is then
+        served.
+        """
+        replicas = []
+        for _ in range(2):
+            replica, port = listen(reactor, SimSettings(max_num_seqs=1, decode_interval=0.005))
+            self.addCleanup(port.stopListening)
+            self.addCleanup(replica.site.close_connections)
+            replicas.append((replica, "http://127.0.0.1:%d" % port.getHost().port))
+        self.proxy([deployment("chat", "sim", _At(url)) for _, url in replicas],
+                   router={"max_waiting": 1, "metrics_interval": 0.1, "routing_strategy": "load-aware"})
+        self.gateway.scraper.start()
+        self.addCleanup(self.gateway.scraper.stop)
+        hog = json.dumps({"model": "sim", "prompt": "x", "max_tokens": 100}).encode()
+        hogs = [treq.post(url + "/v1/completions", hog, persistent=False) for _, url in replicas for _ in range(2)]
+        router = self.gateway.router
+        deadline = reactor.seconds() + 10
+        while not all(router.saturated(d) for d in self.config.replicas("chat")):
+            self.assertLess(reactor.seconds(), deadline, "replicas never seen saturated")
+            await sleep(0.02)
+        flow = self.gateway.passthrough.flow
+        call = ensureDeferred(self.chat(model="chat", max_tokens=2))
+        while not flow.depths():
+            self.assertFalse(call.called, "the call was not queued")
+            await sleep(0.01)
+        response, body = await call
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(flow.depths(), {})
+        for d in hogs:
+            await (await d).content()
