@@ -3,8 +3,8 @@ What goes to the upstream for one call: where (L{UpstreamTarget}, from a
 deployment's api_base), with which headers (L{upstream_headers}: hop-by-hop
 and proxy headers out, the deployment's key in, a virtual key's request id
 scoped) and which body (L{upstream_body}: the client's bytes unchanged
-unless the served model name, the usage request or scoped ids must be
-written into the JSON).
+unless the served model name, the usage request, scoped ids or the
+C{priority} field must be written into the JSON).
 """
 
 from typing import List, Optional, Tuple
@@ -36,8 +36,10 @@ class UpstreamTarget:
 def upstream_body(request, deployment: Deployment, route: Route, raw_json, progress):
     """
     :return: the body to send to C{deployment}: the client's bytes
-        unchanged unless the served model name, the usage request or
-        a virtual key's request ids must be written into the JSON.
+        unchanged unless the served model name, the usage request,
+        a virtual key's request ids or vLLM's C{priority} field (removed,
+        or the key's with C{forward_priority}) must be written into the
+        JSON.
     """
     if raw_json is None:
         return request.body
