@@ -50,6 +50,8 @@ class Call:
     model_name: Optional[str] = None
     deployment: Optional[str] = None
     routing_reason: Optional[str] = None
+    # Milliseconds the call waited in the gateway queue (flow control).
+    queued_ms: float = 0.0
     api_base: Optional[str] = None
     status: Optional[int] = None
     stream: bool = False

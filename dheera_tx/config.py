@@ -79,6 +79,8 @@ class Deployment:
     connect_timeout: float = 10.0
     keepalive_timeout: float = 4.0
     lora_adapters: Tuple[Tuple[str, Optional[float], Optional[float]], ...] = ()
+    max_parallel_requests: Optional[int] = None
+    forward_priority: bool = False
     index: int = -1
 
     def prices_for(self, model: Optional[str]) -> Tuple[float, float]:
@@ -149,6 +151,10 @@ class RouterSettings:
     routing_strategy: str = "cache-aware"
     metrics_interval: float = 1.0
     session_header: str = "x-session-id"
+    max_waiting: float = 4.0
+    max_kv_usage: float = 0.9
+    max_queue: int = 1000
+    max_queue_wait: float = 30.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -247,6 +253,10 @@ _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "routing_strategy": config_values.one_of(ROUTING_STRATEGIES),
     "metrics_interval": config_values.number(0.05, inclusive=True),
     "session_header": config_values.header_name,
+    "max_waiting": config_values.number(0, inclusive=True),
+    "max_kv_usage": config_values.number(0, inclusive=True),
+    "max_queue": config_values.whole(0),
+    "max_queue_wait": config_values.number(0, inclusive=True),
 }
 _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "model": config_values.served_model,
@@ -260,6 +270,8 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "connect_timeout": _positive,
     "keepalive_timeout": _positive,
     "lora_adapters": config_values.lora_adapters,
+    "max_parallel_requests": config_values.whole(1),
+    "forward_priority": config_values.flag,
 }
 PARAMS = tuple(_PARAM_CHECKS)
 # Settings that were replaced: naming one stops start-up with what to write

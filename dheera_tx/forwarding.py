@@ -11,7 +11,7 @@ no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 """
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -33,6 +33,7 @@ from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.affinity import call_affinity
+from dheera_tx.routing.flow import GatewayQueue
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -68,7 +69,8 @@ class Passthrough:
     """
 
     def __init__(
-        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None
+        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None,
+        metrics=None,
     ):
         self._reactor = reactor
         self._catalog = catalog
@@ -87,6 +89,12 @@ class Passthrough:
         self._max_response_head = config.general.max_header_bytes
         self._session_header = config.router.session_header.encode("ascii") if config.router.routing_strategy == "cache-aware" else None
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
+        self._default_max_tokens = config.general.default_max_tokens_reservation
+        self.flow = GatewayQueue(
+            reactor, router, config.router.max_queue, config.router.max_queue_wait, config.router.metrics_interval / 5,
+            on_wait=metrics.observe_queue_wait if metrics is not None else None,
+            on_shed=metrics.count_shed if metrics is not None else None,
+        )
 
     def _upstream(self, deployment: Deployment) -> UpstreamTarget:
         upstream = self._upstreams.get(deployment.id)
@@ -134,6 +142,8 @@ class Passthrough:
             progress.path,
             body_bytes,
         )
+        if progress.queued is not None and call.deployment is not None:
+            self.flow.served(*progress.queued, call.prompt_tokens + call.completion_tokens)
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -212,6 +222,14 @@ class Passthrough:
                 raise
             progress.strip_usage = needs_usage_injection(path, document)
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
+            key = principal.key
+            progress.priority = key.priority if key is not None else None
+            owner, priority, weight = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            cost = call_cost(raw_json, document, self._default_max_tokens)
+            waiting = self.flow.admit(route, owner, priority, weight, cost)
+            if waiting is not None:
+                progress.queued = (route.model_name, owner, priority, weight, cost)
+                await self._queued(request, call, waiting)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
@@ -275,6 +293,24 @@ class Passthrough:
             lambda p: multipart_model(p, boundary)[0], MULTIPART_PEEK_BYTES
         )
         return multipart_model(prefix, boundary)[1]
+
+    async def _queued(self, request, call: Call, waiting: Deferred) -> None:
+        """
+        Wait in the gateway queue (L{dheera_tx.routing.flow}); a client that
+        leaves frees its place at once.
+        """
+        queued_at = self._reactor.seconds()
+        gone = request.on_client_gone(waiting.cancel)
+        if request.client_gone:
+            waiting.cancel()
+        try:
+            await waiting
+        except CancelledError:
+            call.error = "client_disconnected"
+            raise _ClientGone()
+        finally:
+            call.queued_ms = (self._reactor.seconds() - queued_at) * 1000.0
+            request.forget_client_gone(gone)
 
     # Forwarding.
 
@@ -449,7 +485,8 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded")
+    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded",
+                 "priority", "queued")
 
     def __init__(self):
         self.request = None
@@ -463,6 +500,25 @@ class _Progress:
         # moved into it (None: forwarded as the client wrote it).
         self.id_scope: Optional[bytes] = None
         self.forwarded: Optional[dict] = None
+        # The key's priority (vLLM's priority field where a deployment forwards it).
+        self.priority: Optional[int] = None
+        # A queued call's (model, key, priority, weight, estimated tokens), for fair share.
+        self.queued: Optional[Tuple[Optional[str], str, int, float, float]] = None
+
+
+def call_cost(raw_json, document, default_max_tokens: int) -> float:
+    """
+    :return: the tokens a call is expected to cost, for fair share: its
+        JSON body's bytes / 4 for the prompt, plus its C{max_tokens} (or
+        C{max_completion_tokens}, else the default reservation).
+    """
+    prompt = len(raw_json) / 4.0 if raw_json else 1.0
+    output = default_max_tokens
+    if document is not None:
+        named = document.get("max_tokens", document.get("max_completion_tokens"))
+        if isinstance(named, int) and not isinstance(named, bool) and named >= 0:
+            output = named
+    return prompt + output
 
 
 def request_bytes(progress: _Progress) -> int:

@@ -213,10 +213,15 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         ),
         on_call_end=call_log.emit,
         catalog=catalog,
+        metrics=metrics,
     )
+    metrics.read_queue(passthrough.flow.depths)
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
     scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
-    if redis is not None and scraper.deployments:
+    # Shared in-flight counts: for load-aware routing, and so that a
+    # deployment's max_parallel_requests holds across workers and proxies.
+    capped = any(d.max_parallel_requests is not None for d in config.deployments)
+    if redis is not None and (scraper.deployments or capped):
         router.shared = SharedInFlight(
             redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
             homes=router.homes,
@@ -437,11 +442,12 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
             health_start()
 
     _Step("accounting", start=background_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
-    if gateway.scraper.deployments:
+    if gateway.scraper.deployments or gateway.router.shared is not None:
         shared = gateway.router.shared
 
         def signals_start():
-            gateway.scraper.start()
+            if gateway.scraper.deployments:
+                gateway.scraper.start()
             if shared is not None:
                 shared.start()
 

@@ -3,8 +3,8 @@ What goes to the upstream for one call: where (L{UpstreamTarget}, from a
 deployment's api_base), with which headers (L{upstream_headers}: hop-by-hop
 and proxy headers out, the deployment's key in, a virtual key's request id
 scoped) and which body (L{upstream_body}: the client's bytes unchanged
-unless the served model name, the usage request or scoped ids must be
-written into the JSON).
+unless the served model name, the usage request, scoped ids or the
+C{priority} field must be written into the JSON).
 """
 
 from typing import List, Optional, Tuple
@@ -36,8 +36,10 @@ class UpstreamTarget:
 def upstream_body(request, deployment: Deployment, route: Route, raw_json, progress):
     """
     :return: the body to send to C{deployment}: the client's bytes
-        unchanged unless the served model name, the usage request or
-        a virtual key's request ids must be written into the JSON.
+        unchanged unless the served model name, the usage request,
+        a virtual key's request ids or vLLM's C{priority} field (removed,
+        or the key's with C{forward_priority}) must be written into the
+        JSON.
     """
     if raw_json is None:
         return request.body
@@ -50,12 +52,37 @@ def upstream_body(request, deployment: Deployment, route: Route, raw_json, progr
         and deployment.served_model
         and document.get("model") != deployment.served_model
     )
-    if not rename and not progress.strip_usage and progress.forwarded is None:
+    priority = _priority(document, deployment, progress.priority)
+    if not rename and not progress.strip_usage and progress.forwarded is None and priority is _KEEP:
         return raw_json
     changed = with_usage_requested(document) if progress.strip_usage else dict(document)
     if rename:
         changed["model"] = deployment.served_model
+    if priority is _DROP:
+        changed.pop("priority", None)
+    elif priority is not _KEEP:
+        changed["priority"] = priority
     return encode_document(changed)
+
+
+_KEEP = object()
+_DROP = object()
+
+
+def _priority(document: dict, deployment: Deployment, key_priority: Optional[int]):
+    """
+    What becomes of vLLM's C{priority} body field: a client's is removed
+    (tenants must not jump vLLM's queue), unless the deployment sets
+    C{forward_priority}: then a virtual key's priority is sent, and the
+    master key's own value kept.
+
+    :return: L{_KEEP}, L{_DROP} or the value to set.
+    """
+    if not deployment.forward_priority:
+        return _DROP if "priority" in document else _KEEP
+    if key_priority is None or document.get("priority", 0) == key_priority:
+        return _KEEP
+    return key_priority
 
 def upstream_headers(request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False) -> List[Tuple[bytes, bytes]]:
     """

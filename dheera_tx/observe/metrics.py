@@ -32,6 +32,9 @@ Exported (counters carry the C{_total} suffix)::
     dheera_deployment_prefix_cache_queries{model,deployment}, ..._hits   vLLM's counters, as last read
     dheera_deployment_load_sample_age_seconds{model,deployment}
     dheera_log_records_dropped_total{sink}              read from the log sinks at scrape time
+    dheera_queue_depth{model,priority}                  calls waiting in the gateway queue, read at scrape time
+    dheera_queue_wait_seconds{model,priority}           histogram: time queued calls waited before they went
+    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica
 
 Multiprocess mode (C{--workers N}): the worker parent sets
 C{PROMETHEUS_MULTIPROC_DIR} for every worker, so prometheus_client keeps
@@ -105,6 +108,14 @@ UPSTREAM_ERRORS = frozenset(
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+def priority_label(priority: int) -> str:
+    """
+    :return: a bounded label for a key's priority (-100 to 100, else C{other}).
+    """
+    return str(priority) if -100 <= priority <= 100 else "other"
 
 
 def route_label(path: str) -> str:
@@ -182,6 +193,14 @@ class ProxyMetrics:
         self.upstream_errors = Counter(
             "dheera_upstream_errors", "Calls whose upstream failed, by kind.", ["kind"], registry=registry
         )
+        self.queue_wait = Histogram(
+            "dheera_queue_wait_seconds", "Time queued calls waited in the gateway before they went upstream.",
+            ["model", "priority"], buckets=QUEUE_WAIT_BUCKETS, registry=registry,
+        )
+        self.queue_shed = Counter(
+            "dheera_queue_shed", "Calls shed by flow control, by reason.", ["model", "reason"], registry=registry
+        )
+        self._queue_depths: Optional[Callable[[], dict]] = None
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.in_flight_requests = Gauge(
             "dheera_in_flight_requests", "Calls in flight.", registry=registry, multiprocess_mode="livesum"
@@ -250,6 +269,24 @@ class ProxyMetrics:
         kind = self.upstream_error_kind(call)
         if kind is not None:
             self.upstream_errors.labels(kind).inc()
+
+    def observe_queue_wait(self, model_name: Optional[str], priority: int, seconds: float) -> None:
+        """
+        Count a queued call that left for an upstream after C{seconds}.
+        """
+        self.queue_wait.labels(self.model_label(model_name), priority_label(priority)).observe(max(0.0, seconds))
+
+    def count_shed(self, model_name: Optional[str], reason: str) -> None:
+        """
+        Count a call shed by flow control.
+        """
+        self.queue_shed.labels(self.model_label(model_name), reason).inc()
+
+    def read_queue(self, depths: Callable[[], dict]) -> None:
+        """
+        :param depths: returns the calls waiting by C{(model_name, priority)}.
+        """
+        self._queue_depths = depths
 
     @staticmethod
     def upstream_error_kind(call: Call) -> Optional[str]:
@@ -383,6 +420,13 @@ class _LiveCollector:
             yield in_flight
             yield from scraped.values()
             yield age
+        if metrics._queue_depths is not None:
+            depth = GaugeMetricFamily(
+                "dheera_queue_depth", "Calls waiting in the gateway queue.", labels=["model", "priority"]
+            )
+            for (model_name, priority), count in sorted(metrics._queue_depths().items(), key=str):
+                depth.add_metric([metrics.model_label(model_name), priority_label(priority)], float(count))
+            yield depth
         if metrics._sinks:
             dropped = CounterMetricFamily(
                 "dheera_log_records_dropped", "Call records a log sink dropped (queue full or target down).", labels=["sink"]

@@ -26,7 +26,8 @@ from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation,
 if TYPE_CHECKING:
     from dheera_tx.routing.shared_load import SharedInFlight
 
-DEFAULT_SATURATION = Saturation()
+# Strategies that do not weigh saturation themselves.
+_BLIND_TO_SATURATION = frozenset(["least-busy", "simple-shuffle"])
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -80,13 +81,18 @@ class Router:
         now: Callable[[], float],
         choice=random.choice,
         adapters: Optional[Callable[[str], Sequence[Deployment]]] = None,
-        saturation: Saturation = DEFAULT_SATURATION,
+        saturation: Optional[Saturation] = None,
     ):
         self._config = config
         self._adapters = config.adapter_replicas if adapters is None else adapters
         self._now = now
         self._choice = choice
+        if saturation is None:
+            saturation = Saturation(config.router.max_waiting, config.router.max_kv_usage)
         self.saturation = saturation
+        # Called when a replica may have room again (a call ended, a sample
+        # arrived): the gateway queue (L{dheera_tx.routing.flow}) dispatches.
+        self.on_capacity: Optional[Callable[[], None]] = None
         self.strategy = config.router.routing_strategy
         self._interval = config.router.metrics_interval
         self._state: Dict[str, _ReplicaState] = {}
@@ -152,6 +158,11 @@ class Router:
         now = self._now()
         healthy = [d for d in candidates if self._state[d.id].cooldown_until <= now]
         pool = healthy or candidates
+        if self.on_capacity is not None and self.strategy in _BLIND_TO_SATURATION:
+            # Flow control: a replica at its limits takes no call while
+            # another has room (cache-aware and load-aware see to it themselves).
+            free = [d for d in pool if not self.saturated(d)]
+            pool = free or pool
         return strategies.choose(self.strategy, self, pool, affinity)
 
     # -- load signals -------------------------------------------------------------
@@ -210,9 +221,17 @@ class Router:
 
     def saturated(self, deployment: Deployment) -> bool:
         """
-        :return: whether the deployment is saturated now (L{Saturation}).
+        :return: whether the deployment is saturated now (L{Saturation}):
+            its calls in flight (every process's) at its
+            C{max_parallel_requests}, or a fresh sample's waiting queue or
+            KV-cache use at the limit.  A stale sample judges nothing: only
+            the parallel cap applies then.
         """
-        return self.saturation.saturated(self.fresh_sample(deployment), self.in_flight_everywhere(deployment))
+        in_flight = self.in_flight_everywhere(deployment)
+        cap = deployment.max_parallel_requests
+        if cap is not None and in_flight >= cap:
+            return True
+        return self.saturation.saturated(self.fresh_sample(deployment), in_flight)
 
     def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
         """
@@ -228,6 +247,8 @@ class Router:
             self.scrape_failed(deployment, f"not a vLLM /metrics answer: {e}")
             return
         state.scrape_error = None
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     def scrape_failed(self, deployment: Deployment, reason: str) -> None:
         """
@@ -245,7 +266,7 @@ class Router:
         """
         state = self._state[deployment.id]
         now = self._now()
-        shown: dict = {"in_flight": state.in_flight, "load_sample": None}
+        shown: dict = {"in_flight": state.in_flight, "saturated": self.saturated(deployment), "load_sample": None}
         if state.sample is not None:
             shown["load_sample"] = state.sample.shown(now)
             shown["load_sample"]["stale"] = not is_fresh(state.sample, now, self._interval)
@@ -261,9 +282,12 @@ class Router:
 
     def finished(self, deployment: Deployment) -> None:
         """
-        Count the end of a call counted by L{started}.
+        Count the end of a call counted by L{started}; a queued call may
+        take its place.
         """
         self._state[deployment.id].in_flight -= 1
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     def failed(self, deployment: Deployment) -> None:
         """
