@@ -49,6 +49,9 @@ class Call:
     started_at: float
     model_name: Optional[str] = None
     deployment: Optional[str] = None
+    routing_reason: Optional[str] = None
+    # Milliseconds the call waited in the gateway queue (flow control).
+    queued_ms: float = 0.0
     api_base: Optional[str] = None
     status: Optional[int] = None
     stream: bool = False
@@ -59,6 +62,7 @@ class Call:
     end_user: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     usage_estimated: bool = False
     cost_nanos: int = 0
     upstream_sent_at: Optional[float] = None

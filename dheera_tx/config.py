@@ -79,6 +79,8 @@ class Deployment:
     connect_timeout: float = 10.0
     keepalive_timeout: float = 4.0
     lora_adapters: Tuple[Tuple[str, Optional[float], Optional[float]], ...] = ()
+    max_parallel_requests: Optional[int] = None
+    forward_priority: bool = False
     index: int = -1
 
     def prices_for(self, model: Optional[str]) -> Tuple[float, float]:
@@ -137,11 +139,22 @@ class GeneralSettings:
 class RouterSettings:
     """
     The C{router_settings} section: a replica that fails C{allowed_fails}
-    times in a row is cooled down for C{cooldown_time} seconds.
+    times in a row is cooled down for C{cooldown_time} seconds; replicas
+    are chosen by C{routing_strategy} (see L{dheera_tx.routing.strategies}),
+    from load samples of every deployment's C{/metrics} taken every
+    C{metrics_interval} seconds; C{session_header} names the header that
+    keeps a conversation on one replica.
     """
 
     allowed_fails: int = 3
     cooldown_time: float = 30.0
+    routing_strategy: str = "cache-aware"
+    metrics_interval: float = 1.0
+    session_header: str = "x-session-id"
+    max_waiting: float = 4.0
+    max_kv_usage: float = 0.9
+    max_queue: int = 1000
+    max_queue_wait: float = 30.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -210,6 +223,8 @@ class ProxyConfig:
 
 
 _positive = config_values.number(0, inclusive=False)
+# router_settings.routing_strategy: dheera_tx.routing.strategies implements each.
+ROUTING_STRATEGIES = ("cache-aware", "load-aware", "least-busy", "simple-shuffle")
 _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "master_key": config_values.master_key,
     "database_url": config_values.text,
@@ -235,6 +250,13 @@ _GENERAL_CHECKS: Dict[str, Callable[[Any], Any]] = {
 _ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "allowed_fails": config_values.whole(1),
     "cooldown_time": config_values.number(0, inclusive=True),
+    "routing_strategy": config_values.one_of(ROUTING_STRATEGIES),
+    "metrics_interval": config_values.number(0.05, inclusive=True),
+    "session_header": config_values.header_name,
+    "max_waiting": config_values.number(0, inclusive=True),
+    "max_kv_usage": config_values.number(0, inclusive=True),
+    "max_queue": config_values.whole(0),
+    "max_queue_wait": config_values.number(0, inclusive=True),
 }
 _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "model": config_values.served_model,
@@ -248,6 +270,8 @@ _PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "connect_timeout": _positive,
     "keepalive_timeout": _positive,
     "lora_adapters": config_values.lora_adapters,
+    "max_parallel_requests": config_values.whole(1),
+    "forward_priority": config_values.flag,
 }
 PARAMS = tuple(_PARAM_CHECKS)
 # Settings that were replaced: naming one stops start-up with what to write

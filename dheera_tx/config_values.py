@@ -92,6 +92,22 @@ def text(value: Any) -> str:
     return value
 
 
+def one_of(choices: Tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.strip() not in choices:
+            raise InvalidValue("expected one of " + ", ".join(choices))
+        return value.strip()
+
+    return check
+
+
+def header_name(value: Any) -> str:
+    """An HTTP header name (RFC 9110 token), kept lower-case."""
+    if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value.strip()):
+        raise InvalidValue("expected an HTTP header name, e.g. x-session-id")
+    return value.strip().lower()
+
+
 def token(value: Any) -> Optional[str]:
     """A credential sent in a header: printable ASCII, no spaces.  Never quoted."""
     if value is None or value == "":

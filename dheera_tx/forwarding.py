@@ -12,30 +12,31 @@ no cookie jar, no decompression, no redirects, so bytes pass unchanged.
 
 import json
 from typing import Dict, List, Optional, Tuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection, with_usage_requested
+from dheera_tx.accounting.call_accounting import CallAccounting, end_user_of, needs_usage_injection
 from dheera_tx.accounting.full_windows import FullWindows, WindowFull
 from dheera_tx.accounting.metering import DeclaredUsageMeter, DecodingMeter, JSONUsageMeter
 from dheera_tx.call import Call, new_call_id
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError, bad_request
-from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens, first_header
+from dheera_tx.http.hop_headers import first_header
 from dheera_tx.http.paths import path_problem, split_target
 from dheera_tx.http.relay_watch import RelayWatch
 from dheera_tx.http.request_body import BodyAborted, BodyTooLarge
 from dheera_tx.http.response_relay import ResponseRelay, answer_error, answer_json, cost_header, write_response_head
 from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_vllm_model
-from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_header, scoped_path
+from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_path
 from dheera_tx.realtime import RealtimeCalls
+from dheera_tx.routing.affinity import call_affinity
+from dheera_tx.routing.flow import GatewayQueue
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
-    encode_document,
     header_or_query_model,
     is_json,
     multipart_boundary,
@@ -44,23 +45,9 @@ from dheera_tx.routing.model_choice import (
 )
 from dheera_tx.routing.router import Route, Router
 from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
+from dheera_tx.upstream_request import UpstreamTarget, upstream_body, upstream_headers
 
 log = Logger()
-
-
-class _Upstream:
-    """
-    Where a deployment's calls go: host, port, TLS and path prefix.
-    """
-
-    __slots__ = ("host", "port", "tls", "prefix")
-
-    def __init__(self, api_base: str):
-        parts = urlsplit(api_base)
-        self.tls = parts.scheme == "https"
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if self.tls else 80)
-        self.prefix = parts.path.rstrip("/").encode("utf-8")
 
 
 class Passthrough:
@@ -82,7 +69,8 @@ class Passthrough:
     """
 
     def __init__(
-        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None
+        self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None,
+        metrics=None,
     ):
         self._reactor = reactor
         self._catalog = catalog
@@ -91,7 +79,7 @@ class Passthrough:
         self._router = router
         self._auth = authenticator
         self._pool = pool
-        self._upstreams: Dict[str, _Upstream] = {}
+        self._upstreams: Dict[str, UpstreamTarget] = {}
         self._relay_watch = RelayWatch(reactor)
         self._full_windows = FullWindows(reactor)
         self._accounting = accounting or CallAccounting()
@@ -99,12 +87,19 @@ class Passthrough:
         self.in_flight = 0
         self.streams_in_flight = 0
         self._max_response_head = config.general.max_header_bytes
+        self._session_header = config.router.session_header.encode("ascii") if config.router.routing_strategy == "cache-aware" else None
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
+        self._default_max_tokens = config.general.default_max_tokens_reservation
+        self.flow = GatewayQueue(
+            reactor, router, config.router.max_queue, config.router.max_queue_wait, config.router.metrics_interval / 5,
+            on_wait=metrics.observe_queue_wait if metrics is not None else None,
+            on_shed=metrics.count_shed if metrics is not None else None,
+        )
 
-    def _upstream(self, deployment: Deployment) -> _Upstream:
+    def _upstream(self, deployment: Deployment) -> UpstreamTarget:
         upstream = self._upstreams.get(deployment.id)
         if upstream is None:
-            upstream = self._upstreams[deployment.id] = _Upstream(deployment.api_base)
+            upstream = self._upstreams[deployment.id] = UpstreamTarget(deployment.api_base)
         return upstream
 
     def serve(self, request) -> Deferred:
@@ -147,6 +142,8 @@ class Passthrough:
             progress.path,
             body_bytes,
         )
+        if progress.queued is not None and call.deployment is not None:
+            self.flow.served(*progress.queued, call.prompt_tokens + call.completion_tokens)
         if self._on_call_end is not None:
             try:
                 self._on_call_end(call)
@@ -224,7 +221,16 @@ class Passthrough:
                     self._full_windows.remember(principal.key, e)
                 raise
             progress.strip_usage = needs_usage_injection(path, document)
-            await self._forward(request, call, route, path + query, raw_json, progress)
+            affinity = call_affinity(self._session_header, request.getHeader, route, document)
+            key = principal.key
+            progress.priority = key.priority if key is not None else None
+            owner, priority, weight = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            cost = call_cost(raw_json, document, self._default_max_tokens)
+            waiting = self.flow.admit(route, owner, priority, weight, cost)
+            if waiting is not None:
+                progress.queued = (route.model_name, owner, priority, weight, cost)
+                await self._queued(request, call, waiting)
+            await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
             answer_error(request, e, call)
@@ -288,16 +294,35 @@ class Passthrough:
         )
         return multipart_model(prefix, boundary)[1]
 
+    async def _queued(self, request, call: Call, waiting: Deferred) -> None:
+        """
+        Wait in the gateway queue (L{dheera_tx.routing.flow}); a client that
+        leaves frees its place at once.
+        """
+        queued_at = self._reactor.seconds()
+        gone = request.on_client_gone(waiting.cancel)
+        if request.client_gone:
+            waiting.cancel()
+        try:
+            await waiting
+        except CancelledError:
+            call.error = "client_disconnected"
+            raise _ClientGone()
+        finally:
+            call.queued_ms = (self._reactor.seconds() - queued_at) * 1000.0
+            request.forget_client_gone(gone)
+
     # Forwarding.
 
-    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress") -> None:
+    async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None) -> None:
         tried: List[Deployment] = []
         while True:
-            deployment = self._router.pick(route, tried)
-            if deployment is None:
+            chosen = self._router.choose(route, tried, affinity)
+            if chosen is None:
                 raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+            deployment, call.routing_reason = chosen
             tried.append(deployment)
-            producer = self._body_for(request, deployment, route, raw_json, progress)
+            producer = upstream_body(request, deployment, route, raw_json, progress)
             progress.deployment = deployment
             call.deployment = deployment.id
             call.api_base = deployment.api_base
@@ -320,71 +345,11 @@ class Passthrough:
                 self._router.finished(deployment)
             return
 
-    def _body_for(self, request, deployment: Deployment, route: Route, raw_json, progress: "_Progress"):
-        """
-        :return: the body to send to C{deployment}: the client's bytes
-            unchanged unless the served model name, the usage request or
-            a virtual key's request ids must be written into the JSON.
-        """
-        if raw_json is None:
-            return request.body
-        document = progress.forwarded if progress.forwarded is not None else progress.document
-        if document is None:
-            return raw_json if raw_json else None
-        rename = (
-            route.model_name is not None
-            and not route.adapter
-            and deployment.served_model
-            and document.get("model") != deployment.served_model
-        )
-        if not rename and not progress.strip_usage and progress.forwarded is None:
-            return raw_json
-        changed = with_usage_requested(document) if progress.strip_usage else dict(document)
-        if rename:
-            changed["model"] = deployment.served_model
-        return encode_document(changed)
-
-    def _upstream_headers(
-        self, request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False
-    ) -> List[Tuple[bytes, bytes]]:
-        """
-        :param id_scope: a virtual key's request-id namespace (its
-            C{X-Request-Id} is moved into it), or L{None} for the master key.
-        :param identity: ask for an uncompressed answer (the proxy rewrites
-            it: the usage chunk it asked for is stripped).
-        """
-        incoming = request.raw_headers
-        drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
-        headers = []
-        forwarded = []
-        for name, value in incoming:
-            lower = name.lower()
-            if lower in drop or lower.startswith(b"proxy-"):
-                continue
-            if lower == b"x-forwarded-for":
-                forwarded.append(value)
-                continue
-            if lower == b"x-request-id" and id_scope is not None:
-                value = scoped_header(id_scope, value)
-            if identity and lower == b"accept-encoding":
-                continue
-            headers.append((name, value))
-        if identity:
-            headers.append((b"Accept-Encoding", b"identity"))
-        client_ip = getattr(request.getClientAddress(), "host", None)
-        if client_ip:
-            forwarded.append(client_ip.encode("ascii"))
-        if forwarded:
-            headers.append((b"X-Forwarded-For", b", ".join(forwarded)))
-        if deployment.api_key:
-            headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
-        return headers
-
     async def _send(
         self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes], identity: bool = False
     ):
         upstream = self._upstream(deployment)
-        headers = self._upstream_headers(request, deployment, id_scope, identity)
+        headers = upstream_headers(request, deployment, id_scope, identity)
         call.upstream_sent_at = self._reactor.seconds()
         d = self._pool.request(
             upstream.host,
@@ -520,7 +485,8 @@ class _Progress:
     What a call has got to, for settling it however it ends.
     """
 
-    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded")
+    __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded",
+                 "priority", "queued")
 
     def __init__(self):
         self.request = None
@@ -534,6 +500,25 @@ class _Progress:
         # moved into it (None: forwarded as the client wrote it).
         self.id_scope: Optional[bytes] = None
         self.forwarded: Optional[dict] = None
+        # The key's priority (vLLM's priority field where a deployment forwards it).
+        self.priority: Optional[int] = None
+        # A queued call's (model, key, priority, weight, estimated tokens), for fair share.
+        self.queued: Optional[Tuple[Optional[str], str, int, float, float]] = None
+
+
+def call_cost(raw_json, document, default_max_tokens: int) -> float:
+    """
+    :return: the tokens a call is expected to cost, for fair share: its
+        JSON body's bytes / 4 for the prompt, plus its C{max_tokens} (or
+        C{max_completion_tokens}, else the default reservation).
+    """
+    prompt = len(raw_json) / 4.0 if raw_json else 1.0
+    output = default_max_tokens
+    if document is not None:
+        named = document.get("max_tokens", document.get("max_completion_tokens"))
+        if isinstance(named, int) and not isinstance(named, bool) and named >= 0:
+            output = named
+    return prompt + output
 
 
 def request_bytes(progress: _Progress) -> int:

@@ -43,6 +43,8 @@ from dheera_tx.observe.metrics import ProxyMetrics
 from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
+from dheera_tx.routing.shared_load import SYNCS_PER_INTERVAL, SharedInFlight
+from dheera_tx.routing.signals import MetricsScraper
 from dheera_tx.upstream.client import UpstreamPool
 
 log = Logger()
@@ -139,6 +141,7 @@ class Gateway:
     call_log: CallLog
     prober: DeploymentProber
     catalog: ModelCatalog
+    scraper: MetricsScraper
     key_store: Optional[CachedKeyStore] = None
     ledger: Optional[SpendLedger] = None
     #: The readiness probes by name (the control plane reads this dict).
@@ -212,8 +215,19 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         ),
         on_call_end=call_log.emit,
         catalog=catalog,
+        metrics=metrics,
     )
+    metrics.read_queue(passthrough.flow.depths)
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
+    scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
+    # Shared in-flight counts: for load-aware routing, and so that a
+    # deployment's max_parallel_requests holds across workers and proxies.
+    capped = any(d.max_parallel_requests is not None for d in config.deployments)
+    if redis is not None and (scraper.deployments or capped):
+        router.shared = SharedInFlight(
+            redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
+            homes=router.homes,
+        )
     control = ControlPlane(
         probes,
         metrics=metrics,
@@ -225,7 +239,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     root = ControlRoot(control.app.resource(), branches)
     gate = ControlGate(authenticator, config.general.metrics_require_auth)
     site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor, gate)
-    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, key_store, ledger, probes)
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger, probes=probes)
 
 
 class OrderedServices(service.MultiService):
@@ -444,6 +458,21 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
             health_start()
 
     _Step("accounting", start=background_start, stop=lambda: ensureDeferred(flush())).setServiceParent(top)
+    if gateway.scraper.deployments or gateway.router.shared is not None:
+        shared = gateway.router.shared
+
+        def signals_start():
+            if gateway.scraper.deployments:
+                gateway.scraper.start()
+            if shared is not None:
+                shared.start()
+
+        async def signals_stop():
+            await gateway.scraper.stop()
+            if shared is not None:
+                await shared.stop()
+
+        _Step("load signals", start=signals_start, stop=lambda: ensureDeferred(signals_stop())).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
     listeners = service.MultiService()

@@ -603,7 +603,26 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(router, RouterSettings(allowed_fails=1, cooldown_time=0.0))
         self.assertIn("router_settings.allowed_fails: must be >= 1", self.failure({"router_settings": {"allowed_fails": 0}}))
         self.assertIn("router_settings.cooldown_time: must be >= 0", self.failure({"router_settings": {"cooldown_time": -1}}))
-        self.assertIn("router_settings.routing_strategy: unknown setting", self.failure({"router_settings": {"routing_strategy": "x"}}))
+        self.assertIn("router_settings.retry_policy: unknown setting", self.failure({"router_settings": {"retry_policy": "x"}}))
+
+    def test_routing_settings(self):
+        """
+        routing_strategy defaults to cache-aware and takes LiteLLM's names;
+        metrics_interval defaults to 1 s; session_header to x-session-id,
+        kept lower-case; a wrong value names the setting and the choices.
+        """
+        router = config_from_dict({}).router
+        self.assertEqual((router.routing_strategy, router.metrics_interval, router.session_header),
+                         ("cache-aware", 1.0, "x-session-id"))
+        for name in ("cache-aware", "load-aware", "least-busy", "simple-shuffle"):
+            self.assertEqual(config_from_dict({"router_settings": {"routing_strategy": name}}).router.routing_strategy, name)
+        router = config_from_dict({"router_settings": {"metrics_interval": 0.5, "session_header": "X-Conversation"}}).router
+        self.assertEqual((router.metrics_interval, router.session_header), (0.5, "x-conversation"))
+        self.assertIn("router_settings.routing_strategy: expected one of cache-aware, load-aware, least-busy, simple-shuffle",
+                      self.failure({"router_settings": {"routing_strategy": "usage-based-routing"}}))
+        self.assertIn("router_settings.metrics_interval: must be >= 0.05", self.failure({"router_settings": {"metrics_interval": 0}}))
+        self.assertIn("router_settings.session_header: expected an HTTP header name",
+                      self.failure({"router_settings": {"session_header": "bad header"}}))
 
     def test_callbacks(self):
         """

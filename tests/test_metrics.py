@@ -208,6 +208,32 @@ class ProxyMetricsTests(SynchronousTestCase):
         s = self.scrape()
         self.assertEqual(sample(s, "dheera_deployment_healthy", model="chat", deployment="chat#1"), 1)
 
+    def test_routing_signals_and_decisions(self):
+        """
+        A deployment's last scraped sample is exported with its age (none
+        before the first scrape); routing decisions and cached tokens are
+        counted by model and reason.
+        """
+        first = self.config.deployments[0]
+        self.assertNotIn(("dheera_deployment_requests_running", frozenset({("model", "chat"), ("deployment", "chat#0")})),
+                         self.scrape())
+        body = (b'vllm:num_requests_running{engine="0"} 3\nvllm:num_requests_waiting{engine="0"} 2\n'
+                b'vllm:kv_cache_usage_perc{engine="0"} 0.25\nvllm:prefix_cache_hits_total{engine="0"} 40\n')
+        self.router.record_metrics(first, body, self.clock.seconds())
+        self.clock.advance(1.5)
+        for reason in ("affinity", "affinity", "spill"):
+            self.metrics.observe_call(make_call(0, routing_reason=reason, cached_tokens=10))
+        s = self.scrape()
+        labels = {"model": "chat", "deployment": "chat#0"}
+        self.assertEqual(sample(s, "dheera_deployment_requests_running", **labels), 3)
+        self.assertEqual(sample(s, "dheera_deployment_requests_waiting", **labels), 2)
+        self.assertEqual(sample(s, "dheera_deployment_kv_cache_usage", **labels), 0.25)
+        self.assertEqual(sample(s, "dheera_deployment_prefix_cache_hits", **labels), 40)
+        self.assertEqual(sample(s, "dheera_deployment_load_sample_age_seconds", **labels), 1.5)
+        self.assertEqual(sample(s, "dheera_routing_decisions_total", model="chat", reason="affinity"), 2)
+        self.assertEqual(sample(s, "dheera_routing_decisions_total", model="chat", reason="spill"), 1)
+        self.assertEqual(sample(s, "dheera_cached_prompt_tokens_total", model="chat"), 30)
+
     def test_default_upstream(self):
         """
         The default upstream is reported as model C{default}.

@@ -47,7 +47,9 @@ class ReplicaTests(ProxyTestCase):
                 {"model_name": "alpha", "dheera_ai_params": {"model": "alpha", "api_base": bad_url}},
                 deployment("alpha", "alpha", good),
             ],
-            router={"allowed_fails": 2, "cooldown_time": 60},
+            # least-busy: the same prompt 20 times would keep to one replica
+            # under cache-aware, and the bad one might never be tried.
+            router={"allowed_fails": 2, "cooldown_time": 60, "routing_strategy": "least-busy"},
         )
         for i in range(20):
             response, _ = await self.chat()
@@ -91,12 +93,13 @@ class ReplicaTests(ProxyTestCase):
 
     async def test_load_spread(self):
         """
-        Concurrent calls spread evenly over two healthy replicas (the least
-        busy one is picked).
+        Concurrent calls spread evenly over two healthy replicas under
+        least-busy (the least busy one is picked).
         """
         one = await self.fake(served_model="alpha")
         two = await self.fake(served_model="alpha")
-        self.proxy([deployment("alpha", "alpha", one), deployment("alpha", "alpha", two)])
+        self.proxy([deployment("alpha", "alpha", one), deployment("alpha", "alpha", two)],
+                   router={"routing_strategy": "least-busy"})
         calls = [ensureDeferred(self.chat(headers={"x-fake-fault": "slow_first_byte=0.3"})) for _ in range(20)]
         results = await gatherResults(calls)
         self.assertEqual([r.code for r, _ in results], [200] * 20)
@@ -117,7 +120,9 @@ class ReplicaTests(ProxyTestCase):
             [
                 {"model_name": "alpha", "dheera_ai_params": {"model": "alpha", "api_base": f"http://127.0.0.1:{port.getHost().port}"}},
                 deployment("alpha", "alpha", good),
-            ]
+            ],
+            # Identical prompts keep to one replica under cache-aware.
+            router={"routing_strategy": "least-busy"},
         )
         codes = []
         for _ in range(20):

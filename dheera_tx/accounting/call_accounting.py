@@ -273,6 +273,7 @@ class CallAccounting:
             if usage is not None:
                 call.prompt_tokens = usage.prompt_tokens
                 call.completion_tokens = usage.completion_tokens
+                call.cached_tokens = usage.cached_tokens
                 call.usage_estimated = usage.estimated
                 if deployment is not None:
                     call.cost_nanos = deployment_cost_nanos(usage, deployment, call.model_name)

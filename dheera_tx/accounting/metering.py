@@ -56,12 +56,15 @@ class Usage:
         no readable usage (a stream cut short, a body without usage).
     :ivar seconds: audio seconds processed (transcriptions), priced with
         the deployment's C{input_cost_per_second}.
+    :ivar cached_tokens: prompt tokens vLLM found in its prefix cache
+        (C{prompt_tokens_details.cached_tokens}; 0 when vLLM does not say).
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
     seconds: float = 0
+    cached_tokens: int = 0
 
 
 def usage_from_object(usage) -> Optional[Usage]:
@@ -84,9 +87,13 @@ def usage_from_object(usage) -> Optional[Usage]:
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
     if not isinstance(prompt, int) and not isinstance(completion, int):
         return None
+    # vLLM says this only with --enable-prompt-tokens-details.
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return Usage(
         prompt_tokens=prompt if isinstance(prompt, int) and prompt >= 0 else 0,
         completion_tokens=completion if isinstance(completion, int) and completion >= 0 else 0,
+        cached_tokens=cached if isinstance(cached, int) and cached >= 0 else 0,
     )
 
 

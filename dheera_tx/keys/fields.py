@@ -61,6 +61,23 @@ def _count(value, field):
     return value
 
 
+def _priority(value, field):
+    # vLLM's priority field: any integer, lower is served first.
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**31:
+        raise bad_request(f"{field} must be a whole number (lower is served first), or null.", field)
+    return value
+
+
+def _weight(value, field):
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.001 <= value <= 1000:
+        raise bad_request(f"{field} must be a number from 0.001 to 1000, or null.", field)
+    return float(value)
+
+
 def _duration(value, field):
     if value is None:
         return None
@@ -110,6 +127,8 @@ _CHECKS = {
     "max_parallel_requests": _count,
     "user_id": _name,
     "team_id": _name,
+    "priority": _priority,
+    "weight": _weight,
     "metadata": _metadata,
     "blocked": _flag,
 }
@@ -187,7 +206,8 @@ def key_changes(fields: dict, now: float) -> dict:
     :return: attribute name -> new value (L{None} clears).
     """
     changes = _window(fields, now)
-    for name in ("key_alias", "models", "allowed_routes", "rpm_limit", "tpm_limit", "max_parallel_requests", "user_id", "team_id"):
+    for name in ("key_alias", "models", "allowed_routes", "rpm_limit", "tpm_limit", "max_parallel_requests", "user_id", "team_id",
+                 "priority", "weight"):
         if name in fields:
             changes[name] = fields[name]
     if "duration" in fields:

@@ -150,6 +150,8 @@ class KeyRecord:
     max_parallel_requests: Optional[int] = None
     user_id: Optional[str] = None
     team_id: Optional[str] = None
+    priority: int = 0
+    weight: float = 1.0
     metadata: dict = attr.ib(factory=dict, hash=False)
     blocked: bool = False
     expires: Optional[float] = None
@@ -181,6 +183,8 @@ class KeyRecord:
                 "max_parallel_requests": _int(self.max_parallel_requests),
                 "user_id": self.user_id,
                 "team_id": self.team_id,
+                "priority": None if self.priority == 0 else str(int(self.priority)),
+                "weight": None if self.weight == 1.0 else repr(float(self.weight)),
                 "metadata": json.dumps(self.metadata, sort_keys=True),
                 "blocked": "1" if self.blocked else "0",
                 "expires": _num(self.expires),
@@ -208,6 +212,8 @@ class KeyRecord:
             max_parallel_requests=_opt_int(mapping, "max_parallel_requests"),
             user_id=mapping.get("user_id") or None,
             team_id=mapping.get("team_id") or None,
+            priority=_opt_int(mapping, "priority") or 0,
+            weight=_opt_float(mapping, "weight") or 1.0,
             metadata=_json(mapping, "metadata", {}),
             blocked=mapping.get("blocked") == "1",
             expires=_opt_float(mapping, "expires"),
@@ -236,6 +242,8 @@ class KeyRecord:
             max_parallel_requests=self.max_parallel_requests,
             user_id=self.user_id,
             team_id=self.team_id,
+            priority=self.priority,
+            weight=self.weight,
             metadata=self.metadata,
             blocked=self.blocked,
             expires=iso_time(self.expires),

@@ -24,7 +24,17 @@ Exported (counters carry the C{_total} suffix)::
     dheera_deployment_healthy{model,deployment}         read from the router at scrape time
     dheera_deployment_cooling_down{model,deployment}
     dheera_deployment_in_flight{model,deployment}
+    dheera_routing_decisions_total{model,reason}        reason: affinity, spill, load, least_busy, random, only
+    dheera_cached_prompt_tokens_total{model}            vLLM's usage.prompt_tokens_details.cached_tokens
+    dheera_deployment_requests_running{model,deployment}   from the last scrape of the deployment's /metrics
+    dheera_deployment_requests_waiting{model,deployment}
+    dheera_deployment_kv_cache_usage{model,deployment}
+    dheera_deployment_prefix_cache_queries{model,deployment}, ..._hits   vLLM's counters, as last read
+    dheera_deployment_load_sample_age_seconds{model,deployment}
     dheera_log_records_dropped_total{sink}              read from the log sinks at scrape time
+    dheera_queue_depth{model,priority}                  calls waiting in the gateway queue, read at scrape time
+    dheera_queue_wait_seconds{model,priority}           histogram: time queued calls waited before they went
+    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica
 
 Multiprocess mode (C{--workers N}): the worker parent sets
 C{PROMETHEUS_MULTIPROC_DIR} for every worker, so prometheus_client keeps
@@ -98,6 +108,14 @@ UPSTREAM_ERRORS = frozenset(
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+def priority_label(priority: int) -> str:
+    """
+    :return: a bounded label for a key's priority (-100 to 100, else C{other}).
+    """
+    return str(priority) if -100 <= priority <= 100 else "other"
 
 
 def route_label(path: str) -> str:
@@ -141,6 +159,7 @@ class ProxyMetrics:
         self._sinks: List = []
         self._in_flight_source: Tuple[Optional[Callable[[], int]], Optional[Callable[[], int]]] = (None, None)
         self._children = {}
+        self._decision_children: dict = {}
         self.registry = registry = CollectorRegistry()
         route_model = ["route", "model"]
         self.requests = Counter(
@@ -163,9 +182,25 @@ class ProxyMetrics:
             "dheera_completion_tokens", "Completion tokens, from vLLM's usage.", ["model"], registry=registry
         )
         self.spend = Counter("dheera_spend_usd", "Spend in USD.", ["model"], registry=registry)
+        self.cached_tokens = Counter(
+            "dheera_cached_prompt_tokens", "Prompt tokens vLLM found in its prefix cache, from its usage.", ["model"],
+            registry=registry,
+        )
+        self.routing_decisions = Counter(
+            "dheera_routing_decisions", "Replica choices, by the routing strategy's reason.", ["model", "reason"],
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "dheera_upstream_errors", "Calls whose upstream failed, by kind.", ["kind"], registry=registry
         )
+        self.queue_wait = Histogram(
+            "dheera_queue_wait_seconds", "Time queued calls waited in the gateway before they went upstream.",
+            ["model", "priority"], buckets=QUEUE_WAIT_BUCKETS, registry=registry,
+        )
+        self.queue_shed = Counter(
+            "dheera_queue_shed", "Calls shed by flow control, by reason.", ["model", "reason"], registry=registry
+        )
+        self._queue_depths: Optional[Callable[[], dict]] = None
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.in_flight_requests = Gauge(
             "dheera_in_flight_requests", "Calls in flight.", registry=registry, multiprocess_mode="livesum"
@@ -221,9 +256,37 @@ class ProxyMetrics:
             completion_tokens.inc(max(0, call.completion_tokens))
         if call.cost_nanos > 0:
             spend.inc(nanos_to_usd(call.cost_nanos))
+        if call.routing_reason is not None:
+            decisions = self._decision_children.get((model, call.routing_reason))
+            if decisions is None:
+                # Bounded: reasons are the router's few constants.
+                decisions = self._decision_children[(model, call.routing_reason)] = (
+                    self.routing_decisions.labels(model, call.routing_reason)
+                )
+            decisions.inc()
+        if call.cached_tokens > 0:
+            self.cached_tokens.labels(model).inc(call.cached_tokens)
         kind = self.upstream_error_kind(call)
         if kind is not None:
             self.upstream_errors.labels(kind).inc()
+
+    def observe_queue_wait(self, model_name: Optional[str], priority: int, seconds: float) -> None:
+        """
+        Count a queued call that left for an upstream after C{seconds}.
+        """
+        self.queue_wait.labels(self.model_label(model_name), priority_label(priority)).observe(max(0.0, seconds))
+
+    def count_shed(self, model_name: Optional[str], reason: str) -> None:
+        """
+        Count a call shed by flow control.
+        """
+        self.queue_shed.labels(self.model_label(model_name), reason).inc()
+
+    def read_queue(self, depths: Callable[[], dict]) -> None:
+        """
+        :param depths: returns the calls waiting by C{(model_name, priority)}.
+        """
+        self._queue_depths = depths
 
     @staticmethod
     def upstream_error_kind(call: Call) -> Optional[str]:
@@ -316,19 +379,54 @@ class _LiveCollector:
                 "dheera_deployment_cooling_down", "1 while the deployment is cooled down after failures.", labels=labels
             )
             in_flight = GaugeMetricFamily("dheera_deployment_in_flight", "Calls in flight to the deployment.", labels=labels)
+            scraped = {
+                "running": GaugeMetricFamily(
+                    "dheera_deployment_requests_running", "vLLM's num_requests_running, last scraped.", labels=labels),
+                "waiting": GaugeMetricFamily(
+                    "dheera_deployment_requests_waiting", "vLLM's num_requests_waiting, last scraped.", labels=labels),
+                "kv_usage": GaugeMetricFamily(
+                    "dheera_deployment_kv_cache_usage", "vLLM's kv_cache_usage_perc (0-1), last scraped.", labels=labels),
+                "prefix_queries": GaugeMetricFamily(
+                    "dheera_deployment_prefix_cache_queries", "vLLM's prefix_cache_queries_total, last scraped.",
+                    labels=labels),
+                "prefix_hits": GaugeMetricFamily(
+                    "dheera_deployment_prefix_cache_hits", "vLLM's prefix_cache_hits_total, last scraped.", labels=labels),
+            }
+            age = GaugeMetricFamily(
+                "dheera_deployment_load_sample_age_seconds", "Age of the last /metrics sample of the deployment.",
+                labels=labels,
+            )
+            now = router.now()
             for deployment in metrics.deployments():
                 values = [metrics.model_label(deployment.model_name), deployment.id]
                 try:
                     down = router.cooling_down(deployment)
                     busy = router.in_flight(deployment)
+                    sample = router.last_sample(deployment)
                 except KeyError:
                     continue
                 healthy.add_metric(values, 0.0 if down else 1.0)
                 cooling.add_metric(values, 1.0 if down else 0.0)
                 in_flight.add_metric(values, float(busy))
+                if sample is None:
+                    continue
+                age.add_metric(values, max(0.0, now - sample.taken_at))
+                for field, family in scraped.items():
+                    value = getattr(sample, field)
+                    if value is not None:
+                        family.add_metric(values, float(value))
             yield healthy
             yield cooling
             yield in_flight
+            yield from scraped.values()
+            yield age
+        if metrics._queue_depths is not None:
+            depth = GaugeMetricFamily(
+                "dheera_queue_depth", "Calls waiting in the gateway queue.", labels=["model", "priority"]
+            )
+            for (model_name, priority), count in sorted(metrics._queue_depths().items(), key=str):
+                depth.add_metric([metrics.model_label(model_name), priority_label(priority)], float(count))
+            yield depth
         if metrics._sinks:
             dropped = CounterMetricFamily(
                 "dheera_log_records_dropped", "Call records a log sink dropped (queue full or target down).", labels=["sink"]

@@ -108,6 +108,11 @@ class DeploymentProber:
         }
         if error is not None:
             entry["error"] = error
+        if self._router is not None:
+            try:
+                entry.update(self._router.signals(deployment))
+            except KeyError:
+                pass
         return error is None, entry
 
     def _bounded(self, coroutine) -> Deferred:

@@ -2,18 +2,32 @@
 Which vLLM deployment serves a call.
 
 L{Router} maps the model a call names to the replicas configured under that
-C{model_name} (or serving the LoRA adapter of that name), picks the least busy healthy one, and cools down a replica
-whose connections keep failing.  Calls that name no configured model go to
-the default upstream, if there is one.
+C{model_name} (or serving the LoRA adapter of that name), picks one of the
+healthy ones by C{router_settings.routing_strategy}
+(L{dheera_tx.routing.strategies}), and cools down a replica whose
+connections keep failing.  Calls that name no configured model go to the
+default upstream, if there is one.  It keeps each replica's calls in flight
+in this process and the last load sample scraped from its C{/metrics}
+(L{dheera_tx.routing.signals}).
 """
 
 import random
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 
 from dheera_tx.config import Deployment, ProxyConfig
 from dheera_tx.errors import ProxyError
+from dheera_tx.routing import strategies
+from dheera_tx.routing.affinity import replica_weight
+from dheera_tx.routing.homes import KeyHomes
+from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, is_fresh, parse_metrics
+
+if TYPE_CHECKING:
+    from dheera_tx.routing.shared_load import SharedInFlight
+
+# Strategies that do not weigh saturation themselves.
+_BLIND_TO_SATURATION = frozenset(["least-busy", "simple-shuffle"])
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -39,6 +53,9 @@ class _ReplicaState:
     in_flight: int = attr.ib(default=0)
     failures: List[float] = attr.ib(factory=list)
     cooldown_until: float = attr.ib(default=0.0)
+    sample: Optional[LoadSample] = attr.ib(default=None)
+    scrape_error: Optional[str] = attr.ib(default=None)
+    scrape_failed_at: Optional[float] = attr.ib(default=None)
 
 
 class Router:
@@ -47,11 +64,13 @@ class Router:
 
     :param config: the proxy configuration.
     :param now: a clock returning seconds (the reactor's C{seconds}).
-    :param shuffle: tie-breaker for replicas with equal load (injected in
-        tests for determinism).
+    :param choice: tie-breaker for replicas with equal load, and the
+        random pick of C{simple-shuffle} (injected in tests for determinism).
     :param adapters: the replicas serving a LoRA adapter, by its name
         (L{dheera_tx.routing.catalog.ModelCatalog.adapter_replicas}); by
         default the adapters the config declares.
+    :param saturation: when a replica counts as saturated (cache-aware
+        spills away from it, load-aware avoids it).
     """
 
     FAILURE_WINDOW = 60.0
@@ -62,16 +81,28 @@ class Router:
         now: Callable[[], float],
         choice=random.choice,
         adapters: Optional[Callable[[str], Sequence[Deployment]]] = None,
+        saturation: Optional[Saturation] = None,
     ):
         self._config = config
         self._adapters = config.adapter_replicas if adapters is None else adapters
         self._now = now
         self._choice = choice
+        if saturation is None:
+            saturation = Saturation(config.router.max_waiting, config.router.max_kv_usage)
+        self.saturation = saturation
+        # Called when a replica may have room again (a call ended, a sample
+        # arrived): the gateway queue (L{dheera_tx.routing.flow}) dispatches.
+        self.on_capacity: Optional[Callable[[], None]] = None
+        self.strategy = config.router.routing_strategy
+        self._interval = config.router.metrics_interval
         self._state: Dict[str, _ReplicaState] = {}
-        for deployment in config.deployments:
-            self._state[deployment.id] = _ReplicaState()
-        if config.default_deployment is not None:
-            self._state.setdefault(config.default_deployment.id, _ReplicaState())
+        self._seeds: Dict[str, int] = {}
+        self.homes = KeyHomes(now)
+        # Other processes' calls in flight (L{dheera_tx.routing.shared_load}), when shared.
+        self.shared: Optional[SharedInFlight] = None
+        for deployment in config.all_deployments():
+            self._state.setdefault(deployment.id, _ReplicaState())
+            self._seeds[deployment.id] = replica_weight(deployment)
 
     def route(self, model: Optional[str]) -> Route:
         """
@@ -96,24 +127,152 @@ class Router:
             raise ProxyError(404, message, type="invalid_request_error", code="model_not_found", param="model")
         return Route(None, (default,))
 
-    def pick(self, route: Route, exclude: Sequence[Deployment] = ()) -> Optional[Deployment]:
+    def pick(self, route: Route, exclude: Sequence[Deployment] = (), affinity: Optional[int] = None) -> Optional[Deployment]:
         """
-        Pick the least busy replica that is not cooling down.
+        :return: the deployment L{choose} picks, or L{None}.
+        """
+        chosen = self.choose(route, exclude, affinity)
+        return chosen[0] if chosen is not None else None
 
-        When every remaining replica is cooling down, the least busy of them
-        is tried anyway: a call is better tried than refused.
+    def choose(
+        self, route: Route, exclude: Sequence[Deployment] = (), affinity: Optional[int] = None
+    ) -> Optional[Tuple[Deployment, str]]:
+        """
+        Pick a replica that is not cooling down, by the routing strategy.
+
+        When every remaining replica is cooling down, one of them is tried
+        anyway: a call is better tried than refused.
 
         :param exclude: replicas already tried for this call.
-        :return: a deployment, or L{None} when every replica was excluded.
+        :param affinity: the call's affinity key
+            (L{dheera_tx.routing.affinity}), or L{None}.
+        :return: C{(deployment, reason)}, the reason one of
+            L{strategies.REASONS}; or L{None} when every replica was
+            excluded.
         """
         candidates = [d for d in route.replicas if d not in exclude]
         if not candidates:
             return None
+        if len(candidates) == 1:
+            return candidates[0], strategies.ONLY
         now = self._now()
         healthy = [d for d in candidates if self._state[d.id].cooldown_until <= now]
         pool = healthy or candidates
-        least = min(self._state[d.id].in_flight for d in pool)
-        return self._choice([d for d in pool if self._state[d.id].in_flight == least])
+        if self.on_capacity is not None and self.strategy in _BLIND_TO_SATURATION:
+            # Flow control: a replica at its limits takes no call while
+            # another has room (cache-aware and load-aware see to it themselves).
+            free = [d for d in pool if not self.saturated(d)]
+            pool = free or pool
+        return strategies.choose(self.strategy, self, pool, affinity)
+
+    # -- load signals -------------------------------------------------------------
+
+    def seeds(self) -> Dict[str, int]:
+        """
+        :return: each deployment's rendezvous seed, by id.
+        """
+        return self._seeds
+
+    def now(self) -> float:
+        """
+        :return: the router's clock.
+        """
+        return self._now()
+
+    def last_sample(self, deployment: Deployment) -> Optional[LoadSample]:
+        """
+        :return: the deployment's last load sample, fresh or not, or L{None}.
+        """
+        return self._state[deployment.id].sample
+
+    def fresh_sample(self, deployment: Deployment) -> Optional[LoadSample]:
+        """
+        :return: the deployment's last load sample if it is fresh, else
+            L{None}.
+        """
+        sample = self._state[deployment.id].sample
+        return sample if is_fresh(sample, self._now(), self._interval) else None
+
+    def load(self, deployment: Deployment) -> float:
+        """
+        :return: the requests the deployment has now, as far as this
+            process can tell (L{estimated_load}); without a fresh sample,
+            the calls in flight of every process sharing this Redis.
+        """
+        state = self._state[deployment.id]
+        sample = state.sample
+        if is_fresh(sample, self._now(), self._interval):
+            return estimated_load(sample, state.in_flight)
+        return estimated_load(None, self.in_flight_everywhere(deployment))
+
+    def in_flight_everywhere(self, deployment: Deployment) -> int:
+        """
+        :return: the calls in flight to the deployment from this process and,
+            when shared, from every other process (as of the last sync).
+        """
+        others = self.shared.others(deployment.id) if self.shared is not None else 0
+        return self._state[deployment.id].in_flight + others
+
+    def local_in_flight(self) -> Dict[str, int]:
+        """
+        :return: this process's calls in flight, by deployment id.
+        """
+        return {deployment_id: state.in_flight for deployment_id, state in self._state.items()}
+
+    def saturated(self, deployment: Deployment) -> bool:
+        """
+        :return: whether the deployment is saturated now (L{Saturation}):
+            its calls in flight (every process's) at its
+            C{max_parallel_requests}, or a fresh sample's waiting queue or
+            KV-cache use at the limit.  A stale sample judges nothing: only
+            the parallel cap applies then.
+        """
+        in_flight = self.in_flight_everywhere(deployment)
+        cap = deployment.max_parallel_requests
+        if cap is not None and in_flight >= cap:
+            return True
+        return self.saturation.saturated(self.fresh_sample(deployment), in_flight)
+
+    def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
+        """
+        Read a scraped C{/metrics} answer into the deployment's load sample;
+        an answer that is not vLLM's counts as a failed scrape.
+        """
+        state = self._state.get(deployment.id)
+        if state is None:
+            return
+        try:
+            state.sample = parse_metrics(body, taken_at, state.in_flight)
+        except MetricsUnreadable as e:
+            self.scrape_failed(deployment, f"not a vLLM /metrics answer: {e}")
+            return
+        state.scrape_error = None
+        if self.on_capacity is not None:
+            self.on_capacity()
+
+    def scrape_failed(self, deployment: Deployment, reason: str) -> None:
+        """
+        Record why a scrape failed; the last sample stays until it is stale.
+        """
+        state = self._state.get(deployment.id)
+        if state is not None:
+            state.scrape_error = reason
+            state.scrape_failed_at = self._now()
+
+    def signals(self, deployment: Deployment) -> dict:
+        """
+        :return: the deployment's last sample and scrape error, as
+            C{/health} shows them.
+        """
+        state = self._state[deployment.id]
+        now = self._now()
+        shown: dict = {"in_flight": state.in_flight, "saturated": self.saturated(deployment), "load_sample": None}
+        if state.sample is not None:
+            shown["load_sample"] = state.sample.shown(now)
+            shown["load_sample"]["stale"] = not is_fresh(state.sample, now, self._interval)
+        if state.scrape_error is not None:
+            shown["metrics_error"] = state.scrape_error
+        return shown
 
     def started(self, deployment: Deployment) -> None:
         """
@@ -123,9 +282,12 @@ class Router:
 
     def finished(self, deployment: Deployment) -> None:
         """
-        Count the end of a call counted by L{started}.
+        Count the end of a call counted by L{started}; a queued call may
+        take its place.
         """
         self._state[deployment.id].in_flight -= 1
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     def failed(self, deployment: Deployment) -> None:
         """

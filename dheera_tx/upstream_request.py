@@ -1,0 +1,119 @@
+"""
+What goes to the upstream for one call: where (L{UpstreamTarget}, from a
+deployment's api_base), with which headers (L{upstream_headers}: hop-by-hop
+and proxy headers out, the deployment's key in, a virtual key's request id
+scoped) and which body (L{upstream_body}: the client's bytes unchanged
+unless the served model name, the usage request, scoped ids or the
+C{priority} field must be written into the JSON).
+"""
+
+from typing import List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from dheera_tx.accounting.call_accounting import with_usage_requested
+from dheera_tx.config import Deployment
+from dheera_tx.http.hop_headers import NOT_FORWARDED, connection_tokens
+from dheera_tx.keys.tenancy import scoped_header
+from dheera_tx.routing.model_choice import encode_document
+from dheera_tx.routing.router import Route
+
+
+class UpstreamTarget:
+    """
+    Where a deployment's calls go: host, port, TLS and path prefix.
+    """
+
+    __slots__ = ("host", "port", "tls", "prefix")
+
+    def __init__(self, api_base: str):
+        parts = urlsplit(api_base)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/").encode("utf-8")
+
+
+def upstream_body(request, deployment: Deployment, route: Route, raw_json, progress):
+    """
+    :return: the body to send to C{deployment}: the client's bytes
+        unchanged unless the served model name, the usage request,
+        a virtual key's request ids or vLLM's C{priority} field (removed,
+        or the key's with C{forward_priority}) must be written into the
+        JSON.
+    """
+    if raw_json is None:
+        return request.body
+    document = progress.forwarded if progress.forwarded is not None else progress.document
+    if document is None:
+        return raw_json if raw_json else None
+    rename = (
+        route.model_name is not None
+        and not route.adapter
+        and deployment.served_model
+        and document.get("model") != deployment.served_model
+    )
+    priority = _priority(document, deployment, progress.priority)
+    if not rename and not progress.strip_usage and progress.forwarded is None and priority is _KEEP:
+        return raw_json
+    changed = with_usage_requested(document) if progress.strip_usage else dict(document)
+    if rename:
+        changed["model"] = deployment.served_model
+    if priority is _DROP:
+        changed.pop("priority", None)
+    elif priority is not _KEEP:
+        changed["priority"] = priority
+    return encode_document(changed)
+
+
+_KEEP = object()
+_DROP = object()
+
+
+def _priority(document: dict, deployment: Deployment, key_priority: Optional[int]):
+    """
+    What becomes of vLLM's C{priority} body field: a client's is removed
+    (tenants must not jump vLLM's queue), unless the deployment sets
+    C{forward_priority}: then a virtual key's priority is sent, and the
+    master key's own value kept.
+
+    :return: L{_KEEP}, L{_DROP} or the value to set.
+    """
+    if not deployment.forward_priority:
+        return _DROP if "priority" in document else _KEEP
+    if key_priority is None or document.get("priority", 0) == key_priority:
+        return _KEEP
+    return key_priority
+
+def upstream_headers(request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False) -> List[Tuple[bytes, bytes]]:
+    """
+    :param id_scope: a virtual key's request-id namespace (its
+        C{X-Request-Id} is moved into it), or L{None} for the master key.
+    :param identity: ask for an uncompressed answer (the proxy rewrites
+        it: the usage chunk it asked for is stripped).
+    """
+    incoming = request.raw_headers
+    drop = NOT_FORWARDED | connection_tokens(incoming) if request.getHeader(b"connection") else NOT_FORWARDED
+    headers = []
+    forwarded = []
+    for name, value in incoming:
+        lower = name.lower()
+        if lower in drop or lower.startswith(b"proxy-"):
+            continue
+        if lower == b"x-forwarded-for":
+            forwarded.append(value)
+            continue
+        if lower == b"x-request-id" and id_scope is not None:
+            value = scoped_header(id_scope, value)
+        if identity and lower == b"accept-encoding":
+            continue
+        headers.append((name, value))
+    if identity:
+        headers.append((b"Accept-Encoding", b"identity"))
+    client_ip = getattr(request.getClientAddress(), "host", None)
+    if client_ip:
+        forwarded.append(client_ip.encode("ascii"))
+    if forwarded:
+        headers.append((b"X-Forwarded-For", b", ".join(forwarded)))
+    if deployment.api_key:
+        headers.append((b"Authorization", b"Bearer " + deployment.api_key.encode("utf-8")))
+    return headers
