@@ -144,6 +144,8 @@ class Gateway:
     scraper: MetricsScraper
     key_store: Optional[CachedKeyStore] = None
     ledger: Optional[SpendLedger] = None
+    #: The readiness probes by name (the control plane reads this dict).
+    probes: dict = attr.Factory(dict)
 
 
 def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdout=None) -> Gateway:
@@ -237,7 +239,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     root = ControlRoot(control.app.resource(), branches)
     gate = ControlGate(authenticator, config.general.metrics_require_auth)
     site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor, gate)
-    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger)
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger, probes=probes)
 
 
 class OrderedServices(service.MultiService):
@@ -315,7 +317,7 @@ def _embedded_redis(reactor, config: ProxyConfig, parent):
     Start the embedded Redis under C{parent}; a proxy whose Redis cannot
     start stops with one clear line.
 
-    :return: its URL.
+    :return: the L{EmbeddedRedis} service.
     """
     from dheera_tx.redis.embedded import EmbeddedRedis, EmbeddedRedisError
 
@@ -334,7 +336,7 @@ def _embedded_redis(reactor, config: ProxyConfig, parent):
             reactor.stop()
 
     reactor.callWhenRunning(lambda: embedded.whenReady().addErrback(failed))
-    return embedded.url
+    return embedded
 
 
 def _warn_about_deployments(config: ProxyConfig) -> None:
@@ -361,7 +363,7 @@ def make_worker_parent(config: ProxyConfig, config_path: str, listen: List[Liste
     from dheera_tx.workers import WorkerPool
 
     top = OrderedServices()
-    url = config.general.database_url or _embedded_redis(reactor, config, top)
+    url = config.general.database_url or _embedded_redis(reactor, config, top).url
     pool = WorkerPool(reactor, config_path, listen, workers, lambda: url, config.general.graceful_shutdown_timeout)
     try:
         pool.open_sockets()
@@ -403,7 +405,11 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
     from dheera_tx.redis.client import connect
 
     top = OrderedServices()
-    url = config.general.database_url or _embedded_redis(reactor, config, top)
+    embedded = None
+    url = config.general.database_url
+    if not url:
+        embedded = _embedded_redis(reactor, config, top)
+        url = embedded.url
     try:
         redis = connect(reactor, url)
     except ValueError as e:
@@ -412,6 +418,16 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
         gateway = build_gateway(reactor, config, redis, stdout=stdout)
     except ConfigError as e:
         sys.exit(str(e))
+    if embedded is not None and "redis" in gateway.probes:
+        # Not ready while the embedded Redis starts: until then the socket
+        # may still be served by the Redis a killed proxy left running,
+        # which this one is shutting down.
+        answers = gateway.probes["redis"]
+
+        async def own_redis_answers() -> bool:
+            return embedded.ready and await answers()
+
+        gateway.probes["redis"] = own_redis_answers
 
     async def close_redis():
         if gateway.key_store is not None:

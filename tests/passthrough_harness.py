@@ -6,7 +6,6 @@ cleanup of every port, connection and pool they open.
 """
 
 import json
-import socket
 from typing import List, Optional, Tuple
 
 from twisted.internet import reactor, ssl
@@ -21,7 +20,7 @@ from dheera_tx.config import config_from_dict
 from dheera_tx.http.server import GatewayConnection
 from dheera_tx.tap import build_gateway
 from tests.fake_vllm import FakeVLLM
-from tests.scripted_upstream import BytesBody, sleep
+from tests.scripted_upstream import BytesBody, refused_port, sleep
 
 MASTER_KEY = "sk-test-master-key-0123456789"
 UPSTREAM_KEY = "upstream-secret-key"
@@ -39,14 +38,10 @@ def deployment(name: str, served: str, fake, **params) -> dict:
 
 def refusing_url() -> str:
     """
-    :return: the URL of a loopback port that was bound and closed again, so
-        connecting to it is refused.
+    :return: the URL of a loopback port that refuses connections (see
+        L{tests.scripted_upstream.refused_port}).
     """
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{refused_port()}"
 
 
 def auth(key: str = MASTER_KEY) -> dict:

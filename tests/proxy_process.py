@@ -1,7 +1,9 @@
 """
 A real proxy process for tests: C{twistd -n dheera} started as a child
 process on a free loopback port, with its config written to a temporary
-directory.
+directory.  The port is chosen before the process binds it, so another
+process may take it in between: then the proxy exits at start-up saying the
+address is in use, and L{ProxyProcess.start} tries again on another port.
 
 Several of them sharing one Redis stand for a fleet of proxies; SIGTERM and
 SIGKILL test shutdown and crashes.  The repository root is put on
@@ -27,6 +29,9 @@ from dheera_tx.workers import twistd_command
 from tests.redis_server import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIND_ATTEMPTS = 3
+# What a proxy prints when its port was taken between free_port() and bind.
+ADDRESS_IN_USE = ("Address already in use", "CannotListenError")
 
 
 class ProxyProcess:
@@ -65,8 +70,21 @@ class ProxyProcess:
     async def start(self, timeout: float = 20.0) -> "ProxyProcess":
         """
         Start the process and wait until it answers
-        C{/health/readiness} with 200.
+        C{/health/readiness} with 200; on another port if the chosen one
+        was taken meanwhile.
         """
+        for _ in range(BIND_ATTEMPTS - 1):
+            seen = len(self.log_tail(10**9))
+            try:
+                return await self._start(timeout)
+            except RuntimeError:
+                if not any(sign in self.log_tail(10**9)[seen:] for sign in ADDRESS_IN_USE):
+                    raise
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+        return await self._start(timeout)
+
+    async def _start(self, timeout: float) -> "ProxyProcess":
         config_path = self.write_config()
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

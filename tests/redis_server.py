@@ -30,6 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class AddressInUse(RuntimeError):
+    """
+    redis-server could not bind its port: another process took it.
+    """
+
+
 class RedisServer:
     """
     One C{redis-server} child process.
@@ -56,6 +62,7 @@ class RedisServer:
         self.directory = tempfile.mkdtemp(prefix="dr", dir="/tmp")
         self.socket_path = os.path.join(self.directory, "r.sock") if unix else None
         self.process: Optional[subprocess.Popen] = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -96,7 +103,21 @@ class RedisServer:
     def start(self) -> "RedisServer":
         """
         Start the server and wait (at most 10 s) until it answers PING.
+
+        The TCP port is chosen before Redis binds it, so another process
+        may take it in between: a first start then moves to another port
+        (a restart must keep its port, the clients know it).
         """
+        for _ in range(2):
+            try:
+                return self._start()
+            except AddressInUse:
+                if self._started or self.unix or self.sentinel_for is not None:
+                    raise
+                self.port = free_port()
+        return self._start()
+
+    def _start(self) -> "RedisServer":
         args = [self.binary, "--save", "", "--appendonly", "no", "--dir", self.directory]
         if self.sentinel_for is not None:
             # Sentinel rewrites its config file, so it needs one of its own.
@@ -123,12 +144,26 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self._log_tail()}")
-            if self.ping():
+                tail = self._log_tail()
+                kind = AddressInUse if "Address already in use" in tail else RuntimeError
+                raise kind(f"redis-server exited with {self.process.returncode}: {tail}")
+            if self.ping() and self._answered_by_ours():
+                self._started = True
                 return self
             time.sleep(0.02)
         self.kill()
         raise RuntimeError("redis-server did not answer within 10 s")
+
+    def _answered_by_ours(self) -> bool:
+        """
+        :return: whether the server answering is this process (not another
+            one that took the port first).
+        """
+        try:
+            info = self.command("INFO", "server")
+        except Exception:
+            return False
+        return f"process_id:{self.process.pid}" in info
 
     def _log_tail(self) -> str:
         with open(os.path.join(self.directory, "redis.log"), "rb") as f:

@@ -6,8 +6,8 @@ request and lets the test answer it with whatever bytes it likes, which
 makes the edge cases of response framing, keep-alive and failure
 reachable.  Beside it: request body producers the test drives
 (L{ScriptedBody} piece by piece, L{FloodBody} as fast as it is let),
-L{Sink} and L{read_body} to collect a response body, and small helpers
-to wait in real time and to find a refused port.
+L{Sink} and L{read_body} to collect a response body, and a helper to
+find a refused port (waiting in real time: L{tests.waiting}).
 """
 
 import socket
@@ -17,40 +17,11 @@ from httptools import HttpRequestParser
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-
-def sleep(seconds: float) -> Deferred:
-    """
-    :return: a Deferred firing after C{seconds} of real time.
-    """
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def poll(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """
-    Check C{condition} every 10 ms of real time for up to C{timeout}
-    seconds.
-
-    :return: whether it came true.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            return False
-        await sleep(0.01)
-    return True
-
-
-async def wait_until(ready: Callable[[], bool], timeout: float = 5.0) -> None:
-    """
-    Poll C{ready} until it is true; fail after C{timeout} seconds.
-    """
-    if not await poll(ready, timeout):
-        raise AssertionError("condition not reached in time")
+from tests.waiting import poll, sleep, wait_until  # noqa: F401 (re-exported)
 
 
 class RequestRecord:
@@ -342,12 +313,18 @@ class BytesBody:
         pass
 
 
+# Bound, never listening, kept open: no other process can take their ports.
+_HELD: List[socket.socket] = []
+
+
 def refused_port() -> int:
     """
-    :return: a loopback port that was bound and closed again.
+    :return: a loopback port that refuses connections for as long as the
+        test process runs: bound by a socket that never listens and is kept
+        open (a port bound and closed again could be taken by another
+        process meanwhile).
     """
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    _HELD.append(s)
+    return s.getsockname()[1]

@@ -27,10 +27,13 @@ class BenchSmokeTests(SynchronousTestCase):
 
     def test_smoke_run_measures_every_target(self):
         """
-        The smoke run exits 0 and writes C{results.json} with requests at
-        c=1, 32 and 128, three SSE runs and both transfers measured for
-        every target, and C{RESULTS.md} with the issue's targets table.
+        The smoke run exits 0 and writes C{results.json} with the commit it
+        measured and whether the tree was dirty, requests at c=1, 32 and
+        128, the SSE runs (the 2-worker rate run offered twice the streams)
+        and both transfers measured for every target, and C{RESULTS.md}
+        with the issue's targets table naming the commit.
         """
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
         out = os.path.abspath(self.mktemp())
         done = subprocess.run(
             [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--smoke", "--out", out],
@@ -44,6 +47,9 @@ class BenchSmokeTests(SynchronousTestCase):
         with open(os.path.join(out, "results.json")) as f:
             results = json.load(f)
         self.assertEqual(results["mode"], "smoke")
+        if head.returncode == 0:
+            self.assertEqual(results["source"]["commit"], head.stdout.strip())
+            self.assertIsInstance(results["source"]["dirty"], bool)
         self.assertEqual(set(results["requests"]), TARGETS)
         for key, entry in results["requests"].items():
             for run in ("c1", "c32", "c128"):
@@ -54,6 +60,8 @@ class BenchSmokeTests(SynchronousTestCase):
             for run in ("sse_small", "sse_large", "sse_saturate"):
                 self.assertGreater(entry[run]["content_chunks"], 0, f"{key} {run}")
                 self.assertIsNotNone(entry[run]["chunk_delay_ms"]["p99"], f"{key} {run}")
+        streams = {key: entry["sse_rate"]["streams"] for key, entry in results["streams"].items()}
+        self.assertEqual(streams["dheera-vkey-w2"], 2 * streams["dheera-vkey"], streams)
         self.assertEqual(set(results["transfers"]), {"direct", "nginx", "dheera-vkey"})
         for key, entry in results["transfers"].items():
             self.assertTrue(entry["upload"]["ok"], f"{key} upload: {entry['upload']}")
@@ -62,6 +70,8 @@ class BenchSmokeTests(SynchronousTestCase):
             markdown = f.read()
         self.assertIn("## Issue 6 targets", markdown)
         self.assertIn("dheera_tx virtual key + metering (1 worker)", markdown)
+        if head.returncode == 0:
+            self.assertIn(f"Commit {head.stdout.strip()}, tree ", markdown)
 
 
 class MedianRunTests(SynchronousTestCase):
@@ -95,6 +105,15 @@ class MedianRunTests(SynchronousTestCase):
         self.assertEqual(chosen["chunk_delay_ms"]["p99"], 12.0)
         self.assertEqual(chosen["runs_delay_p99_ms"], [30.0, 5.0, 12.0])
 
+    def test_median_of_five_with_spread(self):
+        """
+        Of five runs the middle one is reported, with the lowest and highest
+        p99 as the spread.
+        """
+        chosen = self.median_run([self._result(p) for p in (7.0, 3.0, 11.0, 5.0, 9.0)])
+        self.assertEqual(chosen["chunk_delay_ms"]["p99"], 7.0)
+        self.assertEqual(chosen["runs_delay_p99_spread_ms"], [3.0, 11.0])
+
     def test_failed_run_counts_as_worst(self):
         """
         A run with failed streams ranks as the worst whatever its p99, so
@@ -103,3 +122,4 @@ class MedianRunTests(SynchronousTestCase):
         chosen = self.median_run([self._result(1.0, ok=False, failed=3), self._result(8.0), self._result(9.0)])
         self.assertEqual(chosen["chunk_delay_ms"]["p99"], 9.0)
         self.assertEqual(chosen["runs_delay_p99_ms"], [1.0, 8.0, 9.0])
+        self.assertIsNone(chosen["runs_delay_p99_spread_ms"])

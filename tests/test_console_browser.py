@@ -82,13 +82,16 @@ class ConsoleBrowserTests(ConsoleHarness, TestCase):
             return error.code
 
     def round_trip(self) -> None:
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions as ready
         from selenium.webdriver.support.ui import WebDriverWait
 
         profile = tempfile.mkdtemp(prefix="dheera-chromium-")
         browser = _browser(profile)
-        wait = WebDriverWait(browser, 20)
+        # An element found while a page is being replaced goes stale: look
+        # again, as for one not found yet.
+        wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
         try:
             browser.get(self.base + "/ui")
             wait.until(ready.presence_of_element_located((By.NAME, "key")))

@@ -101,6 +101,22 @@ class EmbeddedRedisTests(TestCase):
         self.assertIsNone(second.pid)
         self.assertEqual(await self.client(first).execute("PING"), "PONG")
 
+    async def test_ready_once_its_own_server_answers(self):
+        """
+        L{EmbeddedRedis.ready} is false while the server starts (the socket
+        may still be served by a killed proxy's Redis being shut down) and
+        true once its own server answered; a server that exits at start-up
+        never makes it ready.
+        """
+        redis = self.start(short_temp_dir(self))
+        self.assertFalse(redis.ready)
+        await redis.whenReady()
+        self.assertTrue(redis.ready)
+        broken = self.start(short_temp_dir(self), redis_server="/bin/false")
+        with self.assertRaises(EmbeddedRedisError):
+            await broken.whenReady()
+        self.assertFalse(broken.ready)
+
     async def test_binary_exits(self):
         """
         A server that exits at start-up fails L{EmbeddedRedis.whenReady}

@@ -144,21 +144,24 @@ class ProcessHarness:
         self.assertEqual(await self.chat(proxy, key), 200)
         self.assertEqual(len(self.upstream.received), before + 1)
 
-    async def refused_within(self, proxy: ProxyProcess, key: str, seconds: float) -> float:
+    async def answered_within(self, proxy: ProxyProcess, key: str, status: int, seconds: float) -> None:
         """
-        Call C{proxy} with C{key} until it answers 401.
-
-        :return: the seconds it took; fails the test after C{seconds}.
+        Call C{proxy} with C{key} until it answers C{status} (401 after a
+        revocation, 200 after an unblock); fail if a call that started more
+        than C{seconds} after this was called still got the old answer.
+        Each call is judged by when it started, so the time the call itself
+        takes on a loaded machine does not count against C{seconds}.
         """
-        start = time.monotonic()
+        changed = time.monotonic()
+        old = 200 if status == 401 else 401
         while True:
-            status = await self.chat(proxy, key)
-            elapsed = time.monotonic() - start
-            if status == 401:
-                return elapsed
-            self.assertEqual(status, 200)
-            if elapsed > seconds:
-                self.fail(f"key still accepted {elapsed:.2f} s after its revocation")
+            started = time.monotonic() - changed
+            answer = await self.chat(proxy, key)
+            if answer == status:
+                return
+            self.assertEqual(answer, old)
+            if started > seconds:
+                self.fail(f"a call made {started:.2f} s after the change still got {old}")
             await sleep(0.05)
 
 
@@ -353,20 +356,17 @@ class FleetRevocationTests(ProcessHarness, TestCase):
         through A, it works on B again.
         """
         await self.admin(self.a, "/key/block", {"key": self.key})
-        self.assertLess(await self.refused_within(self.b, self.key, 1.0), 1.0)
+        await self.answered_within(self.b, self.key, 401, 1.0)
         self.assertEqual(await self.chat(self.a, self.key), 401)
         await self.admin(self.a, "/key/unblock", {"key": self.token})
-        start = time.monotonic()
-        while await self.chat(self.b, self.key) != 200:
-            self.assertLess(time.monotonic() - start, 1.0)
-            await sleep(0.05)
+        await self.answered_within(self.b, self.key, 200, 1.0)
 
     async def test_delete(self):
         """
         A key deleted through A's API gets 401 from B within 1 s.
         """
         await self.admin(self.a, "/key/delete", {"key_aliases": ["fleet"]})
-        self.assertLess(await self.refused_within(self.b, self.key, 1.0), 1.0)
+        await self.answered_within(self.b, self.key, 401, 1.0)
 
     async def test_regenerate(self):
         """
@@ -375,7 +375,7 @@ class FleetRevocationTests(ProcessHarness, TestCase):
         """
         new_key = (await self.admin(self.a, "/key/regenerate", {"key": self.key}))["key"]
         self.assertEqual(hash_key(new_key), (await self.admin(self.a, f"/key/info?key={new_key}", method="GET"))["key"])
-        self.assertLess(await self.refused_within(self.b, self.key, 1.0), 1.0)
+        await self.answered_within(self.b, self.key, 401, 1.0)
         await self.assertWorks(self.b, new_key)
 
 

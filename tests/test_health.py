@@ -5,7 +5,6 @@ a server without C{/health}, one that never answers, and a closed port.
 """
 
 import json
-import socket
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -20,6 +19,7 @@ from dheera_tx.keys.auth import Authenticator
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
 from tests.fake_vllm import FakeVLLM
+from tests.passthrough_harness import refusing_url
 from tests.test_call_log import HangingServer, LoopbackServer, wait_until
 from tests.test_metrics import MASTER_KEY, VIRTUAL_KEY, MemoryKeys
 
@@ -28,13 +28,9 @@ UPSTREAM_KEY = "sk-upstream-health-secret-42"
 
 def closed_port_url() -> str:
     """
-    :return: the URL of a loopback port that was bound and closed again.
+    :return: the URL of a loopback port that refuses connections.
     """
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return refusing_url()
 
 
 def entry(name: str, url: str, **params) -> dict:

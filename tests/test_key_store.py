@@ -20,8 +20,8 @@ from dheera_tx.keys.store import IKeyStore, RedisKeyStore
 from dheera_tx.redis.address import RedisAddress, parse_database_url
 from dheera_tx.redis.client import RedisCommandError, RedisUnavailable, connect
 from tests.memory_key_store import MemoryKeyStore
-from tests.redis_server import RedisServer, free_port
-from tests.scripted_upstream import sleep
+from tests.redis_server import RedisServer
+from tests.scripted_upstream import refused_port, sleep
 from tests.tls_upstream import self_signed_certificate
 
 T0 = 1_700_000_000.0
@@ -604,7 +604,7 @@ class RedisClientTests(RedisTestMixin, TestCase):
         With no server at all, a call fails with L{RedisUnavailable} within
         the timeout.
         """
-        c = self.client(f"redis://127.0.0.1:{free_port()}/0")
+        c = self.client(f"redis://127.0.0.1:{refused_port()}/0")
         start = time.monotonic()
         with self.assertRaises(RedisUnavailable):
             await c.execute("PING")

@@ -85,10 +85,7 @@ class MethodAndPathTests(ProxyTestCase):
             return b"GET /vllm" + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + MASTER_KEY.encode() + b"\r\n" + close + b"\r\n"
 
         client.transport.write(call(b"/version"))
-        for _ in range(200):
-            if b'"version"' in client.data:
-                break
-            await sleep(0.01)
+        self.assertTrue(await poll(lambda: b'"version"' in client.data, 10), client.data)
         client.transport.write(call(b"/health") + call(b"/v1/models?model=alpha") + call(b"/version", last=True))
         raw = await client.closed()
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 4)
@@ -156,17 +153,21 @@ class MethodAndPathTests(ProxyTestCase):
         clock stops); it is served once the first answer is complete.
         """
         self.upstream = await self.fake(served_model="alpha")
-        self.proxy([deployment("alpha", "alpha", self.upstream)], general={"body_timeout": 0.3})
+        # The first call takes three body timeouts; the rest of the body is
+        # sent as soon as its answer arrived, which leaves the proxy a whole
+        # body timeout (not a few milliseconds) to read it.
+        self.proxy([deployment("alpha", "alpha", self.upstream)], general={"body_timeout": 0.5})
         client = await self.raw_connect()
         key = MASTER_KEY.encode()
         body = b'{"model":"alpha","prompt":"later"}'
         client.transport.write(
-            b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nx-fake-fault: slow_first_byte=1.0\r\nAuthorization: Bearer " + key + b"\r\n\r\n"
+            b"GET /vllm/version HTTP/1.1\r\nHost: x\r\nx-fake-fault: slow_first_byte=1.5\r\nAuthorization: Bearer " + key + b"\r\n\r\n"
             b"POST /vllm/tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key
             + b"\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
             + body[:10]
         )
-        await sleep(1.3)
+        self.assertTrue(await poll(lambda: b'"version"' in client.data, 10), client.data)
+        self.assertNotIn(b"408 Request", client.data)
         client.transport.write(body[10:])
         raw = await client.closed()
         self.assertEqual(raw.count(b"HTTP/1.1 200 OK\r\n"), 2, raw[:400])

@@ -24,6 +24,7 @@ from tests.passthrough_harness import (
     refusing_url,
     sleep,
 )
+from tests.waiting import wait_until
 
 MB = 1024 * 1024
 
@@ -146,10 +147,11 @@ class ReplicaTests(ProxyTestCase):
         await upstream.start()
         self.addCleanup(upstream.stop)
         self.proxy([deployment("alpha", "alpha", upstream)])
-        for _ in range(3):
+        for i in range(3):
             response, _ = await self.chat()
             self.assertEqual(response.code, 200)
-            await sleep(0.4)
+            # The upstream closed the idle connection and the proxy saw it.
+            await wait_until(lambda: len(upstream.connections_lost) == i + 1 and self.upstream_pool.idle_connections() == 0)
         self.assertEqual(len(upstream.connections_lost), 3)
 
 

@@ -268,6 +268,14 @@ class EmbeddedRedis(Service):
         else:
             d.callback(self)
 
+    @property
+    def ready(self) -> bool:
+        """
+        Whether this service's own redis-server has answered (a Redis left
+        running by a killed proxy is shut down before that).
+        """
+        return self._outcome is not None and not isinstance(self._outcome, Failure)
+
     def whenReady(self) -> Deferred:
         """
         :return: a Deferred that fires (with this service) once the server
