@@ -21,7 +21,7 @@ from typing import Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 LITELLM_VENV = os.path.join(HERE, ".venv-litellm")
 CONSTRAINTS = os.path.join(os.path.dirname(HERE), "constraints.txt")
-LITELLM = "litellm[proxy]==1.110.2"
+LITELLM = "litellm[proxy]==1.106.12"
 _POLICY = "/usr/sbin/policy-rc.d"
 
 

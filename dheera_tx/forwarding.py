@@ -74,7 +74,6 @@ class Passthrough:
     ):
         self._reactor = reactor
         self._catalog = catalog
-        self._realtime = RealtimeCalls(reactor, self)
         self._config = config
         self._router = router
         self._auth = authenticator
@@ -90,6 +89,7 @@ class Passthrough:
         self._session_header = config.router.session_header.encode("ascii") if config.router.routing_strategy == "cache-aware" else None
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
         self._default_max_tokens = config.general.default_max_tokens_reservation
+        self._realtime = RealtimeCalls(reactor, authenticator, router, self._accounting, self._tenant_routes, self._upstream)
         self.flow = GatewayQueue(
             reactor, router, config.router.max_queue, config.router.max_queue_wait, config.router.metrics_interval / 5,
             on_wait=metrics.observe_queue_wait if metrics is not None else None,

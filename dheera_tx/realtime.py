@@ -123,15 +123,24 @@ class RealtimeMeter:
 
 class RealtimeCalls:
     """
-    Serves realtime WebSocket sessions for the data plane.
+    Serves realtime WebSocket sessions for the data plane, with the same
+    collaborators as L{dheera_tx.forwarding.Passthrough}.
 
-    :param passthrough: the L{dheera_tx.forwarding.Passthrough} whose
-        authenticator, router, accounting and config serve these calls.
+    :param authenticator: turns credentials into a principal.
+    :param router: routes and picks replicas, and counts their calls.
+    :param accounting: admits sessions (L{CallAccounting}).
+    :param tenant_routes: what virtual keys may call.
+    :param upstream: a deployment -> L{dheera_tx.upstream_request.UpstreamTarget}
+        lookup.
     """
 
-    def __init__(self, reactor, passthrough):
+    def __init__(self, reactor, authenticator, router, accounting, tenant_routes, upstream):
         self._reactor = reactor
-        self._passthrough = passthrough
+        self._auth = authenticator
+        self._router = router
+        self._accounting = accounting
+        self._tenant_routes = tenant_routes
+        self._upstream = upstream
 
     async def serve(self, request, call: Call, progress, query: bytes) -> None:
         """
@@ -140,13 +149,12 @@ class RealtimeCalls:
         :raise ProxyError: refused before any replica was asked (the caller
             answers it in the OpenAI shape).
         """
-        passthrough = self._passthrough
         headers = request.requestHeaders
         key, protocols = subprotocol_key(headers)
         if key is not None and not (headers.hasHeader(b"authorization") or headers.hasHeader(b"x-api-key")):
             headers = headers.copy()
             headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("latin-1")])
-        principal = await passthrough._auth.authenticate(headers)
+        principal = await self._auth.authenticate(headers)
         if principal.key is not None:
             call.key_hash_prefix = principal.key.token[:12]
             call.key_alias = principal.key.key_alias
@@ -155,45 +163,45 @@ class RealtimeCalls:
         if request.method != b"GET" or not request.body_complete:
             raise bad_request("A WebSocket upgrade is a GET request without a body.")
         model = header_or_query_model(request.requestHeaders, query)
-        authorize_vllm_call(principal, REALTIME_PATH[1:].decode(), model, passthrough._tenant_routes)
+        authorize_vllm_call(principal, REALTIME_PATH[1:].decode(), model, self._tenant_routes)
         id_scope = None if principal.key is None else request_id_scope(principal.key.token).encode("ascii")
-        route = passthrough._router.route(model)
+        route = self._router.route(model)
         call.model_name = route.model_name
         call.stream = True
         progress.meter = RealtimeMeter()
         # A session reserves what a generating call naming no max_tokens does
         # (general_settings.default_max_tokens_reservation).
-        progress.admission = await passthrough._accounting.admit(principal, None, call, REALTIME_PATH, None, 0, route.replicas)
+        progress.admission = await self._accounting.admit(principal, None, call, REALTIME_PATH, None, 0, route.replicas)
         tried: List[Deployment] = []
         while True:
-            deployment = passthrough._router.pick(route, tried)
+            deployment = self._router.pick(route, tried)
             if deployment is None:
                 raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
             tried.append(deployment)
             progress.deployment = deployment
             call.deployment, call.api_base = deployment.id, deployment.api_base
-            passthrough._router.started(deployment)
+            self._router.started(deployment)
             try:
                 upstream = await self._connect(deployment, request, query, protocols, route, call, id_scope)
             except (ierror.ConnectError, ierror.DNSLookupError, OSError) as e:
-                passthrough._router.finished(deployment)
-                passthrough._router.failed(deployment)
+                self._router.finished(deployment)
+                self._router.failed(deployment)
                 log.info("Upstream {deployment} unreachable for a realtime call: {why}", deployment=deployment.id, why=type(e).__name__)
                 if request.client_gone:
                     call.error = "client_disconnected"
                     return
                 continue
             try:
-                passthrough._router.succeeded(deployment)
+                self._router.succeeded(deployment)
                 await upstream.session(request, call, progress.meter, deployment)
             finally:
-                passthrough._router.finished(deployment)
+                self._router.finished(deployment)
             return
 
     async def _connect(
         self, deployment: Deployment, request, query: bytes, protocols, route, call: Call, id_scope: Optional[bytes]
     ) -> "_UpstreamSocket":
-        upstream = self._passthrough._upstream(deployment)
+        upstream = self._upstream(deployment)
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor, upstream.host, upstream.port, timeout=deployment.connect_timeout
         )

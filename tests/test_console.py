@@ -11,7 +11,7 @@ import re
 from typing import Optional
 from urllib.parse import urlencode
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dheera_tx.config import config_from_dict
 from tests.passthrough_harness import MASTER_KEY, deployment
@@ -307,3 +307,34 @@ class ConsoleSecurityTests(ConsoleHarness, TestCase):
         self.assertIn("uPlot", script)
         for bad in ("/ui/static/vendor/README", "/ui/static/..%2Fapp.py", "/ui/static/nope.js"):
             self.assertEqual((await self.ui(b"GET", bad))[0], 404, bad)
+
+
+class DeploymentsPageTests(SynchronousTestCase):
+    """
+    The deployments page shows each deployment's routing signals.
+    """
+
+    def test_signals_shown(self):
+        """
+        A deployment's last scraped sample shows as its vLLM queue, KV-cache
+        use, prefix-cache hit rate and the sample's age; saturation and
+        calls in flight show too; a deployment never scraped shows dashes.
+        """
+        from dheera_tx.console.pages import deployments_page, render
+
+        sample = {
+            "age_s": 0.4, "num_requests_waiting": 3, "kv_cache_usage_perc": 0.42,
+            "prefix_cache_queries": 200, "prefix_cache_hits": 146, "stale": True,
+        }
+        health = {
+            "healthy_endpoints": [
+                {"model_name": "m", "deployment": "m#0", "api_base": "http://a", "latency_ms": 3, "in_flight": 2, "saturated": True, "load_sample": sample},
+                {"model_name": "m", "deployment": "m#1", "api_base": "http://b", "latency_ms": 4, "in_flight": 0, "saturated": False, "load_sample": None},
+            ],
+            "unhealthy_endpoints": [],
+        }
+        page = self.successResultOf(render(deployments_page(health, "csrf"))).decode()
+        rows = page.split("<tr>")[2:]
+        for shown in ("<td>2</td>", "<td>3</td>", "<td>42%</td>", "<td>73%</td>", "0.4 s (stale)", ">yes<"):
+            self.assertIn(shown, rows[0])
+        self.assertEqual(rows[1].count("<td>—</td>"), 4)

@@ -252,6 +252,29 @@ def spend_page(group: str, rows: Sequence[dict], days: Sequence[dict], csrf: str
     return layout("Spend", body, csrf, MASTER_NAV, "/ui/spend")
 
 
+def _signals(endpoint: dict) -> List[Tag]:
+    """
+    The routing signals of a deployment's health entry: calls in flight,
+    vLLM's waiting queue, KV-cache use and prefix-cache hit rate from the
+    last scraped sample (with its age), and saturation.
+    """
+    sample = endpoint.get("load_sample") or {}
+    waiting = sample.get("num_requests_waiting")
+    kv = sample.get("kv_cache_usage_perc")
+    queries, hits = sample.get("prefix_cache_queries"), sample.get("prefix_cache_hits")
+    rate = f"{hits / queries:.0%}" if queries and hits is not None else "—"
+    age = "—" if not sample else f"{sample.get('age_s', 0):g} s" + (" (stale)" if sample.get("stale") else "")
+    saturated = endpoint.get("saturated")
+    return [
+        tags.td(str(endpoint.get("in_flight", "—"))),
+        tags.td("—" if waiting is None else f"{waiting:g}"),
+        tags.td("—" if kv is None else f"{kv:.0%}"),
+        tags.td(rate),
+        tags.td(age),
+        tags.td("—" if saturated is None else ("yes" if saturated else "no"), class_="unhealthy" if saturated else ""),
+    ]
+
+
 def deployments_page(health: dict, csrf: str) -> Tag:
     rows = []
     for state, endpoints in (("healthy", health.get("healthy_endpoints", [])), ("unhealthy", health.get("unhealthy_endpoints", []))):
@@ -263,14 +286,24 @@ def deployments_page(health: dict, csrf: str) -> Tag:
                     tags.td(endpoint.get("api_base") or ""),
                     tags.td(state, class_=state),
                     tags.td(str(endpoint.get("latency_ms", "—"))),
-                    tags.td(endpoint.get("error") or ""),
+                    *_signals(endpoint),
+                    tags.td(endpoint.get("error") or endpoint.get("metrics_error") or ""),
                 )
             )
+    headings = (
+        "Model", "Deployment", "API base", "State", "Latency (ms)", "In flight", "vLLM queue", "KV cache", "Prefix hits",
+        "Sample age", "Saturated", "Error",
+    )
     table = tags.table(id="deployments")(
-        tags.thead(tags.tr(*[tags.th(h) for h in ("Model", "Deployment", "API base", "State", "Latency (ms)", "Error")])),
+        tags.thead(tags.tr(*[tags.th(h) for h in headings])),
         tags.tbody(*rows),
     )
-    return layout("Deployments", [table], csrf, MASTER_NAV, "/ui/deployments")
+    note = tags.p(
+        "Queue, KV-cache use and prefix-cache hits come from each replica's /metrics, scraped for models with several "
+        "replicas or a parallel cap (router_settings.metrics_interval).",
+        class_="note",
+    )
+    return layout("Deployments", [table, note], csrf, MASTER_NAV, "/ui/deployments")
 
 
 def key_page(record: KeyRecord, csrf: str, calls: Sequence[dict], message: Optional[str] = None) -> Tag:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseNeverReceived
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import outbound_client
+from dheera_tx.upstream.outbound import bounded, outbound_client
 
 log = Logger()
 
@@ -92,9 +92,9 @@ class DeploymentProber:
         """
         started = self._reactor.seconds()
         try:
-            status = await self._bounded(self._get(deployment, "/health"))
+            status = await bounded(self._get(deployment, "/health"), self._timeout, self._reactor)
             if status == 404:
-                status = await self._bounded(self._get(deployment, "/v1/models"))
+                status = await bounded(self._get(deployment, "/v1/models"), self._timeout, self._reactor)
             error = None if 200 <= status < 300 else f"HTTP {status}"
         except CancelledError:
             raise
@@ -114,24 +114,6 @@ class DeploymentProber:
             except KeyError:
                 pass
         return error is None, entry
-
-    def _bounded(self, coroutine) -> Deferred:
-        # A cancelled Agent request fails with ResponseNeverReceived, not
-        # CancelledError: remember that the timeout fired.
-        d = Deferred.fromCoroutine(coroutine)
-        timed_out = []
-
-        def on_timeout(result, timeout):
-            timed_out.append(True)
-            return result
-
-        def why(failure):
-            if timed_out:
-                raise TimeoutError()
-            return failure
-
-        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=on_timeout)
-        return d.addErrback(why)
 
     async def _get(self, deployment: Deployment, path: str) -> int:
         headers = {}

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseNeverReceived
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import outbound_client
+from dheera_tx.upstream.outbound import bounded, outbound_client
 
 log = Logger()
 
@@ -316,7 +316,7 @@ class MetricsScraper:
         Never raises.
         """
         try:
-            body = await self._bounded(self._get(deployment))
+            body = await bounded(self._get(deployment), self.timeout, self._reactor)
         except CancelledError:
             if self._stopped:
                 return
@@ -329,22 +329,6 @@ class MetricsScraper:
             return
         if not self._stopped:
             self._on_failure(deployment, reason)
-
-    def _bounded(self, coroutine) -> Deferred:
-        d = Deferred.fromCoroutine(coroutine)
-        timed_out = []
-
-        def on_timeout(result, timeout):
-            timed_out.append(True)
-            return result
-
-        def why(failure):
-            if timed_out:
-                raise TimeoutError()
-            return failure
-
-        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=on_timeout)
-        return d.addErrback(why)
 
     async def _get(self, deployment: Deployment) -> bytes:
         headers = {"Accept": "text/plain"}

@@ -1,13 +1,15 @@
 """
-The proxy's own outbound HTTP calls (health probes, webhooks), through treq.
+The proxy's own outbound HTTP calls (health probes, metrics scrapes, webhooks),
+through treq, each bounded in time.
 
 The forwarding hot path does not use this: it needs a plain Agent that
 never decodes, redirects or keeps cookies (see L{dheera_tx.forwarding}).
 """
 
-from typing import Tuple
+from typing import Any, Coroutine, Tuple
 
 import treq
+from twisted.internet.defer import Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
 
 
@@ -22,3 +24,29 @@ def outbound_client(reactor, timeout: float, per_host: int) -> Tuple[treq.client
     pool.maxPersistentPerHost = per_host
     pool.retryAutomatically = False
     return treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=pool)), pool
+
+
+def bounded(coroutine: Coroutine[Any, Any, Any], timeout: float, reactor) -> Deferred:
+    """
+    Run C{coroutine} (an outbound call) for at most C{timeout} seconds.
+
+    A cancelled Agent request fails with C{ResponseNeverReceived}, not
+    C{CancelledError}: this remembers that the timeout fired and fails
+    with L{TimeoutError} then, so callers can say "timed out".
+
+    :return: a Deferred of the coroutine's result.
+    """
+    d = Deferred.fromCoroutine(coroutine)
+    timed_out = []
+
+    def on_timeout(result, timeout):
+        timed_out.append(True)
+        return result
+
+    def why(failure):
+        if timed_out:
+            raise TimeoutError()
+        return failure
+
+    d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)
+    return d.addErrback(why)
