@@ -16,14 +16,12 @@ from typing import List, Optional
 
 import treq
 import treq.client
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import ResponseNeverReceived
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import bounded, outbound_client
+from dheera_tx.upstream.outbound import bounded, failure_reason, outbound_client
 
 log = Logger()
 
@@ -130,18 +128,7 @@ class DeploymentProber:
         return response.code
 
     def _reason(self, e: Exception) -> str:
-        # Short reasons of our own: an exception's text may name the URL.
-        if isinstance(e, (ierror.TimeoutError, TimeoutError)):
-            return f"timed out after {self._timeout:g} s"
-        if isinstance(e, ierror.ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(e, ierror.DNSLookupError):
-            return "host not found"
-        if isinstance(e, ierror.ConnectError):
-            return "cannot connect"
-        if isinstance(e, ResponseNeverReceived):
-            return "connection closed without an answer"
-        return "probe failed: " + type(e).__name__
+        return failure_reason(e, self._timeout, "probe")
 
     # -- background check ------------------------------------------------------
 

@@ -29,14 +29,12 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import attr
 import treq
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import ResponseNeverReceived
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import bounded, outbound_client
+from dheera_tx.upstream.outbound import bounded, failure_reason, outbound_client
 
 log = Logger()
 
@@ -395,17 +393,8 @@ class _Discard:
 
 
 def _reason(e: Exception, timeout: float) -> str:
-    # Short reasons of our own: an exception's text may name the URL.
     if isinstance(e, _HTTPStatus):
         return f"HTTP {e.code}"
     if isinstance(e, _TooLarge):
         return f"answer over {MAX_METRICS_BYTES} bytes"
-    if isinstance(e, (ierror.TimeoutError, TimeoutError)):
-        return f"timed out after {timeout:g} s"
-    if isinstance(e, ierror.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, ierror.ConnectError):
-        return "cannot connect"
-    if isinstance(e, ResponseNeverReceived):
-        return "connection closed without an answer"
-    return "scrape failed: " + type(e).__name__
+    return failure_reason(e, timeout, "scrape")

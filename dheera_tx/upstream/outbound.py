@@ -9,8 +9,9 @@ never decodes, redirects or keeps cookies (see L{dheera_tx.forwarding}).
 from typing import Any, Coroutine, Tuple
 
 import treq
+from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 
 def outbound_client(reactor, timeout: float, per_host: int) -> Tuple[treq.client.HTTPClient, HTTPConnectionPool]:
@@ -50,3 +51,23 @@ def bounded(coroutine: Coroutine[Any, Any, Any], timeout: float, reactor) -> Def
 
     d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)
     return d.addErrback(why)
+
+
+def failure_reason(e: Exception, timeout: float, what: str) -> str:
+    """
+    A short reason of our own for a failed outbound call (an exception's
+    text may name the URL, and so a key in it).
+
+    :param what: the call, for the last resort: C{"probe"}, C{"scrape"}.
+    """
+    if isinstance(e, (ierror.TimeoutError, TimeoutError)):
+        return f"timed out after {timeout:g} s"
+    if isinstance(e, ierror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ierror.DNSLookupError):
+        return "host not found"
+    if isinstance(e, ierror.ConnectError):
+        return "cannot connect"
+    if isinstance(e, ResponseNeverReceived):
+        return "connection closed without an answer"
+    return f"{what} failed: " + type(e).__name__
