@@ -12,16 +12,15 @@ answer: an unhealthy endpoint's C{error} is a short reason made here
 an exception's text.
 """
 
-from typing import List, Optional
+from typing import List
 
 import treq
 import treq.client
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import bounded, failure_reason, outbound_client
+from dheera_tx.upstream.outbound import Rounds, bounded, failure_reason, outbound_client
 
 log = Logger()
 
@@ -49,10 +48,7 @@ class DeploymentProber:
         if http_client is None:
             http_client, self._pool = outbound_client(reactor, timeout, per_host=2)
         self._client = http_client
-        self._loop: Optional[LoopingCall] = None
-        self._loop_done: Optional[Deferred] = None
-        self._round: Optional[Deferred] = None
-        self._stopped = False
+        self._rounds = Rounds(reactor, self.check, "Background health check")
 
     def deployments(self) -> List[Deployment]:
         """
@@ -139,7 +135,7 @@ class DeploymentProber:
         :return: what L{probe_all} returns.
         """
         results = await self._probe_each()
-        if self._router is not None and not self._stopped:
+        if self._router is not None and not self._rounds.stopped:
             for deployment, ok, entry in results:
                 try:
                     self._router.set_health(deployment, ok)
@@ -149,43 +145,19 @@ class DeploymentProber:
                     log.info("Deployment {deployment} unhealthy: {error}", deployment=entry["deployment"], error=entry["error"])
         return _summary(results)
 
-    def _tick(self) -> Deferred:
-        self._round = Deferred.fromCoroutine(self.check())
-        self._round.addErrback(self._round_failed)
-        self._round.addBoth(self._ticked)
-        return self._round
-
-    def _round_failed(self, failure) -> None:
-        if not self._stopped:
-            log.failure("Background health check failed", failure)
-
-    def _ticked(self, result):
-        self._round = None
-        return None
-
     def start_background(self, interval: float) -> None:
         """
         Run L{check} now and every C{interval} seconds (a round that takes
         longer delays the next one; rounds never overlap).
         """
-        if self._loop is not None and self._loop.running:
-            return
-        self._stopped = False
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._reactor
-        self._loop_done = self._loop.start(interval, now=True)
-        self._loop_done.addErrback(lambda f: log.failure("Background health check stopped", f))
+        self._rounds.start(interval)
 
     def stop(self) -> Deferred:
         """
         Stop the background check (cancelling a round in progress) and close
         the default client's connections.
         """
-        self._stopped = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._round is not None:
-            self._round.cancel()
+        self._rounds.stop()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return succeed(None)

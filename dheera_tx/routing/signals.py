@@ -30,11 +30,10 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import attr
 import treq
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import bounded, failure_reason, outbound_client
+from dheera_tx.upstream.outbound import Rounds, bounded, failure_reason, outbound_client
 
 log = Logger()
 
@@ -277,30 +276,14 @@ class MetricsScraper:
         if http_client is None:
             http_client, self._pool = outbound_client(reactor, self.timeout, per_host=1)
         self._client = http_client
-        self._loop: Optional[LoopingCall] = None
-        self._round: Optional[Deferred] = None
-        self._stopped = False
+        self._rounds = Rounds(reactor, self.scrape_all, "Metrics scrape")
 
     def start(self) -> None:
         """
         Scrape now and every interval (a slow round delays the next; rounds
         never overlap).
         """
-        if self._loop is not None and self._loop.running:
-            return
-        self._stopped = False
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._reactor
-        self._loop.start(self._interval, now=True).addErrback(lambda f: log.failure("Metrics scraping stopped", f))
-
-    def _tick(self) -> Deferred:
-        self._round = Deferred.fromCoroutine(self.scrape_all())
-        self._round.addErrback(lambda f: None if self._stopped else log.failure("Metrics scrape failed", f))
-        self._round.addBoth(self._ticked)
-        return self._round
-
-    def _ticked(self, _):
-        self._round = None
+        self._rounds.start(self._interval)
 
     async def scrape_all(self) -> None:
         """
@@ -316,16 +299,16 @@ class MetricsScraper:
         try:
             body = await bounded(self._get(deployment), self.timeout, self._reactor)
         except CancelledError:
-            if self._stopped:
+            if self._rounds.stopped:
                 return
             reason = f"timed out after {self.timeout:g} s"
         except Exception as e:
             reason = _reason(e, self.timeout)
         else:
-            if not self._stopped:
+            if not self._rounds.stopped:
                 self._on_sample(deployment, body, self._reactor.seconds())
             return
-        if not self._stopped:
+        if not self._rounds.stopped:
             self._on_failure(deployment, reason)
 
     async def _get(self, deployment: Deployment) -> bytes:
@@ -360,11 +343,7 @@ class MetricsScraper:
         Stop scraping (cancelling a round in progress) and close the default
         client's connections.
         """
-        self._stopped = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._round is not None:
-            self._round.cancel()
+        self._rounds.stop()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return succeed(None)

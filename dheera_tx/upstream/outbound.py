@@ -6,12 +6,16 @@ The forwarding hot path does not use this: it needs a plain Agent that
 never decodes, redirects or keeps cookies (see L{dheera_tx.forwarding}).
 """
 
-from typing import Any, Coroutine, Tuple
+from typing import Any, Callable, Coroutine, Optional, Tuple
 
 import treq
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+
+log = Logger()
 
 
 def outbound_client(reactor, timeout: float, per_host: int) -> Tuple[treq.client.HTTPClient, HTTPConnectionPool]:
@@ -71,3 +75,54 @@ def failure_reason(e: Exception, timeout: float, what: str) -> str:
     if isinstance(e, ResponseNeverReceived):
         return "connection closed without an answer"
     return f"{what} failed: " + type(e).__name__
+
+
+class Rounds:
+    """
+    Runs rounds of outbound calls in the background: now and every
+    C{interval} seconds, one round at a time (a round that takes longer
+    delays the next).  L{stop} ends the loop and cancels the round in
+    flight; a round that fails after L{stop} is not logged.
+
+    :param round: makes one round (a coroutine function).
+    :param what: the rounds' name in log lines, e.g. C{"Metrics scrape"}.
+    :ivar stopped: L{stop} was called (and L{start} not since).
+    """
+
+    def __init__(self, reactor, round: Callable[[], Coroutine[Any, Any, Any]], what: str):
+        self._reactor = reactor
+        self._round_function = round
+        self._what = what
+        self._loop: Optional[LoopingCall] = None
+        self._round: Optional[Deferred] = None
+        self.stopped = False
+
+    def start(self, interval: float) -> None:
+        """
+        Start the loop (nothing if it runs already).
+        """
+        if self._loop is not None and self._loop.running:
+            return
+        self.stopped = False
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._reactor
+        self._loop.start(interval, now=True).addErrback(lambda f: log.failure(self._what + " loop stopped", f))
+
+    def _tick(self) -> Deferred:
+        self._round = Deferred.fromCoroutine(self._round_function())
+        self._round.addErrback(lambda f: None if self.stopped else log.failure(self._what + " failed", f))
+        self._round.addBoth(self._ticked)
+        return self._round
+
+    def _ticked(self, _) -> None:
+        self._round = None
+
+    def stop(self) -> None:
+        """
+        Stop the loop and cancel the round in flight.
+        """
+        self.stopped = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._round is not None:
+            self._round.cancel()
