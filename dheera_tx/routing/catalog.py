@@ -32,11 +32,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import treq
 import treq.client
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from dheera_tx.config import Deployment, ProxyConfig
+from dheera_tx.upstream.outbound import Rounds
 
 log = Logger()
 
@@ -107,7 +107,7 @@ class ModelCatalog:
         self._adapters: Dict[str, Tuple[Deployment, ...]] = {}
         self._refreshing: Optional[Deferred] = None
         self._waiters: List[Deferred] = []
-        self._loop: Optional[LoopingCall] = None
+        self._rounds = Rounds(reactor, self._round, "Model catalog refresh")
         self._started_at = int(reactor.seconds())
         self._rebuild_adapters()
 
@@ -117,16 +117,16 @@ class ModelCatalog:
         """
         Refresh now and every C{interval} seconds.
         """
-        self._loop = LoopingCall(self.refresh)
-        self._loop.clock = self._reactor
-        self._loop.start(self._interval, now=True).addErrback(lambda f: log.failure("Model catalog loop failed", f))
+        self._rounds.start(self._interval)
+
+    async def _round(self) -> None:
+        await self.refresh()
 
     async def stop(self) -> None:
         """
         Stop refreshing and close the connections.
         """
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._rounds.stop()
         if self._refreshing is not None:
             self._refreshing.cancel()
         if self._pool is not None:
