@@ -130,8 +130,8 @@ class ReservationScriptTests(TestCase):
         )
 
     def reserved(self, holder: str) -> dict:
-        name = f"{PREFIX}rsv:{holder}"
-        return {s: -int(float(self.server.command("ZSCORE", name, s) or 0)) for s in ("nanos", "tokens")}
+        name = f"{PREFIX}reserved:{holder}"
+        return {s: int(float(self.server.command("HGET", name, s) or 0)) for s in ("nanos", "tokens")}
 
     def test_budget_counts_reservations_in_flight(self):
         """
@@ -241,7 +241,7 @@ class ReservationScriptTests(TestCase):
             admitted = await self._admit(principal, "c3", r)
             self.assertNotIsInstance(admitted, ProxyError)
             self.assertEqual(self.reserved(f"key:{record.token}"), {"nanos": 5000, "tokens": 10})
-            ttl = self.server.command("TTL", f"{PREFIX}rsv:key:{record.token}")
+            ttl = self.server.command("TTL", f"{PREFIX}reserved:key:{record.token}")
             self.assertTrue(0 < ttl <= STALE_AFTER, ttl)
 
         return ensureDeferred(go())
@@ -266,7 +266,7 @@ class ReservationScriptTests(TestCase):
             await self._settle(other, billable=False)
             await self._settle(other, cost=7)
             self.assertEqual(self.reserved(f"key:{record.token}"), {"nanos": 0, "tokens": 0})
-            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}rsv:key:{record.token}"), 0)
+            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}reserved:key:{record.token}"), 0)
             self.assertEqual(int(self.server.command("HGET", f"{PREFIX}key:{record.token}", "spend_nanos")), 14)
 
         return ensureDeferred(go())
@@ -300,7 +300,7 @@ class ReservationScriptTests(TestCase):
             rich = await self._admit(MASTER, "c1", r, end_user="rich")
             await self._admit(MASTER, "c2", r, end_user="plain")
             self.assertEqual(self.reserved("end_user:rich"), {"nanos": 5000, "tokens": 10})
-            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}rsv:end_user:plain"), 0)
+            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}reserved:end_user:plain"), 0)
             await self._settle(rich, cost=1)
             self.assertEqual(self.reserved("end_user:rich"), {"nanos": 0, "tokens": 0})
 

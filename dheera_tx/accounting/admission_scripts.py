@@ -13,28 +13,46 @@ after the checks.
 """
 
 # Lua shared by the admission and settlement scripts: the reservations in
-# flight of one holder (a key or an end user), a sorted set as described in
-# L{dheera_tx.accounting.limits}.
+# flight of one holder (a key or an end user), a hash as described in
+# L{dheera_tx.accounting.limits}: a field per call, C{<call id>|<nanos>|
+# <tokens>} -> its deadline, and the sums of those calls under C{nanos} and
+# C{tokens}; C{due} is never later than the earliest deadline, so the
+# lapsed reservations of a crashed proxy are looked for only once it has
+# passed.  Admitting or settling a call reads and writes that hash once,
+# whatever is in flight.
 RESERVATIONS_LUA = r"""
 local function amounts(member)
   local n, t = string.match(member, '|(%d+)|(%d+)$')
   return tonumber(n), tonumber(t)
 end
--- Take reservations back; each only once (ZREM says whether it was there).
+-- HDEL in slices (Lua's unpack has a limit).
+local function forget(rsv, members)
+  for i = 1, #members, 1000 do
+    redis.call('HDEL', rsv, unpack(members, i, math.min(i + 999, #members)))
+  end
+end
+-- Take reservations back; each only once (its field says whether it is
+-- still held: not once it lapsed, nor after an earlier release).
 local function release(rsv, members)
-  local n, t = 0, 0
-  for m in string.gmatch(members, '[^,]+') do
-    if redis.call('ZREM', rsv, m) == 1 then
-      local a, b = amounts(m)
-      n, t = n + a, t + b
+  local list = {}
+  for m in string.gmatch(members, '[^,]+') do list[#list + 1] = m end
+  if #list == 0 then return end
+  local got = redis.call('HMGET', rsv, 'nanos', 'tokens', unpack(list))
+  local n, t, held = tonumber(got[1]) or 0, tonumber(got[2]) or 0, {}
+  for i = 1, #list do
+    if got[i + 2] then
+      local a, b = amounts(list[i])
+      n, t = n - a, t - b
+      held[#held + 1] = list[i]
     end
   end
-  if redis.call('ZCARD', rsv) <= 2 then
-    -- Only the two sums left: nothing in flight, nothing to keep.
+  if #held == 0 then return end
+  forget(rsv, held)
+  if redis.call('HLEN', rsv) <= 3 then
+    -- Only the sums and 'due' left: nothing in flight, nothing to keep.
     redis.call('DEL', rsv)
-  elseif n + t > 0 then
-    redis.call('ZINCRBY', rsv, n, 'nanos')
-    redis.call('ZINCRBY', rsv, t, 'tokens')
+  else
+    redis.call('HSET', rsv, 'nanos', n, 'tokens', t)
   end
 end
 """
@@ -42,6 +60,7 @@ end
 # Lua helpers of the admission script, defined once per script run (not
 # once per call of a batch).
 ADMIT_HELPERS_LUA = r"""
+local BUDGET = {'max_budget', 'budget_duration', 'budget_reset_at', 'budget_spend_nanos', 'spend_nanos'}
 local function seconds(d)
   if not d then return nil end
   local n, u = string.match(d, "^(%d+)([smhd])$")
@@ -49,39 +68,53 @@ local function seconds(d)
   local mult = {s = 1, m = 60, h = 3600, d = 86400}
   return tonumber(n) * mult[u]
 end
--- The sums of a holder's live reservations, after dropping stale ones.  One
--- range read in the usual case: the sums (scored <= 0) and any lapsed
--- reservation (scored by a deadline now past) are exactly the members
--- scored up to now.
+-- A holder's reservations in flight, {nanos, tokens, due}, after dropping
+-- those whose deadline passed.  One read in the usual case; once 'due' has
+-- passed, one look at every reservation, which sets 'due' to the earliest
+-- deadline left (a minute or more ahead while calls end within their
+-- timeout).
 local function in_flight(rsv, now)
-  if rsv == '' then return 0, 0 end
-  local low = redis.call('ZRANGEBYSCORE', rsv, '-inf', now, 'WITHSCORES')
-  local n, t, lapsed_n, lapsed_t = 0, 0, 0, 0
-  for i = 1, #low, 2 do
-    local m = low[i]
-    if m == 'nanos' then n = -tonumber(low[i + 1])
-    elseif m == 'tokens' then t = -tonumber(low[i + 1])
+  if rsv == '' then return {0, 0, nil} end
+  local s = redis.call('HMGET', rsv, 'nanos', 'tokens', 'due')
+  local n, t, due = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3])
+  if due and due <= now then
+    local all = redis.call('HGETALL', rsv)
+    local lapsed = {}
+    due = nil
+    for i = 1, #all, 2 do
+      local m = all[i]
+      if m ~= 'nanos' and m ~= 'tokens' and m ~= 'due' then
+        local deadline = tonumber(all[i + 1])
+        if deadline <= now then
+          local a, b = amounts(m)
+          n, t = n - a, t - b
+          lapsed[#lapsed + 1] = m
+        elseif not due or deadline < due then
+          due = deadline
+        end
+      end
+    end
+    forget(rsv, lapsed)
+    if due then
+      redis.call('HSET', rsv, 'nanos', n, 'tokens', t, 'due', due)
     else
-      local a, b = amounts(m)
-      lapsed_n, lapsed_t = lapsed_n + a, lapsed_t + b
+      redis.call('DEL', rsv)
+      n, t = 0, 0
     end
   end
-  if lapsed_n + lapsed_t > 0 then
-    redis.call('ZREMRANGEBYSCORE', rsv, '(0', now)
-    redis.call('ZINCRBY', rsv, lapsed_n, 'nanos')
-    redis.call('ZINCRBY', rsv, lapsed_t, 'tokens')
-    n, t = n - lapsed_n, t - lapsed_t
-  end
-  return math.max(n, 0), math.max(t, 0)
+  return {n, t, due}
 end
 -- Hold a call's reservation (member "<call id>|<nanos>|<tokens>") until
--- settlement takes it back or its deadline passes.
-local function reserve(rsv, member, deadline, ttl)
+-- settlement takes it back or its deadline passes.  held: what in_flight
+-- read of the holder for this call.
+local function reserve(rsv, held, member, deadline, ttl)
   if rsv == '' or member == '' then return end
   local n, t = amounts(member)
-  redis.call('ZADD', rsv, deadline, member)
-  redis.call('ZINCRBY', rsv, -n, 'nanos')
-  redis.call('ZINCRBY', rsv, -t, 'tokens')
+  if held[3] and held[3] <= deadline then
+    redis.call('HSET', rsv, member, deadline, 'nanos', held[1] + n, 'tokens', held[2] + t)
+  else
+    redis.call('HSET', rsv, member, deadline, 'nanos', held[1] + n, 'tokens', held[2] + t, 'due', deadline)
+  end
   redis.call('EXPIRE', rsv, ttl)
 end
 -- f: HMGET of max_budget, budget_duration, budget_reset_at,
@@ -142,11 +175,10 @@ ADMIT_SCRIPT = r"""
 local now = tonumber(ARGV[1])
 local stale = tonumber(C[1])
 local member = ARGV[6]
-local BUDGET = {'max_budget', 'budget_duration', 'budget_reset_at', 'budget_spend_nanos', 'spend_nanos'}
 
 -- The end user, scoped to the key's team by its hash name.
 local user, user_rsv, overflow = KEYS[2], KEYS[7], false
-local user_budgeted = false
+local user_budgeted, user_held = false, {0, 0, nil}
 if user ~= '' then
   if redis.call('EXISTS', user) == 0 then
     -- A new id: at most C[4] a team a day leave state of their own.
@@ -163,21 +195,20 @@ if user ~= '' then
     redis.call('EXPIRE', user, C[3])
   end
   if f[1] == '1' then return {'end_user_blocked', 0} end
-  local n = 0
-  if f[3] then n = in_flight(user_rsv, now) end
-  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, n, now)
+  if f[3] then user_held = in_flight(user_rsv, now) end
+  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, math.max(user_held[1], 0), now)
   if over then return {'end_user_budget', 0} end
   user_budgeted = over ~= nil
 end
 if KEYS[1] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {'key_gone', 0} end
-  local reserved_nanos, reserved_tokens = in_flight(KEYS[6], now)
+  local held = in_flight(KEYS[6], now)
   local f = redis.call('HMGET', KEYS[1], unpack(BUDGET))
-  if over_budget(KEYS[1], f, reserved_nanos, now) then return {'budget', 0} end
+  if over_budget(KEYS[1], f, math.max(held[1], 0), now) then return {'budget', 0} end
   local rpm = tonumber(ARGV[3])
   local wait = full(KEYS[3], rpm, 0, C[2])
   if wait then return {'rpm', wait} end
-  wait = full(KEYS[4], tonumber(ARGV[4]), reserved_tokens, C[2])
+  wait = full(KEYS[4], tonumber(ARGV[4]), math.max(held[2], 0), C[2])
   if wait then return {'tpm', wait} end
   local parallel = tonumber(ARGV[5])
   if parallel > 0 then
@@ -189,10 +220,10 @@ if KEYS[1] ~= '' then
   if rpm > 0 then
     if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], C[2]) end
   end
-  reserve(KEYS[6], member, now + stale, math.ceil(stale))
+  reserve(KEYS[6], held, member, now + stale, math.ceil(stale))
 end
 -- Admitted: hold the worst case where a budget can be overrun.
-if user_budgeted then reserve(user_rsv, member, now + stale, math.ceil(stale)) end
+if user_budgeted then reserve(user_rsv, user_held, member, now + stale, math.ceil(stale)) end
 if overflow then return {0, 'overflow'} end
 return {0}
 """
