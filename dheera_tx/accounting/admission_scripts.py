@@ -68,13 +68,33 @@ local function seconds(d)
   local mult = {s = 1, m = 60, h = 3600, d = 86400}
   return tonumber(n) * mult[u]
 end
--- A holder's reservations in flight, {nanos, tokens, due}, after dropping
--- those whose deadline passed.  One read in the usual case; once 'due' has
--- passed, one look at every reservation, which sets 'due' to the earliest
--- deadline left (a minute or more ahead while calls end within their
--- timeout).
-local function in_flight(rsv, now)
-  if rsv == '' then return {0, 0, nil} end
+-- The holders read in this script run: reservations made by its calls are
+-- kept here and written once per holder at its end (write_held), so that
+-- the calls of a batch on one key read and write its hash once.
+local holders = {}
+local function write_held(rsv, h, ttl)
+  local w = h[4]
+  if #w == 0 then return end
+  -- Fields and values, in slices of 1000 (Lua's unpack has a limit).
+  redis.call('HSET', rsv, 'nanos', h[1], 'tokens', h[2], 'due', h[3], unpack(w, 1, math.min(1000, #w)))
+  for i = 1001, #w, 1000 do
+    redis.call('HSET', rsv, unpack(w, i, math.min(i + 999, #w)))
+  end
+  redis.call('EXPIRE', rsv, ttl)
+  h[4] = {}
+end
+-- A holder's reservations in flight, {nanos, tokens, due, [reservations
+-- to write]}, after dropping those whose deadline passed.  One read per
+-- script run in the usual case; once 'due' has passed, one look at every
+-- reservation, which sets 'due' to the earliest deadline left (a minute
+-- or more ahead while calls end within their timeout).
+local function in_flight(rsv, now, ttl)
+  if rsv == '' then return {0, 0, nil, {}} end
+  local h = holders[rsv]
+  if h then
+    if not (h[3] and h[3] <= now) then return h end
+    write_held(rsv, h, ttl)
+  end
   local s = redis.call('HMGET', rsv, 'nanos', 'tokens', 'due')
   local n, t, due = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3])
   if due and due <= now then
@@ -102,20 +122,25 @@ local function in_flight(rsv, now)
       n, t = 0, 0
     end
   end
-  return {n, t, due}
+  h = {n, t, due, {}}
+  holders[rsv] = h
+  return h
 end
 -- Hold a call's reservation (member "<call id>|<nanos>|<tokens>") until
--- settlement takes it back or its deadline passes.  held: what in_flight
--- read of the holder for this call.
-local function reserve(rsv, held, member, deadline, ttl)
-  if rsv == '' or member == '' then return end
+-- settlement takes it back or its deadline passes.  h: what in_flight
+-- returned for the holder.
+local function reserve(h, member, deadline)
+  if member == '' then return end
   local n, t = amounts(member)
-  if held[3] and held[3] <= deadline then
-    redis.call('HSET', rsv, member, deadline, 'nanos', held[1] + n, 'tokens', held[2] + t)
-  else
-    redis.call('HSET', rsv, member, deadline, 'nanos', held[1] + n, 'tokens', held[2] + t, 'due', deadline)
-  end
-  redis.call('EXPIRE', rsv, ttl)
+  h[1], h[2] = h[1] + n, h[2] + t
+  if not h[3] or deadline < h[3] then h[3] = deadline end
+  local w = h[4]
+  w[#w + 1] = member
+  w[#w + 1] = deadline
+end
+-- Write what the run's calls reserved.
+local function write_all(ttl)
+  for rsv, h in pairs(holders) do write_held(rsv, h, ttl) end
 end
 -- f: HMGET of max_budget, budget_duration, budget_reset_at,
 -- budget_spend_nanos, spend_nanos.  Whether spend plus the reservations in
@@ -174,11 +199,12 @@ end
 ADMIT_SCRIPT = r"""
 local now = tonumber(ARGV[1])
 local stale = tonumber(C[1])
+local ttl = math.ceil(stale)
 local member = ARGV[6]
 
 -- The end user, scoped to the key's team by its hash name.
 local user, user_rsv, overflow = KEYS[2], KEYS[7], false
-local user_budgeted, user_held = false, {0, 0, nil}
+local user_budgeted, user_held = false, nil
 if user ~= '' then
   if redis.call('EXISTS', user) == 0 then
     -- A new id: at most C[4] a team a day leave state of their own.
@@ -195,14 +221,18 @@ if user ~= '' then
     redis.call('EXPIRE', user, C[3])
   end
   if f[1] == '1' then return {'end_user_blocked', 0} end
-  if f[3] then user_held = in_flight(user_rsv, now) end
-  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, math.max(user_held[1], 0), now)
+  local n = 0
+  if f[3] then
+    user_held = in_flight(user_rsv, now, ttl)
+    n = math.max(user_held[1], 0)
+  end
+  local over = over_budget(user, {f[3], f[4], f[5], f[6], f[7]}, n, now)
   if over then return {'end_user_budget', 0} end
   user_budgeted = over ~= nil
 end
 if KEYS[1] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {'key_gone', 0} end
-  local held = in_flight(KEYS[6], now)
+  local held = in_flight(KEYS[6], now, ttl)
   local f = redis.call('HMGET', KEYS[1], unpack(BUDGET))
   if over_budget(KEYS[1], f, math.max(held[1], 0), now) then return {'budget', 0} end
   local rpm = tonumber(ARGV[3])
@@ -220,10 +250,10 @@ if KEYS[1] ~= '' then
   if rpm > 0 then
     if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], C[2]) end
   end
-  reserve(KEYS[6], held, member, now + stale, math.ceil(stale))
+  if KEYS[6] ~= '' then reserve(held, member, now + stale) end
 end
 -- Admitted: hold the worst case where a budget can be overrun.
-if user_budgeted then reserve(user_rsv, user_held, member, now + stale, math.ceil(stale)) end
+if user_budgeted then reserve(user_held, member, now + stale) end
 if overflow then return {0, 'overflow'} end
 return {0}
 """
@@ -238,8 +268,10 @@ ADMIT_ONE_SCRIPT = (
     RESERVATIONS_LUA
     + ADMIT_HELPERS_LUA
     + f"local C = {{unpack(ARGV, 1, {_CONSTANTS})}}\n"
-    + f"local ARGV = {{unpack(ARGV, {_CONSTANTS + 1})}}\n"
+    + "local function admit(KEYS, ARGV)\n"
     + ADMIT_SCRIPT
+    + f"\nend\nlocal out = admit(KEYS, {{unpack(ARGV, {_CONSTANTS + 1})}})\n"
+    + "write_all(math.ceil(tonumber(C[1])))\nreturn out\n"
 )
 
 # The admissions of one reactor tick in one script run: ARGV holds C, then
@@ -257,5 +289,5 @@ ADMIT_BATCH_SCRIPT = (
     + f"  for j = 1, {_KEYS_PER_CALL} do k[j] = KEYS[i * {_KEYS_PER_CALL} + j] end\n"
     + f"  for j = 1, {_ARGS_PER_CALL} do a[j] = ARGV[{_CONSTANTS} + i * {_ARGS_PER_CALL} + j] end\n"
     + "  out[i + 1] = admit(k, a)\n"
-    + "end\nreturn out\n"
+    + "end\nwrite_all(math.ceil(tonumber(C[1])))\nreturn out\n"
 )
