@@ -219,6 +219,18 @@ class CallLimiter:
         return RedisNames(key, user, rpm, tpm, par, key_rsv, user_rsv)
 
     @staticmethod
+    def may_reserve(principal, end_user: Optional[str]) -> bool:
+        """
+        :return: whether a call can hold a reservation: its key has a budget
+            or a tpm limit, or it names an end user (who may have a
+            budget).  Other calls need not reckon their worst case.
+        """
+        record = principal.key
+        if end_user:
+            return True
+        return record is not None and (record.max_budget is not None or _limit(record.tpm_limit) > 0)
+
+    @staticmethod
     def admission_of(
         principal, end_user: Optional[str], call_id: str, reservation: Reservation = NO_RESERVATION
     ) -> Admission:
