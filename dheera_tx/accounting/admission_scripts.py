@@ -167,10 +167,21 @@ local function over_budget(hash, f, reserved, now)
   end
   return spent + reserved >= limit
 end
+-- The rpm and tpm counters, 0 where there is no limit: one read.
+local function windows(rpm_counter, rpm, tpm_counter, tpm)
+  if rpm > 0 and tpm > 0 then
+    local u = redis.call('MGET', rpm_counter, tpm_counter)
+    return tonumber(u[1] or '0'), tonumber(u[2] or '0')
+  elseif rpm > 0 then
+    return tonumber(redis.call('GET', rpm_counter) or '0'), 0
+  elseif tpm > 0 then
+    return 0, tonumber(redis.call('GET', tpm_counter) or '0')
+  end
+  return 0, 0
+end
 -- Milliseconds until a full window has room, or nil when it has room.
-local function full(counter, limit, reserved, window_ms)
+local function full(counter, limit, used, reserved, window_ms)
   if limit <= 0 then return nil end
-  local used = tonumber(redis.call('GET', counter) or '0')
   if used + reserved < limit then return nil end
   -- Full only with the calls in flight: they end (and settle) soon.
   if used < limit then return 1000 end
@@ -235,10 +246,11 @@ if KEYS[1] ~= '' then
   local held = in_flight(KEYS[6], now, ttl)
   local f = redis.call('HMGET', KEYS[1], unpack(BUDGET))
   if over_budget(KEYS[1], f, math.max(held[1], 0), now) then return {'budget', 0} end
-  local rpm = tonumber(ARGV[3])
-  local wait = full(KEYS[3], rpm, 0, C[2])
+  local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local rpm_used, tpm_used = windows(KEYS[3], rpm, KEYS[4], tpm)
+  local wait = full(KEYS[3], rpm, rpm_used, 0, C[2])
   if wait then return {'rpm', wait} end
-  wait = full(KEYS[4], tonumber(ARGV[4]), math.max(held[2], 0), C[2])
+  wait = full(KEYS[4], tpm, tpm_used, math.max(held[2], 0), C[2])
   if wait then return {'tpm', wait} end
   local parallel = tonumber(ARGV[5])
   if parallel > 0 then
