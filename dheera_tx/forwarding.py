@@ -44,6 +44,7 @@ from dheera_tx.routing.model_choice import (
     parse_json_body,
 )
 from dheera_tx.routing.router import Route, Router
+from dheera_tx.routing.sleep import sleep_operation
 from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 from dheera_tx.upstream_request import UpstreamTarget, upstream_body, upstream_headers
 
@@ -207,7 +208,7 @@ class Passthrough:
                 form_watch.authorize(model)
             if principal.key is not None:
                 path = self._scope_ids(request, principal.key.token, path, document, progress)
-            route = self._router.route(model)
+            route = self._router.route(model, sleep_operation(request.method, path, query))
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
@@ -340,6 +341,8 @@ class Passthrough:
                 raise
             try:
                 self._router.succeeded(deployment)
+                if route.operation is not None:
+                    self._router.operated(deployment, route.operation, response.code)
                 await self._relay(request, call, deployment, response, progress)
             finally:
                 self._router.finished(deployment)

@@ -34,7 +34,8 @@ Exported (counters carry the C{_total} suffix)::
     dheera_log_records_dropped_total{sink}              read from the log sinks at scrape time
     dheera_queue_depth{model,priority}                  calls waiting in the gateway queue, read at scrape time
     dheera_queue_wait_seconds{model,priority}           histogram: time queued calls waited before they went
-    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica
+    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica,
+                                                        replicas_asleep
 
 Multiprocess mode (C{--workers N}): the worker parent sets
 C{PROMETHEUS_MULTIPROC_DIR} for every worker, so prometheus_client keeps

@@ -17,6 +17,14 @@ and C{Retry-After} (503 when no replica of the model is healthy), and
 nothing reaches vLLM.  A client that leaves while queued frees its place at
 once.
 
+A sleeping replica (L{dheera_tx.routing.sleep}) has no room: when every
+replica of a model sleeps, its calls wait here until one wakes (the proxy's
+own C{/wake_up}, or a sample showing it awake).  A call shed then gets 503
+C{replicas_asleep}, not 429: the model is unavailable, not busy, and it is
+no fault of the caller's rate.  The sleep operations themselves
+(C{/sleep}, C{/wake_up}, C{/is_sleeping}) never wait: a C{/wake_up} is what
+makes room.
+
 Queued calls leave by their key's C{priority} (lower first); within a
 priority level, keys share capacity by weighted fair queuing: a call's
 finish tag is C{max(V, the key's last tag) + cost / weight}, where the cost
@@ -37,7 +45,7 @@ from dheera_tx.errors import ProxyError
 from dheera_tx.routing.router import Route, Router
 
 #: Why a call was shed (the C{reason} label of C{dheera_queue_shed_total}).
-SHED_REASONS = ("queue_full", "queue_timeout", "no_healthy_replica")
+SHED_REASONS = ("queue_full", "queue_timeout", "no_healthy_replica", "replicas_asleep")
 
 
 class _Waiter:
@@ -156,6 +164,8 @@ class GatewayQueue:
             shed, and whose C{cancel()} (the client left) frees its place.
         :raise ProxyError: 429 (or 503) at once when the queue is full.
         """
+        if route.operation is not None:
+            return None
         queue = self._queues.get(route.model_name)
         if (queue is None or not queue.size) and self._has_room(route):
             return None
@@ -239,16 +249,16 @@ class GatewayQueue:
         router = self._router
         anyone_healthy = False
         for deployment in route.replicas:
-            if router.cooling_down(deployment):
+            if router.cooling_down(deployment) or router.asleep(deployment):
                 continue
             anyone_healthy = True
             if not router.saturated(deployment):
                 return True
         if anyone_healthy:
             return False
-        # Every replica cooling down: the router tries one anyway.
+        # Every awake replica cooling down: the router tries one anyway.
         for deployment in route.replicas:
-            if not router.saturated(deployment):
+            if not router.asleep(deployment) and not router.saturated(deployment):
                 return True
         return False
 
@@ -258,11 +268,16 @@ class GatewayQueue:
     def _shed(self, route: Route, reason: str) -> ProxyError:
         if not self._healthy(route):
             reason = "no_healthy_replica"
+        elif all(self._router.asleep(d) for d in route.replicas if not self._router.cooling_down(d)):
+            reason = "replicas_asleep"
         if self._on_shed is not None:
             self._on_shed(route.model_name, reason)
         if reason == "no_healthy_replica":
             return ProxyError(503, "No replica of this model is healthy; try again later.", type="service_unavailable",
                               code="no_healthy_replica", headers={"Retry-After": str(self.retry_after)})
+        if reason == "replicas_asleep":
+            return ProxyError(503, "Every replica of this model is asleep; try again later.", type="service_unavailable",
+                              code="replicas_asleep", headers={"Retry-After": str(self.retry_after)})
         why = "too many calls are waiting" if reason == "queue_full" else "the call waited too long"
         return ProxyError(429, f"Every replica of this model is busy and {why}; try again later.",
                           type="rate_limit_error", code=reason, headers={"Retry-After": str(self.retry_after)})
