@@ -79,7 +79,8 @@ class AdapterRoutingTests(FleetTestCase):
         With adapter C{a} running on replica 1 (a long call sent to it
         directly, seen in its C{vllm:lora_requests_info}), every call for
         C{a} through the proxy goes to replica 1, and replica 0 never loads
-        it.
+        it.  (The calls are different conversations, which the default
+        cache-aware strategy alone spreads over both replicas.)
         """
         self.fleet(2, scrape=True)
         long_call = json.dumps({"model": "a", "prompt": "x", "max_tokens": 2000}).encode()
@@ -87,8 +88,8 @@ class AdapterRoutingTests(FleetTestCase):
         router = self.gateway.router
         await wait_until(lambda: (router.fresh_sample(self.deployments[1]) is not None
                                   and "a" in router.fresh_sample(self.deployments[1]).adapters), timeout=10)
-        for _ in range(4):
-            response, body = await self.chat(model="a", max_tokens=2)
+        for user in range(6):
+            response, body = await self.chat(model="a", max_tokens=2, messages=[{"role": "user", "content": f"user {user}"}])
             self.assertEqual(response.code, 200, body)
             self.assertEqual(self.index(response), 1)
         self.assertEqual(self.replicas[0][0].engine.loras.loads_total, 0)
