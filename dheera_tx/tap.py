@@ -204,7 +204,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         teams = RedisTeamStore(redis, prefix, now=now)
         team_api = TeamAPI(authenticator, teams, managed_keys).app.resource()
         stream = prefix + "log" if "redis_stream" in config.callbacks else None
-        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream).app.resource()
+        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream, teams=teams).app.resource()
         branches = {b"key": key_api, b"end_user": key_api, b"team": team_api, b"ui": console}
     metrics = ProxyMetrics(router, config)
     call_log = CallLog(build_sinks(config, reactor, redis, stdout=stdout), metrics=metrics)
