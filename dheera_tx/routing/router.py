@@ -224,14 +224,20 @@ class Router:
         :return: whether the deployment is saturated now (L{Saturation}):
             its calls in flight (every process's) at its
             C{max_parallel_requests}, or a fresh sample's waiting queue or
-            KV-cache use at the limit.  A stale sample judges nothing: only
-            the parallel cap applies then.
+            KV-cache use at the limit.  A stale sample (the scrapes stopped
+            answering) saturates a deployment that has a parallel cap: its
+            operator asked for a bound the proxy can no longer check against
+            what the server holds.  Without a cap a stale sample judges
+            nothing, and the calls in flight decide.
         """
         in_flight = self.in_flight_everywhere(deployment)
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
-        return self.saturation.saturated(self.fresh_sample(deployment), in_flight)
+        sample = self.fresh_sample(deployment)
+        if sample is None and cap is not None and self._state[deployment.id].sample is not None:
+            return True
+        return self.saturation.saturated(sample, in_flight)
 
     def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
         """
