@@ -318,8 +318,8 @@ class Passthrough:
 
     async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None) -> None:
         tried: List[Deployment] = []
-        # vLLM's queue-cap refusal is retried once, on another replica, if
-        # the body can be sent again (in memory: JSON, or none).
+        # vLLM's queue-cap refusal is retried once, on another replica with
+        # room, if the body can be sent again (in memory: JSON, or none).
         may_retry = request.body is None or raw_json is not None
         while True:
             chosen = self._router.choose(route, tried, affinity)
@@ -354,7 +354,7 @@ class Passthrough:
                     response, refused = await self._refusal(request, call, deployment, response)
                     if refused is not None:
                         self._router.refused(deployment)
-                        if may_retry and len(tried) < len(route.replicas):
+                        if may_retry and self._room_elsewhere(route, tried):
                             may_retry = False
                             raise_if_gone_or_late(request, call, ())
                             self._retried(route, tried, refused)
@@ -365,6 +365,15 @@ class Passthrough:
             finally:
                 self._router.finished(deployment)
             return
+
+    def _room_elsewhere(self, route: Route, tried: List[Deployment]) -> bool:
+        """
+        :return: whether a replica not tried yet is healthy and not
+            saturated (a refused call is not pushed past a parallel cap or
+            into a full queue: it gets vLLM's 503 instead).
+        """
+        router = self._router
+        return any(d not in tried and not router.cooling_down(d) and not router.saturated(d) for d in route.replicas)
 
     def _retried(self, route: Route, tried: List[Deployment], reason: str) -> None:
         if self._count_retry is not None and len(tried) < len(route.replicas):

@@ -36,6 +36,8 @@ class RefusalCase(GatewayTestCase):
 
     # The second replica's vLLM queue cap (None: it takes every call).
     taker_cap = None
+    # The second replica's max_parallel_requests (None: none).
+    taker_parallel = None
 
     async def _start(self) -> None:
         self.redis_server = RedisServer().start()
@@ -46,7 +48,7 @@ class RefusalCase(GatewayTestCase):
         self.upstream = await self.fake(served_model="tiny", max_num_queued_reqs=self.taker_cap)
         config = config_from_dict({
             "model_list": [deployment("alpha", "tiny", self.refuser, **PRICES),
-                           deployment("alpha", "tiny", self.upstream, **PRICES)],
+                           deployment("alpha", "tiny", self.upstream, **self.taker_params())],
             "general_settings": {"master_key": MASTER_KEY},
             "router_settings": {"routing_strategy": "least-busy"},
             "dheera_ai_settings": {"callbacks": ["json_log"]},
@@ -61,6 +63,12 @@ class RefusalCase(GatewayTestCase):
         self.refusing, self.taking = sorted(config.replicas("alpha"), key=lambda d: d.api_base != self.refuser.url)
         router.started(self.taking)
         self.addCleanup(router.finished, self.taking)
+
+    def taker_params(self) -> dict:
+        params = dict(PRICES)
+        if self.taker_parallel is not None:
+            params["max_parallel_requests"] = self.taker_parallel
+        return params
 
     async def record(self) -> dict:
         """
@@ -206,3 +214,25 @@ class BothRefusingTests(RefusalCase):
         self.assertEqual(await self.key_spend(token), 0)
         self.assertPoolClean()
 
+
+
+class OtherReplicaFullTests(RefusalCase):
+    """
+    The answering replica is at its C{max_parallel_requests} (1, taken by
+    the proxy's own count).
+    """
+
+    taker_parallel = 1
+
+    async def test_not_pushed_past_a_cap(self):
+        """
+        A refused call is not retried on a replica that is saturated (its
+        parallel cap reached): the client gets vLLM's 503 with
+        C{Retry-After}, and that replica sees nothing.
+        """
+        response, body = await self.post("/v1/chat/completions", chat_body())
+        self.assertEqual(response.code, 503)
+        self.assertEqual(body, BUSY)
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        self.assertEqual((len(self.refuser.received), len(self.upstream.received)), (1, 0))
+        self.assertEqual((await self.record())["attempts"], 1)
