@@ -241,8 +241,11 @@ class Router:
             its calls in flight (every process's) at its
             C{max_parallel_requests}, or a fresh sample's waiting queue or
             KV-cache use at the limit, or vLLM refusing calls for its queue
-            caps (L{refused}).  A stale sample judges nothing: only the
-            parallel cap and refusals apply then.
+            caps (L{refused}).  A stale sample (the scrapes stopped
+            answering) saturates a deployment that has a parallel cap: its
+            operator asked for a bound the proxy can no longer check against
+            what the server holds.  Without a cap a stale sample judges
+            nothing, and the calls in flight (and refusals) decide.
         """
         if self._state[deployment.id].refused_at is not None and self._refusing(deployment):
             return True
@@ -250,7 +253,10 @@ class Router:
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
-        return self.saturation.saturated(self.fresh_sample(deployment), in_flight)
+        sample = self.fresh_sample(deployment)
+        if sample is None and cap is not None and self._state[deployment.id].sample is not None:
+            return True
+        return self.saturation.saturated(sample, in_flight)
 
     def refused(self, deployment: Deployment) -> None:
         """
