@@ -26,6 +26,7 @@ sent while asleep wait until the replica is fully awake.
 
 import collections
 from typing import Dict, Iterable, List, Optional, Tuple
+from urllib.parse import parse_qs
 
 #: L{LoraSlots.take} verdicts.
 READY = "ready"
@@ -193,3 +194,22 @@ def wake_engine(engine, tags: Optional[List[str]]) -> bool:
     if awake:
         engine._schedule()
     return awake
+
+
+def sleep_route(engine, method: bytes, path: bytes, uri: bytes) -> Optional[dict]:
+    """
+    Serve vLLM's sleep routes on a L{tests.sim_vllm.SimEngine}.
+
+    :return: the JSON answer (200), or L{None} when C{path} is not one.
+    """
+    query = parse_qs(uri.partition(b"?")[2].decode("latin-1"))
+    if method == b"GET" and path == b"/is_sleeping":
+        return {"is_sleeping": engine.sleep.asleep}
+    if method == b"POST" and path == b"/sleep":
+        level = int(query.get("level", ["1"])[0])
+        sleep_engine(engine, level, query.get("mode", ["abort"])[0])
+        return {"status": "sleeping", "level": level}
+    if method == b"POST" and path == b"/wake_up":
+        tags = query.get("tags")
+        return {"status": "awake" if wake_engine(engine, tags) else "sleeping", "tags": tags}
+    return None

@@ -26,6 +26,11 @@ are rendered C{<|role|>\\ncontent\\n} each, then C{<|assistant|>\\n}.  A
 finished request's prompt and output go into the cache, as vLLM caches
 generated blocks too, so a conversation's next turn finds its history.
 
+Started with vLLM's queue caps (C{SimSettings.max_num_queued_reqs},
+C{max_num_queued_tokens}), a replica refuses the calls it cannot queue as
+vLLM does (L{tests.vllm_admission}): unfinished are its waiting and running
+sequences, in prefill those not yet given their first token.
+
 Run replicas on their own: C{python -m tests.sim_vllm --replicas 4} prints
 one C{http://127.0.0.1:PORT} line per replica.
 """
@@ -37,13 +42,13 @@ import json
 import math
 import sys
 from typing import Callable, List, Optional, Tuple
-from urllib.parse import parse_qs
 
 import attr
 from twisted.internet import reactor as global_reactor
 from twisted.web import resource, server
 
-from tests.sim_adapters import LOAD, READY, LoraSlots, SleepSwitch, sleep_engine, wake_engine
+from tests.sim_adapters import LOAD, READY, LoraSlots, SleepSwitch, sleep_route
+from tests.vllm_admission import AdmissionControl, refusal_body, requested_sequences
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -69,6 +74,9 @@ class SimSettings:
     lora_load_time: float = 0.05
     # Whether vllm:engine_sleep_state is exported (older vLLM: not).
     sleep_metric: bool = True
+    # vLLM's --max-num-queued-reqs and --max-num-queued-tokens.
+    max_num_queued_reqs: Optional[int] = None
+    max_num_queued_tokens: Optional[int] = None
 
 
 DEFAULT_SETTINGS = SimSettings()
@@ -342,12 +350,13 @@ class SimReplica(resource.Resource):
         super().__init__()
         self.engine = SimEngine(reactor, settings)
         self.settings = settings
+        self.admission = AdmissionControl(settings.max_num_queued_reqs, settings.max_num_queued_tokens)
 
     def render_GET(self, request):
         path = request.path
         if path == b"/metrics":
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            return self.engine.metrics_text()
+            return self.engine.metrics_text() + self._admission_metrics()
         if path == b"/health":
             return b""
         if path == b"/v1/models":
@@ -356,8 +365,9 @@ class SimReplica(resource.Resource):
             cards = [{"id": self.settings.model, "object": "model"}]
             cards += [{"id": name, "object": "model", "parent": self.settings.model} for name in self.settings.lora_adapters]
             return _json(request, 200, {"object": "list", "data": cards})
-        if path == b"/is_sleeping":
-            return _json(request, 200, {"is_sleeping": self.engine.sleep.asleep})
+        answer = sleep_route(self.engine, b"GET", path, request.uri)
+        if answer is not None:
+            return _json(request, 200, answer)
         return _json(request, 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
 
     def render_POST(self, request):
@@ -365,14 +375,9 @@ class SimReplica(resource.Resource):
         if path == b"/reset_prefix_cache":
             self.engine.cache.clear()
             return _json(request, 200, {"success": True})
-        if path == b"/sleep":
-            level = int((request.args.get(b"level") or [b"1"])[0])
-            sleep_engine(self.engine, level, (request.args.get(b"mode") or [b"abort"])[0].decode())
-            return _json(request, 200, {"status": "sleeping", "level": level})
-        if path == b"/wake_up":
-            tags = parse_qs(request.uri.partition(b"?")[2].decode("latin-1")).get("tags")
-            awake = wake_engine(self.engine, tags)
-            return _json(request, 200, {"status": "awake" if awake else "sleeping", "tags": tags})
+        answer = sleep_route(self.engine, b"POST", path, request.uri)
+        if answer is not None:
+            return _json(request, 200, answer)
         if path not in (b"/v1/chat/completions", b"/v1/completions"):
             return _json(request, 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
         if not self._authorized(request):
@@ -383,7 +388,30 @@ class SimReplica(resource.Resource):
             prompt = render_chat(body["messages"]) if chat else str(body["prompt"])
         except (ValueError, KeyError, TypeError, AttributeError):
             return _json(request, 400, {"error": {"message": "bad request", "type": "BadRequestError", "code": 400}})
+        refused = self._refusal(request, body)
+        if refused is not None:
+            return refused
         return self._generate(request, body, prompt, chat)
+
+    def _refusal(self, request, body: dict) -> Optional[bytes]:
+        """
+        vLLM's admission check: the refusal's body (status and headers
+        set), or L{None} when the call may queue.
+        """
+        if not self.admission.capped:
+            return None
+        engine = self.engine
+        unfinished = [seq for seq in (*engine.waiting, *engine.running) if not seq.cancelled]
+        in_prefill = sum(seq.prompt_tokens for seq in unfinished if seq.generated == 0)
+        reason = self.admission.check(len(unfinished), in_prefill, requested_sequences(body))
+        if reason is None:
+            return None
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        return refusal_body(reason)
+
+    def _admission_metrics(self) -> bytes:
+        return ("\n".join(self.admission.metrics_lines(self.settings.model)) + "\n").encode("utf-8")
 
     def _authorized(self, request) -> bool:
         key = self.settings.api_key

@@ -36,6 +36,8 @@ Exported (counters carry the C{_total} suffix)::
     dheera_queue_wait_seconds{model,priority}           histogram: time queued calls waited before they went
     dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica,
                                                         replicas_asleep
+    dheera_upstream_retries_total{model,reason}         calls sent again to another replica; reason: unreachable,
+                                                        max_num_queued_reqs, max_num_queued_tokens (vLLM's refusals)
 
 Multiprocess mode (C{--workers N}): the worker parent sets
 C{PROMETHEUS_MULTIPROC_DIR} for every worker, so prometheus_client keeps
@@ -202,6 +204,10 @@ class ProxyMetrics:
         self.queue_shed = Counter(
             "dheera_queue_shed", "Calls shed by flow control, by reason.", ["model", "reason"], registry=registry
         )
+        self.upstream_retries = Counter(
+            "dheera_upstream_retries", "Calls sent again to another replica, by why the first could not take them.",
+            ["model", "reason"], registry=registry,
+        )
         self._queue_depths: Optional[Callable[[], dict]] = None
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.in_flight_requests = Gauge(
@@ -292,6 +298,14 @@ class ProxyMetrics:
         Count a call shed by flow control.
         """
         self.queue_shed.labels(self.model_label(model_name), reason).inc()
+
+    def count_retry(self, model_name: Optional[str], reason: str) -> None:
+        """
+        Count a call sent again to another replica: C{reason} is
+        C{unreachable} or vLLM's refusal reason (C{max_num_queued_reqs},
+        C{max_num_queued_tokens}).
+        """
+        self.upstream_retries.labels(self.model_label(model_name), reason).inc()
 
     def read_queue(self, depths: Callable[[], dict]) -> None:
         """
