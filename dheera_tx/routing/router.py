@@ -21,7 +21,15 @@ from dheera_tx.errors import ProxyError
 from dheera_tx.routing import strategies
 from dheera_tx.routing.affinity import replica_weight
 from dheera_tx.routing.homes import KeyHomes
-from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, is_fresh, parse_metrics
+from dheera_tx.routing.signals import (
+    LoadSample,
+    MetricsUnreadable,
+    Saturation,
+    estimated_load,
+    estimated_waiting,
+    is_fresh,
+    parse_metrics,
+)
 
 if TYPE_CHECKING:
     from dheera_tx.routing.shared_load import SharedInFlight
@@ -56,6 +64,8 @@ class _ReplicaState:
     sample: Optional[LoadSample] = attr.ib(default=None)
     scrape_error: Optional[str] = attr.ib(default=None)
     scrape_failed_at: Optional[float] = attr.ib(default=None)
+    # The most requests a sample ever showed running: the replica's slots.
+    slots: float = attr.ib(default=0.0)
 
 
 class Router:
@@ -223,15 +233,20 @@ class Router:
         """
         :return: whether the deployment is saturated now (L{Saturation}):
             its calls in flight (every process's) at its
-            C{max_parallel_requests}, or a fresh sample's waiting queue or
-            KV-cache use at the limit.  A stale sample judges nothing: only
-            the parallel cap applies then.
+            C{max_parallel_requests}, or a fresh sample's KV-cache use or
+            its waiting queue as this process's calls since have changed it
+            (L{estimated_waiting}) at the limit.  A stale sample judges
+            nothing: only the parallel cap applies then.
         """
         in_flight = self.in_flight_everywhere(deployment)
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
-        return self.saturation.saturated(self.fresh_sample(deployment), in_flight)
+        sample = self.fresh_sample(deployment)
+        if sample is None:
+            return self.saturation.saturated(None, in_flight)
+        state = self._state[deployment.id]
+        return self.saturation.saturated(sample, in_flight, estimated_waiting(sample, state.in_flight, state.slots))
 
     def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
         """
@@ -247,6 +262,7 @@ class Router:
             self.scrape_failed(deployment, f"not a vLLM /metrics answer: {e}")
             return
         state.scrape_error = None
+        state.slots = max(state.slots, state.sample.running)
         if self.on_capacity is not None:
             self.on_capacity()
 
