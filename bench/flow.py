@@ -73,6 +73,7 @@ ROUTER = {"metrics_interval": 0.25, "max_waiting": 4, "max_queue": 200, "max_que
 # the interactive key offers this share of it (in sequence-seconds).
 STEPS = (0.5, 1.0, 1.5, 2.0)
 INTERACTIVE_SHARE = 0.2
+PARTS = ("ramp", "fairness", "cpu")
 
 
 def service_seconds(shape) -> float:
@@ -500,21 +501,25 @@ async def main(reactor, args):
                "source": _source(), "settings": {"replicas": REPLICAS, "sim": SIM, "router": ROUTER, "steps": list(STEPS),
                                                  "step_seconds": step, "interactive": INTERACTIVE, "batch": BATCH,
                                                  "interactive_share": INTERACTIVE_SHARE, "fair": FAIR}}
+    parts = args.parts or PARTS
     try:
-        results["capacity"] = capacity = await measure_capacity(client, 1.5 if quick else 6.0)
-        print(f"{time.monotonic() - began:.1f}s capacity", json.dumps(capacity), flush=True)
-        schedule = ramp_schedule(capacity["measured_batch_calls_per_s"], step)
-        results["ramp"] = {}
-        for name, on in (("off", False), ("on", True)):
-            results["ramp"][name] = await run_ramp(client, reactor, on, schedule, step)
-            print(f"{time.monotonic() - began:.1f}s ramp", name, json.dumps(results["ramp"][name]["summary"]), flush=True)
-        # The light key keeps twice what the fleet holds (its slots and
-        # each replica's max_waiting) outstanding: it is backlogged too.
-        light = 2 * (REPLICAS * SIM["max_num_seqs"] + REPLICAS * int(ROUTER["max_waiting"]))
-        results["fairness"] = await run_fairness(client, reactor, 2.5 if quick else args.fair_seconds, light)
-        print(f"{time.monotonic() - began:.1f}s fairness", json.dumps(results["fairness"]), flush=True)
-        results["cpu"] = await run_cpu(client, reactor, 2 if quick else args.cpu_rounds, 40 if quick else 1500, 8)
-        print(f"{time.monotonic() - began:.1f}s cpu", json.dumps(results["cpu"]), flush=True)
+        if "ramp" in parts:
+            results["capacity"] = capacity = await measure_capacity(client, 1.5 if quick else 6.0)
+            print(f"{time.monotonic() - began:.1f}s capacity", json.dumps(capacity), flush=True)
+            schedule = ramp_schedule(capacity["measured_batch_calls_per_s"], step)
+            results["ramp"] = {}
+            for name, on in (("off", False), ("on", True)):
+                results["ramp"][name] = await run_ramp(client, reactor, on, schedule, step)
+                print(f"{time.monotonic() - began:.1f}s ramp", name, json.dumps(results["ramp"][name]["summary"]), flush=True)
+        if "fairness" in parts:
+            # The light key keeps twice what the fleet holds (its slots and
+            # each replica's max_waiting) outstanding: it is backlogged too.
+            light = 2 * (REPLICAS * SIM["max_num_seqs"] + REPLICAS * int(ROUTER["max_waiting"]))
+            results["fairness"] = await run_fairness(client, reactor, 2.5 if quick else args.fair_seconds, light)
+            print(f"{time.monotonic() - began:.1f}s fairness", json.dumps(results["fairness"]), flush=True)
+        if "cpu" in parts:
+            results["cpu"] = await run_cpu(client, reactor, 2 if quick else args.cpu_rounds, 40 if quick else 1500, 8)
+            print(f"{time.monotonic() - began:.1f}s cpu", json.dumps(results["cpu"]), flush=True)
     finally:
         await client.pool.closeCachedConnections()
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -540,6 +545,7 @@ def cli(argv=None):
     parser.add_argument("--step-seconds", type=float, default=8.0, help="length of each load step of the ramp")
     parser.add_argument("--fair-seconds", type=float, default=15.0)
     parser.add_argument("--cpu-rounds", type=int, default=6)
+    parser.add_argument("--parts", nargs="*", choices=PARTS, help="parts to run (default: all)")
     args = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(main(reactor, args)))
 

@@ -116,6 +116,9 @@ def accounting(calls, spend, records, kinds) -> dict:
             "logged_nanos": sum(int(r.get("cost_nanos") or 0) for r in logged),
             "redis_spend_nanos": spend.get(kind),
             "shed_logged_nanos": sum(int(r.get("cost_nanos") or 0) for r in logged if r.get("status") in (429, 503)),
+            # The proxy's own measure of a shed call's wait (queued_ms).
+            "shed_queued_ms_max": max((float(r.get("queued_ms") or 0) for r in logged if r.get("status") in (429, 503)),
+                                      default=None),
         }
         entry = out[kind]
         entry["ok"] = (entry["client_calls"] == entry["logged_calls"]
@@ -148,9 +151,12 @@ def targets(results) -> list:
         shed = on["shedding"]
         bound = router["max_queue_wait"] + SHED_SLACK_S
         statuses = set(shed["statuses"])
-        rows.append((f"shed calls get 429 + Retry-After within max_queue_wait ({router['max_queue_wait']:g} s)",
+        queued = [a["shed_queued_ms_max"] for a in on["accounting"].values() if a.get("shed_queued_ms_max") is not None]
+        rows.append((f"shed calls get 429 + Retry-After within max_queue_wait ({router['max_queue_wait']:g} s; "
+                     f"the client's time allowed {SHED_SLACK_S:g} s more for the answer to travel)",
                      f"{shed['count']} shed, statuses {shed['statuses']}, codes {shed['codes']}, Retry-After on "
-                     f"{shed['with_retry_after']}, time to shed max {_s(shed['time_to_shed_max_s'])}",
+                     f"{shed['with_retry_after']}, time to shed max {_s(shed['time_to_shed_max_s'])} at the client, "
+                     f"queued_ms max {max(queued, default=0):.1f} in the call log",
                      shed["count"] > 0 and statuses == {"429"} and shed["with_retry_after"] == shed["count"]
                      and shed["time_to_shed_max_s"] <= bound))
         lost = sum(k["lost"] for run in (on, off) for k in run["per_key"].values())
