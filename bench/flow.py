@@ -46,7 +46,7 @@ import treq  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
-from bench.flow_report import summarize_ramp, write_report  # noqa: E402
+from bench.flow_report import read_records, summarize_ramp, usage_of, write_report  # noqa: E402
 from bench.processes import cpu_seconds, descendants, name_of  # noqa: E402
 from tests.proxy_process import ProxyProcess  # noqa: E402
 
@@ -196,7 +196,7 @@ class Client:
         if first:
             out["ttft"] = first[0] - started
         data = b"".join(chunks)
-        usage = _usage(data) if out["status"] == 200 else None
+        usage = usage_of(data) if out["status"] == 200 else None
         out["usage"] = usage
         out["nanos"] = expected_nanos(usage) if usage else 0
         if out["status"] != 200 and data:
@@ -205,17 +205,6 @@ class Client:
             except (ValueError, KeyError, AttributeError):
                 out["code"] = None
         return out
-
-
-def _usage(data: bytes):
-    if data.startswith(b"{"):
-        return json.loads(data).get("usage")
-    for line in reversed(data.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            usage = json.loads(line[6:]).get("usage")
-            if usage:
-                return usage
-    return None
 
 
 class Sampler:
@@ -361,27 +350,15 @@ async def run_ramp(client: Client, reactor, flow_control: bool, schedule, step_s
                 spend[kind] = await client.spend_nanos(proxy, key)
         # The call log is written as calls end: wait until it holds them all.
         path = os.path.join(proxy.directory, "calls.jsonl")
-        records = _read_records(path)
+        records = read_records(path)
         deadline = time.monotonic() + 10
         while len(records) < len(calls) and time.monotonic() < deadline:
             await sleep(0.1)
-            records = _read_records(path)
+            records = read_records(path)
     finally:
         proxy.cleanup()
         stop_replicas(process)
     return summarize_ramp(calls, series, spend, records, wall, ROUTER, STEPS)
-
-
-def _read_records(path: str):
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("{"):
-                    out.append(json.loads(line))
-    except OSError:
-        pass
-    return out
 
 
 async def run_fairness(client: Client, reactor, seconds: float, light_clients: int) -> dict:

@@ -39,6 +39,35 @@ def _r(value, digits: int = 3):
     return round(value, digits) if value is not None else None
 
 
+def usage_of(data: bytes):
+    """
+    :return: the C{usage} of a JSON answer or of an SSE stream's usage chunk.
+    """
+    if data.startswith(b"{"):
+        return json.loads(data).get("usage")
+    for line in reversed(data.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            usage = json.loads(line[6:]).get("usage")
+            if usage:
+                return usage
+    return None
+
+
+def read_records(path: str):
+    """
+    :return: the JSON call records in a json_log file.
+    """
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("{"):
+                    out.append(json.loads(line))
+    except OSError:
+        pass
+    return out
+
+
 def summarize_ramp(calls, series, spend, records, wall: float, router: dict, steps) -> dict:
     """
     :param calls: what the client saw of each call (L{bench.flow.Client.call}).

@@ -225,8 +225,9 @@ class Passthrough:
             progress.strip_usage = needs_usage_injection(path, document)
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
             key = principal.key
-            progress.priority = key.priority if key is not None else None
-            owner, priority, weight = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            # The key's own priority and weight, else its team's (keys/records.py).
+            progress.priority = key.flow_priority if key is not None else None
+            owner, priority, weight = (key.token, key.flow_priority, key.flow_weight) if key is not None else ("", 0, 1.0)
             cost = call_cost(raw_json, document, self._default_max_tokens)
             waiting = self.flow.admit(route, owner, priority, weight, cost) if self._flow_control else None
             if waiting is not None:

@@ -2,9 +2,10 @@
 What goes to the upstream for one call: where (L{UpstreamTarget}, from a
 deployment's api_base), with which headers (L{upstream_headers}: hop-by-hop
 and proxy headers out, the deployment's key in, a virtual key's request id
-scoped) and which body (L{upstream_body}: the client's bytes unchanged
-unless the served model name, the usage request, scoped ids or the
-C{priority} field must be written into the JSON).
+scoped, a virtual key's rank pin out) and which body (L{upstream_body}:
+the client's bytes unchanged unless the served model name, the usage
+request, scoped ids or the C{priority} field must be written into the
+JSON, or a virtual key's engine-steering fields removed).
 """
 
 from typing import List, Optional, Tuple
@@ -39,7 +40,7 @@ def upstream_body(request, deployment: Deployment, route: Route, raw_json, progr
         unchanged unless the served model name, the usage request,
         a virtual key's request ids or vLLM's C{priority} field (removed,
         or the key's with C{forward_priority}) must be written into the
-        JSON.
+        JSON, or a virtual key's L{OPERATOR_FIELDS} removed.
     """
     if raw_json is None:
         return request.body
@@ -53,11 +54,15 @@ def upstream_body(request, deployment: Deployment, route: Route, raw_json, progr
         and document.get("model") != deployment.served_model
     )
     priority = _priority(document, deployment, progress.priority)
-    if not rename and not progress.strip_usage and progress.forwarded is None and priority is _KEEP:
+    fenced = progress.id_scope is not None and any(name in document for name in OPERATOR_FIELDS)
+    if not rename and not progress.strip_usage and progress.forwarded is None and priority is _KEEP and not fenced:
         return raw_json
     changed = with_usage_requested(document) if progress.strip_usage else dict(document)
     if rename:
         changed["model"] = deployment.served_model
+    if fenced:
+        for name in OPERATOR_FIELDS:
+            changed.pop(name, None)
     if priority is _DROP:
         changed.pop("priority", None)
     elif priority is not _KEEP:
@@ -67,6 +72,17 @@ def upstream_body(request, deployment: Deployment, route: Route, raw_json, progr
 
 _KEEP = object()
 _DROP = object()
+
+#: vLLM body fields that steer the engine itself, not one call's output:
+#: where a prefill's KV cache or an encoder's output is fetched from
+#: (disaggregated serving: a forged value makes vLLM connect where a tenant
+#: says and read blocks it names) and extra arguments for the operator's
+#: custom logits processors.  A virtual key's are removed; the master key's
+#: are sent (a disaggregation router in front of the proxy uses them).
+OPERATOR_FIELDS = ("kv_transfer_params", "ec_transfer_params", "vllm_xargs")
+#: The header that pins a call to one data-parallel rank of a vLLM server;
+#: a virtual key's is removed (a tenant must not pile calls on one rank).
+OPERATOR_HEADER = b"x-data-parallel-rank"
 
 
 def _priority(document: dict, deployment: Deployment, key_priority: Optional[int]):
@@ -87,7 +103,8 @@ def _priority(document: dict, deployment: Deployment, key_priority: Optional[int
 def upstream_headers(request, deployment: Deployment, id_scope: Optional[bytes], identity: bool = False) -> List[Tuple[bytes, bytes]]:
     """
     :param id_scope: a virtual key's request-id namespace (its
-        C{X-Request-Id} is moved into it), or L{None} for the master key.
+        C{X-Request-Id} is moved into it and its L{OPERATOR_HEADER}
+        removed), or L{None} for the master key.
     :param identity: ask for an uncompressed answer (the proxy rewrites
         it: the usage chunk it asked for is stripped).
     """
@@ -102,8 +119,11 @@ def upstream_headers(request, deployment: Deployment, id_scope: Optional[bytes],
         if lower == b"x-forwarded-for":
             forwarded.append(value)
             continue
-        if lower == b"x-request-id" and id_scope is not None:
-            value = scoped_header(id_scope, value)
+        if id_scope is not None:
+            if lower == b"x-request-id":
+                value = scoped_header(id_scope, value)
+            elif lower == OPERATOR_HEADER:
+                continue
         if identity and lower == b"accept-encoding":
             continue
         headers.append((name, value))

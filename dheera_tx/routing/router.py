@@ -235,17 +235,22 @@ class Router:
             its calls in flight (every process's) at its
             C{max_parallel_requests}, or a fresh sample's KV-cache use or
             its waiting queue as this process's calls since have changed it
-            (L{estimated_waiting}) at the limit.  A stale sample judges
-            nothing: only the parallel cap applies then.
+            (L{estimated_waiting}) at the limit.  A stale sample (the scrapes
+            stopped answering) saturates a deployment that has a parallel
+            cap: its operator asked for a bound the proxy can no longer
+            check against what the server holds.  Without a cap a stale
+            sample judges nothing, and the calls in flight decide.
         """
         in_flight = self.in_flight_everywhere(deployment)
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
         sample = self.fresh_sample(deployment)
-        if sample is None:
-            return self.saturation.saturated(None, in_flight)
         state = self._state[deployment.id]
+        if sample is None:
+            if cap is not None and state.sample is not None:
+                return True
+            return self.saturation.saturated(None, in_flight)
         return self.saturation.saturated(sample, in_flight, estimated_waiting(sample, state.in_flight, state.slots))
 
     def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
