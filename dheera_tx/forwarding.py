@@ -91,6 +91,8 @@ class Passthrough:
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
         self._default_max_tokens = config.general.default_max_tokens_reservation
         self._realtime = RealtimeCalls(reactor, authenticator, router, self._accounting, self._tenant_routes, self._upstream)
+        # router_settings.flow_control: false sends every call on at once.
+        self._flow_control = config.router.flow_control
         self.flow = GatewayQueue(
             reactor, router, config.router.max_queue, config.router.max_queue_wait, config.router.metrics_interval / 5,
             on_wait=metrics.observe_queue_wait if metrics is not None else None,
@@ -229,7 +231,7 @@ class Passthrough:
             progress.priority = key.flow_priority if key is not None else None
             owner, priority, weight = (key.token, key.flow_priority, key.flow_weight) if key is not None else ("", 0, 1.0)
             cost = call_cost(raw_json, document, self._default_max_tokens)
-            waiting = self.flow.admit(route, owner, priority, weight, cost)
+            waiting = self.flow.admit(route, owner, priority, weight, cost) if self._flow_control else None
             if waiting is not None:
                 progress.queued = (route.model_name, owner, priority, weight, cost)
                 await self._queued(request, call, waiting)

@@ -1411,13 +1411,14 @@ class FakeVLLM:
         return d
 
     def _check_waiters(self) -> None:
-        waiting = []
-        for ready, d in self._request_waiters:
+        # A waiter's callback may wait again (re-entering here): it must
+        # find a list without the waiters being fired.
+        waiters, self._request_waiters = self._request_waiters, []
+        for ready, d in waiters:
             if ready():
                 d.callback(self.received)
             else:
-                waiting.append((ready, d))
-        self._request_waiters = waiting
+                self._request_waiters.append((ready, d))
 
     def _add_record(self, record: ReceivedRequest) -> None:
         record.index = len(self.received)

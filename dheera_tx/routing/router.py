@@ -33,6 +33,7 @@ from dheera_tx.routing.signals import (
     MetricsUnreadable,
     Saturation,
     estimated_load,
+    estimated_waiting,
     is_fresh,
     parse_metrics,
 )
@@ -72,6 +73,8 @@ class _ReplicaState:
     scrape_failed_at: Optional[float] = attr.ib(default=None)
     # When vLLM last refused a call for its queue caps (cleared by a later sample).
     refused_at: Optional[float] = attr.ib(default=None)
+    # The most requests a sample ever showed running: the replica's slots.
+    slots: float = attr.ib(default=0.0)
 
 
 class Router:
@@ -239,13 +242,15 @@ class Router:
         """
         :return: whether the deployment is saturated now (L{Saturation}):
             its calls in flight (every process's) at its
-            C{max_parallel_requests}, or a fresh sample's waiting queue or
-            KV-cache use at the limit, or vLLM refusing calls for its queue
-            caps (L{refused}).  A stale sample (the scrapes stopped
-            answering) saturates a deployment that has a parallel cap: its
-            operator asked for a bound the proxy can no longer check against
-            what the server holds.  Without a cap a stale sample judges
-            nothing, and the calls in flight (and refusals) decide.
+            C{max_parallel_requests}, or a fresh sample's KV-cache use or
+            its waiting queue as this process's calls since have changed it
+            (L{estimated_waiting}) at the limit, or vLLM refusing calls for
+            its queue caps (L{refused}).  A stale sample (the scrapes
+            stopped answering) saturates a deployment that has a parallel
+            cap: its operator asked for a bound the proxy can no longer
+            check against what the server holds.  Without a cap a stale
+            sample judges nothing, and the calls in flight (and refusals)
+            decide.
         """
         if self._state[deployment.id].refused_at is not None and self._refusing(deployment):
             return True
@@ -254,9 +259,12 @@ class Router:
         if cap is not None and in_flight >= cap:
             return True
         sample = self.fresh_sample(deployment)
-        if sample is None and cap is not None and self._state[deployment.id].sample is not None:
-            return True
-        return self.saturation.saturated(sample, in_flight)
+        state = self._state[deployment.id]
+        if sample is None:
+            if cap is not None and state.sample is not None:
+                return True
+            return self.saturation.saturated(None, in_flight)
+        return self.saturation.saturated(sample, in_flight, estimated_waiting(sample, state.in_flight, state.slots))
 
     def refused(self, deployment: Deployment) -> None:
         """
@@ -295,6 +303,7 @@ class Router:
             self.scrape_failed(deployment, f"not a vLLM /metrics answer: {e}")
             return
         state.scrape_error = None
+        state.slots = max(state.slots, state.sample.running)
         if self.on_capacity is not None:
             self.on_capacity()
 
