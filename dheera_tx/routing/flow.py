@@ -529,6 +529,8 @@ class GatewayQueue:
     def _gone(self, queue: _ModelQueue, waiter: _Waiter) -> None:
         waiter.queued = False
         queue.size -= 1
+        if not queue.size:
+            queue.blocked = False
         self._waiting -= 1
         if not self._waiting and self._poll is not None and self._poll.active():
             self._poll.cancel()

@@ -244,7 +244,7 @@ class SlotClaimer:
         try:
             if self._releasing:
                 # Redis must see this process's slots given back first.
-                await DeferredList(list(self._releasing))
+                await self.released()
             if self.down:
                 self._took(deployment)
                 return True
@@ -285,6 +285,13 @@ class SlotClaimer:
         if not d.called:
             self._releasing.add(d)
             d.addBoth(lambda _: self._releasing.discard(d))
+
+    def released(self) -> Deferred:
+        """
+        :return: a Deferred that fires when the slots given back so far have
+            reached Redis (or failed to).
+        """
+        return DeferredList(list(self._releasing))
 
     async def _release(self, deployment: Deployment) -> None:
         self._pending += 1
@@ -386,6 +393,7 @@ class SlotClaimer:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        await self.released()
         commands = [("ZREM", self._claimers, self.process_id)]
         for deployment_id in set(self.held) | set(self._known_deployments):
             commands.append(("HDEL", self._slots_prefix + deployment_id, self.process_id))
