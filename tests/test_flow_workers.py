@@ -168,6 +168,10 @@ class FleetCapTests(TestCase):
         return {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)
                 if _text(pairs[i]) not in ("nanos", "tokens")}
 
+    async def metrics(self, proxy: ProxyProcess) -> bytes:
+        response = await treq.get(proxy.url + "/metrics", persistent=False, timeout=10)
+        return await response.content()
+
     async def call_admin(self, proxy: ProxyProcess, path: str, body: dict):
         response = await treq.post(proxy.url + path, json.dumps(body).encode(), persistent=False, timeout=10,
                                    headers={"authorization": f"Bearer {MASTER_KEY}", "content-type": "application/json"})
@@ -186,8 +190,8 @@ class FleetCapTests(TestCase):
         long_call = ensureDeferred(self.chat(proxy, token, fault="slow_first_byte=3"))
         await wait_until(lambda: self.upstream.posts_running == 1, timeout=20)
         queued = [ensureDeferred(self.chat(proxy, token)) for _ in range(3)]
-        await wait_until(lambda: bool(self.waiting()), timeout=20)
-        await sleep(0.3)
+        while b'dheera_queue_depth{model="alpha",priority="0"} 3.0' not in await self.metrics(proxy):
+            await sleep(0.05)
         started = time.time()
         proxy.process.send_signal(signal.SIGTERM)
         for call in queued:
