@@ -33,7 +33,8 @@ from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.affinity import call_affinity
-from dheera_tx.routing.flow import GatewayQueue, Slot
+from dheera_tx.routing.fair_queue import Slot, call_cost
+from dheera_tx.routing.flow import GatewayQueue
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
     body_model,
@@ -537,21 +538,6 @@ class _Progress:
         self.ticket: Tuple[str, int, float, float] = ("", 0, 1.0, 1.0)
         # The replica and slot the queue gave the call (given back as it ends).
         self.slot: Optional[Slot] = None
-
-
-def call_cost(raw_json, document, default_max_tokens: int) -> float:
-    """
-    :return: the tokens a call is expected to cost, for fair share: its
-        JSON body's bytes / 4 for the prompt, plus its C{max_tokens} (or
-        C{max_completion_tokens}, else the default reservation).
-    """
-    prompt = len(raw_json) / 4.0 if raw_json else 1.0
-    output = default_max_tokens
-    if document is not None:
-        named = document.get("max_tokens", document.get("max_completion_tokens"))
-        if isinstance(named, int) and not isinstance(named, bool) and named >= 0:
-            output = named
-    return prompt + output
 
 
 def request_bytes(progress: _Progress) -> int:

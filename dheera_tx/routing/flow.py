@@ -44,7 +44,6 @@ L{GatewayQueue.close} (the proxy's graceful shutdown) sheds every queued
 call at once with 503, and any call that would wait from then on.
 """
 
-import heapq
 import math
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -53,6 +52,7 @@ from twisted.logger import Logger
 
 from dheera_tx.config import Deployment
 from dheera_tx.errors import ProxyError
+from dheera_tx.routing.fair_queue import Level, ModelQueue, Slot, Waiter
 from dheera_tx.routing.router import Route, Router
 
 if TYPE_CHECKING:
@@ -62,115 +62,6 @@ log = Logger()
 
 #: Why a call was shed (the C{reason} label of C{dheera_queue_shed_total}).
 SHED_REASONS = ("queue_full", "queue_timeout", "no_healthy_replica", "shutdown")
-
-
-class Slot:
-    """
-    The replica a call left the queue for, and the slot it took there (in
-    Redis, for a capped deployment).
-
-    :ivar deployment: where the call goes.
-    :ivar reason: the routing decision's reason (L{dheera_tx.routing.strategies}).
-    """
-
-    __slots__ = ("deployment", "reason", "_claimer")
-
-    def __init__(self, deployment: Deployment, reason: str, claimer: "Optional[SlotClaimer]"):
-        self.deployment = deployment
-        self.reason = reason
-        self._claimer = claimer
-
-    def release(self) -> None:
-        """
-        Give the slot back (once; later calls do nothing).
-        """
-        claimer, self._claimer = self._claimer, None
-        if claimer is not None:
-            claimer.release(self.deployment)
-
-
-class _Waiter:
-    __slots__ = ("route", "key", "priority", "start", "finish", "seq", "deferred", "timer", "queued_at", "affinity",
-                 "exclude", "refused", "fast", "queued")
-
-    def __init__(self, route: Route, key: str, priority: int, queued_at: float):
-        self.route = route
-        self.key = key
-        self.priority = priority
-        self.queued_at = queued_at
-        self.start = 0.0
-        self.finish = 0.0
-        self.seq = 0
-        self.deferred: Optional[Deferred] = None
-        self.timer = None
-        self.affinity: Optional[int] = None
-        # Replicas this call must not go to (tried), and those whose slot
-        # was refused in this round of claims.
-        self.exclude: Sequence[Deployment] = ()
-        self.refused: List[Deployment] = []
-        # Entered with room and nobody ahead (it only claims).
-        self.fast = False
-        self.queued = False
-
-
-class _Level:
-    """One priority level of one model's queue."""
-
-    __slots__ = ("heap", "virtual", "last_finish", "queued")
-
-    def __init__(self) -> None:
-        self.heap: List[Tuple[float, int, _Waiter]] = []
-        self.virtual = 0.0
-        # Only keys with calls queued here: nothing is kept for idle keys.
-        self.last_finish: Dict[str, float] = {}
-        self.queued: Dict[str, int] = {}
-
-    def push(self, waiter: _Waiter, cost: float, weight: float) -> None:
-        start = max(self.virtual, self.last_finish.get(waiter.key, self.virtual))
-        waiter.start = start
-        waiter.finish = self.last_finish[waiter.key] = start + cost / weight
-        self.queued[waiter.key] = self.queued.get(waiter.key, 0) + 1
-        heapq.heappush(self.heap, (waiter.finish, waiter.seq, waiter))
-
-    def pop(self) -> _Waiter:
-        waiter = heapq.heappop(self.heap)[2]
-        self.virtual = max(self.virtual, waiter.start)
-        self._left(waiter.key)
-        return waiter
-
-    def remove(self, waiter: _Waiter) -> None:
-        for i, entry in enumerate(self.heap):
-            if entry[2] is waiter:
-                self.heap[i] = self.heap[-1]
-                self.heap.pop()
-                heapq.heapify(self.heap)
-                self._left(waiter.key)
-                return
-
-    def _left(self, key: str) -> None:
-        count = self.queued[key] - 1
-        if count:
-            self.queued[key] = count
-        else:
-            del self.queued[key]
-            del self.last_finish[key]
-
-
-class _ModelQueue:
-    __slots__ = ("route", "levels", "size", "claiming", "blocked")
-
-    def __init__(self, route: Route):
-        self.route = route
-        self.levels: Dict[int, _Level] = {}
-        self.size = 0
-        # The call whose claim is on its way (one at a time, in order).
-        self.claiming: Optional[_Waiter] = None
-        # Every replica with room refused: no claim until capacity may
-        # have returned (L{GatewayQueue.dispatch}).
-        self.blocked = False
-
-    def head(self) -> _Waiter:
-        return self.levels[min(self.levels)].heap[0][2]
 
 
 class GatewayQueue:
@@ -204,7 +95,7 @@ class GatewayQueue:
         self._on_wait = on_wait
         self._on_shed = on_shed
         self._claimer = claimer
-        self._queues: Dict[Optional[str], _ModelQueue] = {}
+        self._queues: Dict[Optional[str], ModelQueue] = {}
         self._seq = 0
         self._waiting = 0
         self._poll = None
@@ -249,7 +140,7 @@ class GatewayQueue:
         if empty and not claimed and self._has_room(route):
             return None
         if queue is None:
-            queue = self._queues[route.model_name] = _ModelQueue(route)
+            queue = self._queues[route.model_name] = ModelQueue(route)
         # A capped model's call that finds nobody ahead only claims a slot:
         # it does not count against max_queue unless refused.
         fast = empty and claimed
@@ -257,7 +148,7 @@ class GatewayQueue:
             raise self._shed(route, "shutdown")
         if not fast and queue.size >= self.max_queue:
             raise self._shed(route, "queue_full")
-        waiter = _Waiter(route, key, priority, self._reactor.seconds())
+        waiter = Waiter(route, key, priority, self._reactor.seconds())
         waiter.affinity = affinity
         waiter.exclude = exclude
         waiter.fast = fast
@@ -265,7 +156,7 @@ class GatewayQueue:
         waiter.seq = self._seq
         level = queue.levels.get(priority)
         if level is None:
-            level = queue.levels[priority] = _Level()
+            level = queue.levels[priority] = Level()
         level.push(waiter, max(1.0, cost), weight if weight > 0 else 1.0)
         waiter.queued = True
         queue.size += 1
@@ -346,7 +237,7 @@ class GatewayQueue:
         finally:
             self._dispatching = False
 
-    def _leave(self, queue: _ModelQueue, waiter: _Waiter, slot: Optional[Slot]) -> None:
+    def _leave(self, queue: ModelQueue, waiter: Waiter, slot: Optional[Slot]) -> None:
         """
         C{waiter} goes (to C{slot}'s replica, or where the router sends it):
         each call takes its replica (C{Router.started}) as it resumes,
@@ -368,7 +259,7 @@ class GatewayQueue:
 
     # -- slots claimed across processes -------------------------------------------
 
-    def _claim_for(self, queue: _ModelQueue) -> None:
+    def _claim_for(self, queue: ModelQueue) -> None:
         """
         Claim slots for the head of a capped model's queue, one claim at a
         time, while replicas have room by this process's count.
@@ -383,7 +274,7 @@ class GatewayQueue:
                 return
         self._publish(queue)
 
-    def _claim(self, queue: _ModelQueue, waiter: _Waiter, free: List[Deployment]) -> None:
+    def _claim(self, queue: ModelQueue, waiter: Waiter, free: List[Deployment]) -> None:
         assert self._claimer is not None
         route = queue.route
         chosen = self._router.choose(route, [d for d in route.replicas if d not in free], waiter.affinity)
@@ -398,7 +289,7 @@ class GatewayQueue:
         d.addCallback(self._claimed, queue, waiter, deployment, reason)
         d.addErrback(lambda f: log.failure("Slot claim failed", f))
 
-    def _claimed(self, granted: bool, queue: _ModelQueue, waiter: _Waiter, deployment: Deployment, reason: str) -> None:
+    def _claimed(self, granted: bool, queue: ModelQueue, waiter: Waiter, deployment: Deployment, reason: str) -> None:
         queue.claiming = None
         assert self._claimer is not None
         if not waiter.queued:
@@ -422,7 +313,7 @@ class GatewayQueue:
         self._publish(queue)
         self._run()
 
-    def _free_replicas(self, route: Route, waiter: _Waiter) -> List[Deployment]:
+    def _free_replicas(self, route: Route, waiter: Waiter) -> List[Deployment]:
         """
         :return: the replicas C{waiter} may claim a slot of now: not
             cooling down (unless all are), not saturated by this process's
@@ -434,12 +325,12 @@ class GatewayQueue:
         pool = healthy or candidates
         return [d for d in pool if not router.saturated(d, everywhere=not self.claims(d))]
 
-    def _next_rank(self, queue: _ModelQueue, waiter: _Waiter) -> "Optional[Rank]":
+    def _next_rank(self, queue: ModelQueue, waiter: Waiter) -> "Optional[Rank]":
         """
         :return: the rank of the call that heads the queue once C{waiter}
             (its head) has gone, or L{None}.
         """
-        best: Optional[Tuple[float, int, _Waiter]] = None
+        best: Optional[Tuple[float, int, Waiter]] = None
         for priority in sorted(queue.levels):
             heap = queue.levels[priority].heap
             for entry in heap[:3]:
@@ -449,7 +340,7 @@ class GatewayQueue:
                 return best[2].priority, best[2].queued_at
         return None
 
-    def _publish(self, queue: _ModelQueue) -> None:
+    def _publish(self, queue: ModelQueue) -> None:
         """
         Tell the other processes the rank of this model's best waiting
         call (nothing is sent when it did not change).
@@ -500,7 +391,7 @@ class GatewayQueue:
         return ProxyError(429, f"Every replica of this model is busy and {why}; try again later.",
                           type="rate_limit_error", code=reason, headers=headers)
 
-    def _expire(self, waiter: _Waiter) -> None:
+    def _expire(self, waiter: Waiter) -> None:
         waiter.timer = None
         queue = self._queues.get(waiter.route.model_name)
         if queue is None or not self._take_out(queue, waiter):
@@ -508,13 +399,13 @@ class GatewayQueue:
         assert waiter.deferred is not None
         waiter.deferred.errback(self._shed(waiter.route, "queue_timeout"))
 
-    def _remove(self, waiter: _Waiter) -> None:
+    def _remove(self, waiter: Waiter) -> None:
         """The client left: its place is freed at once."""
         queue = self._queues.get(waiter.route.model_name)
         if queue is not None:
             self._take_out(queue, waiter)
 
-    def _take_out(self, queue: _ModelQueue, waiter: _Waiter) -> bool:
+    def _take_out(self, queue: ModelQueue, waiter: Waiter) -> bool:
         level = queue.levels.get(waiter.priority)
         if level is None or not waiter.queued:
             return False
@@ -526,7 +417,7 @@ class GatewayQueue:
             self._publish(queue)
         return True
 
-    def _gone(self, queue: _ModelQueue, waiter: _Waiter) -> None:
+    def _gone(self, queue: ModelQueue, waiter: Waiter) -> None:
         waiter.queued = False
         queue.size -= 1
         if not queue.size:
