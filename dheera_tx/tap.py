@@ -5,7 +5,8 @@ only here is the global reactor touched.
 Start-up order: the embedded Redis (when no database is configured), the
 Redis client, the log sinks and health checks, the upstream pool, then the
 listening ports.  Shutdown runs the same list backwards, one step at a time:
-stop accepting, let calls in flight finish (up to the grace period), close
+stop accepting, shed the calls still queued in the gateway (503), let calls
+in flight finish (up to the grace period), close
 the upstream pool, flush spend and logs, disconnect from Redis, stop the
 embedded Redis last.
 """
