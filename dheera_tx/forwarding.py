@@ -45,8 +45,9 @@ from dheera_tx.routing.model_choice import (
     parse_json_body,
 )
 from dheera_tx.routing.router import Route, Router
-from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
-from dheera_tx.upstream_request import UpstreamTarget, upstream_body, upstream_headers
+from dheera_tx.upstream.client import UpstreamUnreachable
+from dheera_tx.upstream.refusal import held, may_be_refusal, read_body, refusal_reason
+from dheera_tx.upstream_request import ClientGone, UpstreamTarget, raise_if_gone_or_late, send_upstream, upstream_body
 
 log = Logger()
 
@@ -96,6 +97,7 @@ class Passthrough:
             on_wait=metrics.observe_queue_wait if metrics is not None else None,
             on_shed=metrics.count_shed if metrics is not None else None, claimer=claimer,
         )
+        self._count_retry = metrics.count_retry if metrics is not None else None
 
     def _upstream(self, deployment: Deployment) -> UpstreamTarget:
         upstream = self._upstreams.get(deployment.id)
@@ -228,8 +230,9 @@ class Passthrough:
             progress.strip_usage = needs_usage_injection(path, document)
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
             key = principal.key
-            progress.priority = key.priority if key is not None else None
-            owner, priority, weight = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            # The key's own priority and weight, else its team's (keys/records.py).
+            progress.priority = key.flow_priority if key is not None else None
+            owner, priority, weight = (key.token, key.flow_priority, key.flow_weight) if key is not None else ("", 0, 1.0)
             cost = call_cost(raw_json, document, self._default_max_tokens)
             progress.ticket = (owner, priority, weight, cost)
             waiting = self.flow.admit(route, owner, priority, weight, cost, affinity)
@@ -315,7 +318,7 @@ class Passthrough:
             return await waiting
         except CancelledError:
             call.error = "client_disconnected"
-            raise _ClientGone()
+            raise ClientGone()
         finally:
             call.queued_ms = (self._reactor.seconds() - queued_at) * 1000.0
             request.forget_client_gone(gone)
@@ -324,6 +327,9 @@ class Passthrough:
 
     async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None) -> None:
         tried: List[Deployment] = []
+        # vLLM's queue-cap refusal is retried once, on another replica with
+        # room, if the body can be sent again (in memory: JSON, or none).
+        may_retry = request.body is None or raw_json is not None
         while True:
             chosen = None
             if progress.slot is None:
@@ -344,21 +350,37 @@ class Passthrough:
             progress.deployment = deployment
             call.deployment = deployment.id
             call.api_base = deployment.api_base
+            call.attempts += 1
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer, progress.id_scope, progress.strip_usage)
+                response = await send_upstream(
+                    self._reactor, self._pool, self._upstream(deployment), request, call, deployment, target, producer,
+                    progress.id_scope, progress.strip_usage, self._max_response_head,
+                )
             except UpstreamUnreachable:
                 self._finished(deployment, progress)
                 self._router.failed(deployment)
                 if request.body is not None and request.body.started:
                     raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+                self._retried(route, tried, "unreachable")
                 continue
             except BaseException:
                 self._finished(deployment, progress)
                 raise
             try:
+                extra: Tuple[Tuple[bytes, bytes], ...] = ()
+                if may_be_refusal(response):
+                    response, refused = await self._refusal(request, call, deployment, response)
+                    if refused is not None:
+                        self._router.refused(deployment)
+                        if may_retry and self._room_elsewhere(route, tried):
+                            may_retry = False
+                            raise_if_gone_or_late(request, call, ())
+                            self._retried(route, tried, refused)
+                            continue
+                        extra = ((b"Retry-After", b"%d" % (self.flow.retry_after,)),)
                 self._router.succeeded(deployment)
-                await self._relay(request, call, deployment, response, progress)
+                await self._relay(request, call, deployment, response, progress, extra)
             finally:
                 self._finished(deployment, progress)
             return
@@ -375,56 +397,39 @@ class Passthrough:
             slot.release()
         self._router.finished(deployment)
 
-    async def _send(
-        self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes], identity: bool = False
-    ):
-        upstream = self._upstream(deployment)
-        headers = upstream_headers(request, deployment, id_scope, identity)
-        call.upstream_sent_at = self._reactor.seconds()
-        d = self._pool.request(
-            upstream.host,
-            upstream.port,
-            deployment.connect_timeout,
-            request.method,
-            upstream.prefix + target,
-            headers,
-            body,
-            max_head_bytes=self._max_response_head,
-            tls=upstream.tls,
-            idle_timeout=deployment.keepalive_timeout,
-        )
-        timed_out = []
+    def _room_elsewhere(self, route: Route, tried: List[Deployment]) -> bool:
+        """
+        :return: whether a replica not tried yet is healthy and not
+            saturated (a refused call is not pushed past a parallel cap or
+            into a full queue: it gets vLLM's 503 instead).
+        """
+        router = self._router
+        return any(d not in tried and not router.cooling_down(d) and not router.saturated(d) for d in route.replicas)
 
-        def give_up():
-            timed_out.append(True)
-            d.cancel()
+    def _retried(self, route: Route, tried: List[Deployment], reason: str) -> None:
+        if self._count_retry is not None and len(tried) < len(route.replicas):
+            self._count_retry(route.model_name, reason)
 
-        timer = self._reactor.callLater(deployment.timeout, give_up)
+    async def _refusal(self, request, call: Call, deployment: Deployment, response):
+        """
+        Read an answer that may be vLLM's queue-cap refusal
+        (L{dheera_tx.upstream.refusal}) whole.
+
+        :return: C{(the answer, its body held, vLLM's reason or L{None})}.
+        """
+        d = read_body(self._reactor, response, deployment.stream_timeout)
         gone = request.on_client_gone(d.cancel)
         try:
-            return await d
-        except UpstreamUnreachable as e:
-            _raise_if_gone_or_late(request, call, timed_out)
-            call.error = "upstream_unreachable"
-            log.info("Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.reason)
-            raise
-        except (UpstreamFailed, CancelledError):
-            _raise_if_gone_or_late(request, call, timed_out)
-            if request.body is not None and request.body.failure is not None:
-                request.body.failure.raiseException()
+            body = await d
+        except Exception:
+            raise_if_gone_or_late(request, call, ())
             call.error = "upstream_failed"
-            raise ProxyError(502, "The upstream vLLM server closed the connection without answering.", type="upstream_error", code="502")
-        except UpstreamMalformed:
-            # The upstream's answer could not be parsed, or its head is over
-            # the limit.
-            call.error = "upstream_bad_response"
-            raise ProxyError(502, "The upstream vLLM server sent a malformed answer.", type="upstream_error", code="502")
+            raise ProxyError(502, "The upstream vLLM server closed the connection while answering.", type="upstream_error", code="502")
         finally:
             request.forget_client_gone(gone)
-            if timer.active():
-                timer.cancel()
+        return held(response, body), refusal_reason(body)
 
-    async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress") -> None:
+    async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress", more=()) -> None:
         call.status = response.code
         content_type = first_header(response.headers, b"content-type") or b""
         sse = content_type.lower().startswith(b"text/event-stream")
@@ -449,7 +454,7 @@ class Passthrough:
             # Not held: read as it streams, never kept.
             meter.stream()
         rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
-        head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
+        head = lambda extra=(), length=None: write_response_head(request, response, call, (*more, *extra), rewritten, length)
         if isinstance(meter, DeclaredUsageMeter):
             # Usage declared in the head: the cost goes with it, no holding.
             head(cost_header(meter, deployment, response.code, call.model_name))
@@ -481,24 +486,6 @@ def _names_models(path: bytes) -> bool:
     :return: whether C{path} is the model list or one model's entry.
     """
     return path == _MODELS or (path.startswith(_MODELS + b"/") and len(path) > len(_MODELS) + 1)
-
-
-class _ClientGone(ProxyError):
-    def __init__(self):
-        super().__init__(499, "client disconnected", type="client_disconnected")
-
-
-def _raise_if_gone_or_late(request, call: Call, timed_out) -> None:
-    """
-    Say why an upstream request ended early when it was the client leaving
-    or the call's deadline passing.
-    """
-    if request.client_gone:
-        call.error = "client_disconnected"
-        raise _ClientGone()
-    if timed_out:
-        call.error = "upstream_timeout"
-        raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
 
 
 def _too_large(limit: int) -> ProxyError:

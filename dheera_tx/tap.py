@@ -38,6 +38,7 @@ from dheera_tx.http.listener_limits import ListenerLimits
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.keys.team_store import RedisTeamStore
 from dheera_tx.listeners import ALLOW_EXAMPLE_KEY_OPTION, EXAMPLE_MASTER_KEY, Listener, checked_listeners, default_listener
 from dheera_tx.observe.call_log import CallLog, build_sinks
 from dheera_tx.observe.metrics import ProxyMetrics
@@ -166,6 +167,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     from dheera_tx.console.app import Console
     from dheera_tx.control import ControlPlane, ControlRoot
     from dheera_tx.keys.api import KeyAPI
+    from dheera_tx.keys.team_api import TeamAPI
 
     prefix = config.general.redis_key_prefix
     pool = UpstreamPool(reactor, max_idle_per_endpoint=128)
@@ -203,9 +205,11 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         # or the console, ends its console sessions.
         managed_keys = RevokingKeyStore(stored_keys, sessions)
         key_api = KeyAPI(authenticator, managed_keys, now=now).app.resource()
+        teams = RedisTeamStore(redis, prefix, now=now)
+        team_api = TeamAPI(authenticator, teams, managed_keys).app.resource()
         stream = prefix + "log" if "redis_stream" in config.callbacks else None
-        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream).app.resource()
-        branches = {b"key": key_api, b"end_user": key_api, b"ui": console}
+        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream, teams=teams).app.resource()
+        branches = {b"key": key_api, b"end_user": key_api, b"team": team_api, b"ui": console}
     scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
     # Shared in-flight counts: for load-aware routing and the other
     # processes' load; a deployment's max_parallel_requests holds across

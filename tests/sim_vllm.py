@@ -23,6 +23,11 @@ are rendered C{<|role|>\\ncontent\\n} each, then C{<|assistant|>\\n}.  A
 finished request's prompt and output go into the cache, as vLLM caches
 generated blocks too, so a conversation's next turn finds its history.
 
+Started with vLLM's queue caps (C{SimSettings.max_num_queued_reqs},
+C{max_num_queued_tokens}), a replica refuses the calls it cannot queue as
+vLLM does (L{tests.vllm_admission}): unfinished are its waiting and running
+sequences, in prefill those not yet given their first token.
+
 Run replicas on their own: C{python -m tests.sim_vllm --replicas 4} prints
 one C{http://127.0.0.1:PORT} line per replica.
 """
@@ -38,6 +43,8 @@ from typing import Callable, List, Optional
 import attr
 from twisted.internet import reactor as global_reactor
 from twisted.web import resource, server
+
+from tests.vllm_admission import AdmissionControl, refusal_body, requested_sequences
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -56,6 +63,9 @@ class SimSettings:
     chars_per_token: int = 4
     api_key: Optional[str] = None
     legacy_names: bool = False
+    # vLLM's --max-num-queued-reqs and --max-num-queued-tokens.
+    max_num_queued_reqs: Optional[int] = None
+    max_num_queued_tokens: Optional[int] = None
 
 
 DEFAULT_SETTINGS = SimSettings()
@@ -287,12 +297,13 @@ class SimReplica(resource.Resource):
         super().__init__()
         self.engine = SimEngine(reactor, settings)
         self.settings = settings
+        self.admission = AdmissionControl(settings.max_num_queued_reqs, settings.max_num_queued_tokens)
 
     def render_GET(self, request):
         path = request.path
         if path == b"/metrics":
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            return self.engine.metrics_text()
+            return self.engine.metrics_text() + self._admission_metrics()
         if path == b"/health":
             return b""
         if path == b"/v1/models":
@@ -316,7 +327,30 @@ class SimReplica(resource.Resource):
             prompt = render_chat(body["messages"]) if chat else str(body["prompt"])
         except (ValueError, KeyError, TypeError, AttributeError):
             return _json(request, 400, {"error": {"message": "bad request", "type": "BadRequestError", "code": 400}})
+        refused = self._refusal(request, body)
+        if refused is not None:
+            return refused
         return self._generate(request, body, prompt, chat)
+
+    def _refusal(self, request, body: dict) -> Optional[bytes]:
+        """
+        vLLM's admission check: the refusal's body (status and headers
+        set), or L{None} when the call may queue.
+        """
+        if not self.admission.capped:
+            return None
+        engine = self.engine
+        unfinished = [seq for seq in (*engine.waiting, *engine.running) if not seq.cancelled]
+        in_prefill = sum(seq.prompt_tokens for seq in unfinished if seq.generated == 0)
+        reason = self.admission.check(len(unfinished), in_prefill, requested_sequences(body))
+        if reason is None:
+            return None
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        return refusal_body(reason)
+
+    def _admission_metrics(self) -> bytes:
+        return ("\n".join(self.admission.metrics_lines(self.settings.model)) + "\n").encode("utf-8")
 
     def _authorized(self, request) -> bool:
         key = self.settings.api_key

@@ -85,12 +85,14 @@ class ProcessHarness:
             "dheera_ai_settings": {"callbacks": ["json_log"]},
         }
 
-    async def start_proxy(self, config: dict, directory: Optional[str] = None) -> ProxyProcess:
+    async def start_proxy(self, config: dict, directory: Optional[str] = None, extra_args=()) -> ProxyProcess:
         """
+        :param extra_args: more arguments for C{twistd dheera}, e.g.
+            C{["--workers", "2"]}.
         :return: a started proxy process, killed (with its embedded Redis)
             and its directory removed at cleanup.
         """
-        proxy = ProxyProcess(reactor, config, directory=directory)
+        proxy = ProxyProcess(reactor, config, directory=directory, extra_args=extra_args)
         self.addCleanup(shutil.rmtree, proxy.directory, True)
         self.addCleanup(proxy.cleanup)
         await proxy.start()

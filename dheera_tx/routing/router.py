@@ -9,6 +9,12 @@ connections keep failing.  Calls that name no configured model go to the
 default upstream, if there is one.  It keeps each replica's calls in flight
 in this process and the last load sample scraped from its C{/metrics}
 (L{dheera_tx.routing.signals}).
+
+A replica that refused a call for vLLM's queue caps (L{Router.refused})
+counts as saturated until a load sample taken after the refusal arrives,
+or for at most L{STALE_INTERVALS} scrape intervals (the life of a sample)
+when none does (its model is not scraped): the gateway queue then holds
+calls instead of sending them into more refusals.
 """
 
 import random
@@ -21,7 +27,15 @@ from dheera_tx.errors import ProxyError
 from dheera_tx.routing import strategies
 from dheera_tx.routing.affinity import replica_weight
 from dheera_tx.routing.homes import KeyHomes
-from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, is_fresh, parse_metrics
+from dheera_tx.routing.signals import (
+    STALE_INTERVALS,
+    LoadSample,
+    MetricsUnreadable,
+    Saturation,
+    estimated_load,
+    is_fresh,
+    parse_metrics,
+)
 
 if TYPE_CHECKING:
     from dheera_tx.routing.shared_load import SharedInFlight
@@ -56,6 +70,8 @@ class _ReplicaState:
     sample: Optional[LoadSample] = attr.ib(default=None)
     scrape_error: Optional[str] = attr.ib(default=None)
     scrape_failed_at: Optional[float] = attr.ib(default=None)
+    # When vLLM last refused a call for its queue caps (cleared by a later sample).
+    refused_at: Optional[float] = attr.ib(default=None)
 
 
 class Router:
@@ -224,18 +240,50 @@ class Router:
         :return: whether the deployment is saturated now (L{Saturation}):
             its calls in flight (every process's) at its
             C{max_parallel_requests}, or a fresh sample's waiting queue or
-            KV-cache use at the limit.  A stale sample judges nothing: only
-            the parallel cap applies then.
+            KV-cache use at the limit, or vLLM refusing calls for its queue
+            caps (L{refused}).  A stale sample (the scrapes stopped
+            answering) saturates a deployment that has a parallel cap: its
+            operator asked for a bound the proxy can no longer check against
+            what the server holds.  Without a cap a stale sample judges
+            nothing, and the calls in flight (and refusals) decide.
         :param everywhere: count the other processes' calls in flight as of
             the last sync; L{False}: this process's only (where a slot
             claimed in Redis decides the cap across processes,
             L{dheera_tx.routing.slots}).
         """
+        if self._state[deployment.id].refused_at is not None and self._refusing(deployment):
+            return True
         in_flight = self.in_flight_everywhere(deployment) if everywhere else self._state[deployment.id].in_flight
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
-        return self.saturation.saturated(self.fresh_sample(deployment), in_flight)
+        sample = self.fresh_sample(deployment)
+        if sample is None and cap is not None and self._state[deployment.id].sample is not None:
+            return True
+        return self.saturation.saturated(sample, in_flight)
+
+    def refused(self, deployment: Deployment) -> None:
+        """
+        Record that vLLM refused a call for its queue caps
+        (C{--max-num-queued-reqs}, C{--max-num-queued-tokens}): the
+        deployment counts as saturated until a sample taken after now
+        arrives, or for at most L{STALE_INTERVALS} scrape intervals.
+        """
+        self._state[deployment.id].refused_at = self._now()
+
+    def _refusing(self, deployment: Deployment) -> bool:
+        """
+        :return: whether the deployment's last refusal still holds (else it
+            is forgotten).
+        """
+        state = self._state[deployment.id]
+        refused_at = state.refused_at
+        assert refused_at is not None
+        sample = state.sample
+        if (sample is not None and sample.taken_at > refused_at) or self._now() - refused_at >= STALE_INTERVALS * self._interval:
+            state.refused_at = None
+            return False
+        return True
 
     def record_metrics(self, deployment: Deployment, body: bytes, taken_at: float) -> None:
         """
