@@ -238,7 +238,7 @@ class Router:
         """
         return {deployment_id: state.in_flight for deployment_id, state in self._state.items()}
 
-    def saturated(self, deployment: Deployment) -> bool:
+    def saturated(self, deployment: Deployment, everywhere: bool = True) -> bool:
         """
         :return: whether the deployment is saturated now (L{Saturation}):
             its calls in flight (every process's) at its
@@ -251,10 +251,14 @@ class Router:
             check against what the server holds.  Without a cap a stale
             sample judges nothing, and the calls in flight (and refusals)
             decide.
+        :param everywhere: count the other processes' calls in flight as of
+            the last sync; L{False}: this process's only (where a slot
+            claimed in Redis decides the cap across processes,
+            L{dheera_tx.routing.slots}).
         """
         if self._state[deployment.id].refused_at is not None and self._refusing(deployment):
             return True
-        in_flight = self.in_flight_everywhere(deployment)
+        in_flight = self.in_flight_everywhere(deployment) if everywhere else self._state[deployment.id].in_flight
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
