@@ -15,7 +15,11 @@ Each model has its own queue, bounded by C{max_queue} calls, and a call
 waits at most C{max_queue_wait} seconds: beyond either it is shed with 429
 and C{Retry-After} (503 when no replica of the model is healthy), and
 nothing reaches vLLM.  A client that leaves while queued frees its place at
-once.
+once.  A full queue sheds the call that would leave last in favour of a
+newcomer of a better priority, or of the same priority whose key holds at
+least two places fewer than the heaviest key (L{GatewayQueue._push_out}):
+a flooding key fills the queue with its own calls and then sheds them, not
+another key's.
 
 Queued calls leave by their key's C{priority} (lower first); within a
 priority level, keys share capacity by weighted fair queuing: a call's
@@ -146,7 +150,7 @@ class GatewayQueue:
         fast = empty and claimed
         if self._closed and not fast:
             raise self._shed(route, "shutdown")
-        if not fast and queue.size >= self.max_queue:
+        if not fast and queue.size >= self.max_queue and not self._push_out(queue, key, priority):
             raise self._shed(route, "queue_full")
         waiter = Waiter(route, key, priority, self._reactor.seconds())
         waiter.affinity = affinity
@@ -390,6 +394,41 @@ class GatewayQueue:
         why = "too many calls are waiting" if reason == "queue_full" else "the call waited too long"
         return ProxyError(429, f"Every replica of this model is busy and {why}; try again later.",
                           type="rate_limit_error", code=reason, headers=headers)
+
+    def _push_out(self, queue: ModelQueue, key: str, priority: int) -> bool:
+        """
+        The queue is full and a call of C{key} at C{priority} arrives: make
+        room by shedding the queued call that would leave last, when it is
+        of a worse priority, or of the same priority and of a key holding
+        at least two more places than C{key} (the heaviest key's).  So a
+        flooding key sheds its own calls rather than a light key's, and a
+        full queue of batch calls still takes an interactive one.
+
+        :return: whether a place was freed (the victim got 429
+            C{queue_full}).
+        """
+        worst = max(queue.levels, default=None)
+        if worst is None or worst < priority:
+            return False
+        level = queue.levels[worst]
+        if worst == priority:
+            if not level.queued:
+                return False
+            heaviest = max(level.queued, key=level.queued.__getitem__)
+            if level.queued[heaviest] < level.queued.get(key, 0) + 2:
+                return False
+            candidates = [entry for entry in level.heap if entry[2].key == heaviest]
+        else:
+            candidates = level.heap
+        victims = [entry for entry in candidates if not entry[2].fast and entry[2] is not queue.claiming]
+        if not victims:
+            return False
+        victim = max(victims)[2]
+        if not self._take_out(queue, victim):
+            return False
+        assert victim.deferred is not None
+        victim.deferred.errback(self._shed(victim.route, "queue_full"))
+        return True
 
     def _expire(self, waiter: Waiter) -> None:
         waiter.timer = None
