@@ -33,6 +33,7 @@ from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.affinity import call_affinity
+from dheera_tx.routing.fair_queue import Slot, call_cost
 from dheera_tx.routing.flow import GatewayQueue
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
@@ -72,7 +73,7 @@ class Passthrough:
 
     def __init__(
         self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None,
-        metrics=None,
+        metrics=None, claimer=None,
     ):
         self._reactor = reactor
         self._catalog = catalog
@@ -92,10 +93,12 @@ class Passthrough:
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
         self._default_max_tokens = config.general.default_max_tokens_reservation
         self._realtime = RealtimeCalls(reactor, authenticator, router, self._accounting, self._tenant_routes, self._upstream)
+        # router_settings.flow_control: false sends every call on at once.
+        self._flow_control = config.router.flow_control
         self.flow = GatewayQueue(
             reactor, router, config.router.max_queue, config.router.max_queue_wait, config.router.metrics_interval / 5,
             on_wait=metrics.observe_queue_wait if metrics is not None else None,
-            on_shed=metrics.count_shed if metrics is not None else None,
+            on_shed=metrics.count_shed if metrics is not None else None, claimer=claimer,
         )
         self._count_retry = metrics.count_retry if metrics is not None else None
 
@@ -145,6 +148,10 @@ class Passthrough:
             progress.path,
             body_bytes,
         )
+        if progress.slot is not None:
+            # Taken in the queue, never sent (the call failed in between).
+            progress.slot.release()
+            progress.slot = None
         if progress.queued is not None and call.deployment is not None:
             self.flow.served(*progress.queued, call.prompt_tokens + call.completion_tokens)
         if self._on_call_end is not None:
@@ -230,10 +237,11 @@ class Passthrough:
             progress.priority = key.flow_priority if key is not None else None
             owner, priority, weight = (key.token, key.flow_priority, key.flow_weight) if key is not None else ("", 0, 1.0)
             cost = call_cost(raw_json, document, self._default_max_tokens)
-            waiting = self.flow.admit(route, owner, priority, weight, cost)
+            progress.ticket = (owner, priority, weight, cost)
+            waiting = self.flow.admit(route, owner, priority, weight, cost, affinity) if self._flow_control else None
             if waiting is not None:
                 progress.queued = (route.model_name, owner, priority, weight, cost)
-                await self._queued(request, call, waiting)
+                progress.slot = await self._queued(request, call, waiting)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
@@ -298,17 +306,19 @@ class Passthrough:
         )
         return multipart_model(prefix, boundary)[1]
 
-    async def _queued(self, request, call: Call, waiting: Deferred) -> None:
+    async def _queued(self, request, call: Call, waiting: Deferred) -> Optional[Slot]:
         """
         Wait in the gateway queue (L{dheera_tx.routing.flow}); a client that
         leaves frees its place at once.
+
+        :return: the replica (and slot) the queue chose, or L{None}.
         """
         queued_at = self._reactor.seconds()
         gone = request.on_client_gone(waiting.cancel)
         if request.client_gone:
             waiting.cancel()
         try:
-            await waiting
+            return await waiting
         except CancelledError:
             call.error = "client_disconnected"
             raise ClientGone()
@@ -324,9 +334,19 @@ class Passthrough:
         # room, if the body can be sent again (in memory: JSON, or none).
         may_retry = request.body is None or raw_json is not None
         while True:
-            chosen = self._router.choose(route, tried, affinity)
-            if chosen is None:
-                raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+            chosen = None
+            if progress.slot is None:
+                chosen = self._router.choose(route, tried, affinity)
+                if chosen is None:
+                    raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+                if self.flow.claims(chosen[0]):
+                    # A retry to a capped replica takes a slot like any call.
+                    waiting = self.flow.admit(route, *progress.ticket, affinity=affinity, exclude=tried)
+                    assert waiting is not None
+                    progress.slot = await self._queued(request, call, waiting)
+            if progress.slot is not None:
+                chosen = progress.slot.deployment, progress.slot.reason
+            assert chosen is not None
             deployment, call.routing_reason = chosen
             tried.append(deployment)
             producer = upstream_body(request, deployment, route, raw_json, progress)
@@ -341,14 +361,14 @@ class Passthrough:
                     progress.id_scope, progress.strip_usage, self._max_response_head,
                 )
             except UpstreamUnreachable:
-                self._router.finished(deployment)
+                self._finished(deployment, progress)
                 self._router.failed(deployment)
                 if request.body is not None and request.body.started:
                     raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
                 self._retried(route, tried, "unreachable")
                 continue
             except BaseException:
-                self._router.finished(deployment)
+                self._finished(deployment, progress)
                 raise
             try:
                 extra: Tuple[Tuple[bytes, bytes], ...] = ()
@@ -367,8 +387,20 @@ class Passthrough:
                     self._router.operated(deployment, route.operation, response.code)
                 await self._relay(request, call, deployment, response, progress, extra)
             finally:
-                self._router.finished(deployment)
+                self._finished(deployment, progress)
             return
+
+    def _finished(self, deployment: Deployment, progress: "_Progress") -> None:
+        """
+        A call's attempt on C{deployment} ended: its slot is given back
+        first (Redis must see it before the queue claims it again), then the
+        router counts the end (and the queue dispatches).
+        """
+        slot = progress.slot
+        if slot is not None:
+            progress.slot = None
+            slot.release()
+        self._router.finished(deployment)
 
     def _room_elsewhere(self, route: Route, tried: List[Deployment]) -> bool:
         """
@@ -477,7 +509,7 @@ class _Progress:
     """
 
     __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded",
-                 "priority", "queued")
+                 "priority", "queued", "ticket", "slot")
 
     def __init__(self):
         self.request = None
@@ -495,21 +527,10 @@ class _Progress:
         self.priority: Optional[int] = None
         # A queued call's (model, key, priority, weight, estimated tokens), for fair share.
         self.queued: Optional[Tuple[Optional[str], str, int, float, float]] = None
-
-
-def call_cost(raw_json, document, default_max_tokens: int) -> float:
-    """
-    :return: the tokens a call is expected to cost, for fair share: its
-        JSON body's bytes / 4 for the prompt, plus its C{max_tokens} (or
-        C{max_completion_tokens}, else the default reservation).
-    """
-    prompt = len(raw_json) / 4.0 if raw_json else 1.0
-    output = default_max_tokens
-    if document is not None:
-        named = document.get("max_tokens", document.get("max_completion_tokens"))
-        if isinstance(named, int) and not isinstance(named, bool) and named >= 0:
-            output = named
-    return prompt + output
+        # The call's (key, priority, weight, estimated tokens) for the queue.
+        self.ticket: Tuple[str, int, float, float] = ("", 0, 1.0, 1.0)
+        # The replica and slot the queue gave the call (given back as it ends).
+        self.slot: Optional[Slot] = None
 
 
 def request_bytes(progress: _Progress) -> int:

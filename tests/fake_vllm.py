@@ -434,10 +434,17 @@ class _Exchange:
     def _finished(self, result: None) -> None:
         self.fake.requests_running -= 1
         self.fake._admitted_ended(self)
+        self._unpost()
+
+    def _unpost(self) -> None:
+        if getattr(self, "_posted", False):
+            self._posted = False
+            self.fake.posts_running -= 1
 
     def _lost(self, reason: Any) -> None:
         self.fake.requests_running -= 1
         self.fake._admitted_ended(self)
+        self._unpost()
         self._gone = True
         for call in self._calls:
             if call.active():
@@ -458,6 +465,10 @@ class _Exchange:
         """
         request = self.request
         self.fake.requests_running += 1
+        if request.method == b"POST":
+            self._posted = True
+            self.fake.posts_running += 1
+            self.fake.most_running = max(self.fake.most_running, self.fake.posts_running)
         request.notifyFinish().addCallbacks(self._finished, self._lost)
         headers = request.responseHeaders
         headers.setRawHeaders(b"x-fake-request-index", [b"%d" % (self.record.index,)])
@@ -1331,6 +1342,10 @@ class FakeVLLM:
         self.responses: dict = {}
         self.realtime_sessions = 0
         self.requests_running = 0
+        # POST requests (inference calls, not /metrics or /v1/models) running
+        # now, and the most ever running at once (a parallel cap's check).
+        self.posts_running = 0
+        self.most_running = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.request_success: dict = {}
@@ -1411,13 +1426,14 @@ class FakeVLLM:
         return d
 
     def _check_waiters(self) -> None:
-        waiting = []
-        for ready, d in self._request_waiters:
+        # A waiter's callback may wait again (re-entering here): it must
+        # find a list without the waiters being fired.
+        waiters, self._request_waiters = self._request_waiters, []
+        for ready, d in waiters:
             if ready():
                 d.callback(self.received)
             else:
-                waiting.append((ready, d))
-        self._request_waiters = waiting
+                self._request_waiters.append((ready, d))
 
     def _add_record(self, record: ReceivedRequest) -> None:
         record.index = len(self.received)

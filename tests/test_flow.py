@@ -169,6 +169,53 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(shed, [("m", "queue_full")])
         clock.advance(31)
 
+    def test_full_queue_sheds_the_heaviest_key(self):
+        """
+        A full queue holding only key A's calls takes key B's call and sheds
+        A's call that would leave last (429 C{queue_full}); B's next calls
+        push out A's until the two hold places within one of each other,
+        then B's call is refused itself.  The calls that stay leave in
+        their fair order.
+        """
+        clock, router, queue, route, shed, _ = _setup(max_queue=4)
+        router.started(route.replicas[0])
+        a = [queue.admit(route, "a") for _ in range(4)]
+        b1 = queue.admit(route, "b")
+        self.assertEqual(self.failureResultOf(a[3], ProxyError).value.code, "queue_full")
+        b2 = queue.admit(route, "b")
+        self.assertEqual(self.failureResultOf(a[2], ProxyError).value.code, "queue_full")
+        with self.assertRaises(ProxyError) as refused:
+            queue.admit(route, "b")
+        self.assertEqual(refused.exception.code, "queue_full")
+        self.assertEqual(shed, [("m", "queue_full")] * 3)
+        for d in (a[0], a[1], b1, b2):
+            self.assertNoResult(d)
+        order = []
+        for name, d in (("a0", a[0]), ("a1", a[1]), ("b1", b1), ("b2", b2)):
+            d.addCallback(lambda _, name=name: order.append(name))
+        for _ in range(4):
+            router.finished(route.replicas[0])
+            router.started(route.replicas[0])
+        self.assertEqual(order, ["a0", "b1", "a1", "b2"])
+
+    def test_full_queue_takes_a_better_priority(self):
+        """
+        A full queue of priority-1 calls takes a priority-0 call, shedding
+        the priority-1 call that would leave last; a priority-2 call finds
+        no worse call to shed and is refused.
+        """
+        clock, router, queue, route, shed, _ = _setup(max_queue=2)
+        router.started(route.replicas[0])
+        batch = [queue.admit(route, "batch", priority=1) for _ in range(2)]
+        urgent = queue.admit(route, "chat", priority=0)
+        self.assertEqual(self.failureResultOf(batch[1], ProxyError).value.code, "queue_full")
+        with self.assertRaises(ProxyError):
+            queue.admit(route, "bulk", priority=2)
+        self.assertNoResult(batch[0])
+        router.finished(route.replicas[0])
+        self.assertIsNone(self.successResultOf(urgent))
+        self.later(batch[0])
+
     def test_wait_bounded_429(self):
         """
         A call waiting C{max_queue_wait} seconds is shed with 429 and

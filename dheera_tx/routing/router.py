@@ -37,6 +37,7 @@ from dheera_tx.routing.signals import (
     MetricsUnreadable,
     Saturation,
     estimated_load,
+    estimated_waiting,
     is_fresh,
     parse_metrics,
 )
@@ -82,6 +83,8 @@ class _ReplicaState:
     sent_adapters: Dict[str, float] = attr.ib(factory=dict)
     # When vLLM last refused a call for its queue caps (cleared by a later sample).
     refused_at: Optional[float] = attr.ib(default=None)
+    # The most requests a sample ever showed running: the replica's slots.
+    slots: float = attr.ib(default=0.0)
 
 
 class Router:
@@ -299,28 +302,37 @@ class Router:
         """
         return {deployment_id: state.in_flight for deployment_id, state in self._state.items()}
 
-    def saturated(self, deployment: Deployment) -> bool:
+    def saturated(self, deployment: Deployment, everywhere: bool = True) -> bool:
         """
         :return: whether the deployment is saturated now (L{Saturation}):
             its calls in flight (every process's) at its
-            C{max_parallel_requests}, or a fresh sample's waiting queue or
-            KV-cache use at the limit, or vLLM refusing calls for its queue
-            caps (L{refused}).  A stale sample (the scrapes stopped
-            answering) saturates a deployment that has a parallel cap: its
-            operator asked for a bound the proxy can no longer check against
-            what the server holds.  Without a cap a stale sample judges
-            nothing, and the calls in flight (and refusals) decide.
+            C{max_parallel_requests}, or a fresh sample's KV-cache use or
+            its waiting queue as this process's calls since have changed it
+            (L{estimated_waiting}) at the limit, or vLLM refusing calls for
+            its queue caps (L{refused}).  A stale sample (the scrapes
+            stopped answering) saturates a deployment that has a parallel
+            cap: its operator asked for a bound the proxy can no longer
+            check against what the server holds.  Without a cap a stale
+            sample judges nothing, and the calls in flight (and refusals)
+            decide.
+        :param everywhere: count the other processes' calls in flight as of
+            the last sync; L{False}: this process's only (where a slot
+            claimed in Redis decides the cap across processes,
+            L{dheera_tx.routing.slots}).
         """
         if self._state[deployment.id].refused_at is not None and self._refusing(deployment):
             return True
-        in_flight = self.in_flight_everywhere(deployment)
+        in_flight = self.in_flight_everywhere(deployment) if everywhere else self._state[deployment.id].in_flight
         cap = deployment.max_parallel_requests
         if cap is not None and in_flight >= cap:
             return True
         sample = self.fresh_sample(deployment)
-        if sample is None and cap is not None and self._state[deployment.id].sample is not None:
-            return True
-        return self.saturation.saturated(sample, in_flight)
+        state = self._state[deployment.id]
+        if sample is None:
+            if cap is not None and state.sample is not None:
+                return True
+            return self.saturation.saturated(None, in_flight)
+        return self.saturation.saturated(sample, in_flight, estimated_waiting(sample, state.in_flight, state.slots))
 
     def refused(self, deployment: Deployment) -> None:
         """
@@ -361,6 +373,7 @@ class Router:
         state.scrape_error = None
         if state.sleep_mark is not None and state.sleep_mark.superseded_by(state.sample, self._interval):
             state.sleep_mark = None
+        state.slots = max(state.slots, state.sample.running)
         if self.on_capacity is not None:
             self.on_capacity()
 

@@ -270,6 +270,25 @@ def estimated_load(sample: Optional[LoadSample], in_flight: int) -> float:
     return max(float(in_flight), sample.running + sample.waiting + in_flight - sample.in_flight_at_sample)
 
 
+def estimated_waiting(sample: LoadSample, in_flight: int, slots: float) -> float:
+    """
+    vLLM's waiting queue now, as far as this process can tell: the sample's
+    running and waiting requests, plus the calls this process started there
+    since the sample less those that ended, beyond the replica's sequence
+    slots.  Without it, every call sent between two samples would find the
+    replica as the last sample left it, and a burst would pass a waiting
+    limit many times over before the next sample showed it.
+
+    :param sample: a fresh sample.
+    :param in_flight: this process's calls in flight to the replica now.
+    :param slots: the most requests the replica was ever seen running (its
+        C{max_num_seqs}, once it has been full; until then a lower bound,
+        so that the estimate errs towards waiting).
+    """
+    started_since = in_flight - sample.in_flight_at_sample
+    return max(0.0, sample.running + sample.waiting + started_since - max(slots, sample.running))
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Saturation:
     """
@@ -282,15 +301,17 @@ class Saturation:
     max_kv_usage: Optional[float] = None
     max_in_flight: Optional[int] = None
 
-    def saturated(self, sample: Optional[LoadSample], in_flight: int) -> bool:
+    def saturated(self, sample: Optional[LoadSample], in_flight: int, waiting: Optional[float] = None) -> bool:
         """
         :param sample: a fresh sample, or L{None}.
+        :param waiting: the waiting queue now (L{estimated_waiting}), or
+            L{None} for the sample's.
         """
         if self.max_in_flight is not None and in_flight >= self.max_in_flight:
             return True
         if sample is None:
             return False
-        if self.max_waiting is not None and sample.waiting >= self.max_waiting:
+        if self.max_waiting is not None and (sample.waiting if waiting is None else waiting) >= self.max_waiting:
             return True
         return self.max_kv_usage is not None and sample.kv_usage is not None and sample.kv_usage >= self.max_kv_usage
 
