@@ -45,6 +45,7 @@ from dheera_tx.routing.model_choice import (
     parse_json_body,
 )
 from dheera_tx.routing.router import Route, Router
+from dheera_tx.routing.sleep import sleep_operation
 from dheera_tx.upstream.client import UpstreamUnreachable
 from dheera_tx.upstream.refusal import held, may_be_refusal, read_body, refusal_reason
 from dheera_tx.upstream_request import ClientGone, UpstreamTarget, raise_if_gone_or_late, send_upstream, upstream_body
@@ -216,7 +217,7 @@ class Passthrough:
                 form_watch.authorize(model)
             if principal.key is not None:
                 path = self._scope_ids(request, principal.key.token, path, document, progress)
-            route = self._router.route(model)
+            route = self._router.route(model, sleep_operation(request.method, path, query))
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
@@ -382,6 +383,8 @@ class Passthrough:
                             continue
                         extra = ((b"Retry-After", b"%d" % (self.flow.retry_after,)),)
                 self._router.succeeded(deployment)
+                if route.operation is not None:
+                    self._router.operated(deployment, route.operation, response.code)
                 await self._relay(request, call, deployment, response, progress, extra)
             finally:
                 self._finished(deployment, progress)
@@ -406,7 +409,8 @@ class Passthrough:
             into a full queue: it gets vLLM's 503 instead).
         """
         router = self._router
-        return any(d not in tried and not router.cooling_down(d) and not router.saturated(d) for d in route.replicas)
+        return any(d not in tried and not router.cooling_down(d) and not router.asleep(d) and not router.saturated(d)
+                   for d in route.replicas)
 
     def _retried(self, route: Route, tried: List[Deployment], reason: str) -> None:
         if self._count_retry is not None and len(tried) < len(route.replicas):

@@ -46,7 +46,7 @@ from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
 from dheera_tx.routing.shared_load import SYNCS_PER_INTERVAL, SharedInFlight
-from dheera_tx.routing.signals import MetricsScraper
+from dheera_tx.routing.signals import MetricsScraper, routed_deployments
 from dheera_tx.routing.slots import SlotClaimer
 from dheera_tx.upstream.client import UpstreamPool
 
@@ -216,7 +216,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     # workers and proxies through slots claimed in Redis.
     capped = [d for d in config.all_deployments() if d.max_parallel_requests is not None]
     claimer = None
-    if redis is not None and (scraper.deployments or capped):
+    if redis is not None and (routed_deployments(config) or capped):
         router.shared = SharedInFlight(
             redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
             homes=router.homes,

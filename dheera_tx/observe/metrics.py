@@ -34,7 +34,8 @@ Exported (counters carry the C{_total} suffix)::
     dheera_log_records_dropped_total{sink}              read from the log sinks at scrape time
     dheera_queue_depth{model,priority}                  calls waiting in the gateway queue (every worker's)
     dheera_queue_wait_seconds{model,priority}           histogram: time queued calls waited before they went
-    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica
+    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica,
+                                                        replicas_asleep
     dheera_upstream_retries_total{model,reason}         calls sent again to another replica; reason: unreachable,
                                                         max_num_queued_reqs, max_num_queued_tokens (vLLM's refusals)
 

@@ -21,6 +21,14 @@ least two places fewer than the heaviest key (L{GatewayQueue._push_out}):
 a flooding key fills the queue with its own calls and then sheds them, not
 another key's.
 
+A sleeping replica (L{dheera_tx.routing.sleep}) has no room: when every
+replica of a model sleeps, its calls wait here until one wakes (the proxy's
+own C{/wake_up}, or a sample showing it awake).  A call shed then gets 503
+C{replicas_asleep}, not 429: the model is unavailable, not busy, and it is
+no fault of the caller's rate.  The sleep operations themselves
+(C{/sleep}, C{/wake_up}, C{/is_sleeping}) never wait: a C{/wake_up} is what
+makes room.
+
 Queued calls leave by their key's C{priority} (lower first); within a
 priority level, keys share capacity by weighted fair queuing: a call's
 finish tag is C{max(V, the key's last tag) + cost / weight}, where the cost
@@ -65,7 +73,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 #: Why a call was shed (the C{reason} label of C{dheera_queue_shed_total}).
-SHED_REASONS = ("queue_full", "queue_timeout", "no_healthy_replica", "shutdown")
+SHED_REASONS = ("queue_full", "queue_timeout", "no_healthy_replica", "replicas_asleep", "shutdown")
 
 
 class GatewayQueue:
@@ -138,6 +146,8 @@ class GatewayQueue:
         :raise ProxyError: 429 (or 503) at once when the queue is full, or
             503 when the proxy is shutting down and the call would wait.
         """
+        if route.operation is not None:
+            return None
         queue = self._queues.get(route.model_name)
         empty = queue is None or not queue.size
         claimed = self._claimer is not None and self._claimed_route(route)
@@ -319,12 +329,13 @@ class GatewayQueue:
 
     def _free_replicas(self, route: Route, waiter: Waiter) -> List[Deployment]:
         """
-        :return: the replicas C{waiter} may claim a slot of now: not
-            cooling down (unless all are), not saturated by this process's
+        :return: the replicas C{waiter} may claim a slot of now: awake,
+            not cooling down (unless all are), not saturated by this process's
             own count for capped ones, neither excluded nor refused.
         """
         router = self._router
-        candidates = [d for d in route.replicas if d not in waiter.exclude and d not in waiter.refused]
+        candidates = [d for d in route.replicas
+                      if d not in waiter.exclude and d not in waiter.refused and not router.asleep(d)]
         healthy = [d for d in candidates if not router.cooling_down(d)]
         pool = healthy or candidates
         return [d for d in pool if not router.saturated(d, everywhere=not self.claims(d))]
@@ -363,16 +374,16 @@ class GatewayQueue:
         router = self._router
         anyone_healthy = False
         for deployment in route.replicas:
-            if router.cooling_down(deployment):
+            if router.cooling_down(deployment) or router.asleep(deployment):
                 continue
             anyone_healthy = True
             if not router.saturated(deployment):
                 return True
         if anyone_healthy:
             return False
-        # Every replica cooling down: the router tries one anyway.
+        # Every awake replica cooling down: the router tries one anyway.
         for deployment in route.replicas:
-            if not router.saturated(deployment):
+            if not router.asleep(deployment) and not router.saturated(deployment):
                 return True
         return False
 
@@ -382,6 +393,8 @@ class GatewayQueue:
     def _shed(self, route: Route, reason: str) -> ProxyError:
         if reason != "shutdown" and not self._healthy(route):
             reason = "no_healthy_replica"
+        elif reason != "shutdown" and all(self._router.asleep(d) for d in route.replicas if not self._router.cooling_down(d)):
+            reason = "replicas_asleep"
         if self._on_shed is not None:
             self._on_shed(route.model_name, reason)
         headers = {"Retry-After": str(self.retry_after)}
@@ -391,6 +404,9 @@ class GatewayQueue:
         if reason == "no_healthy_replica":
             return ProxyError(503, "No replica of this model is healthy; try again later.", type="service_unavailable",
                               code="no_healthy_replica", headers=headers)
+        if reason == "replicas_asleep":
+            return ProxyError(503, "Every replica of this model is asleep; try again later.", type="service_unavailable",
+                              code="replicas_asleep", headers=headers)
         why = "too many calls are waiting" if reason == "queue_full" else "the call waited too long"
         return ProxyError(429, f"Every replica of this model is busy and {why}; try again later.",
                           type="rate_limit_error", code=reason, headers=headers)
