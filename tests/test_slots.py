@@ -11,9 +11,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from dheera_tx.config import config_from_dict
-from dheera_tx.redis.client import connect
 from dheera_tx.routing.slots import DEAD_AFTER, SlotClaimer
-from tests.redis_server import RedisServer
+from tests.redis_server import redis_for
 
 
 def _deployments():
@@ -34,10 +33,7 @@ class SlotClaimerTests(TestCase):
     """
 
     def setUp(self):
-        self.server = RedisServer().start()
-        self.addCleanup(self.server.cleanup)
-        self.redis = connect(reactor, self.server.url)
-        self.addCleanup(self.redis.disconnect)
+        self.server, self.redis = redis_for(self)
         self.now = [1_800_000_000.0]
         self.capped, self.uncapped = _deployments()
 
