@@ -52,6 +52,9 @@ class Call:
     routing_reason: Optional[str] = None
     # Milliseconds the call waited in the gateway queue (flow control).
     queued_ms: float = 0.0
+    # Upstream requests sent for the call: 2 when it was retried on another
+    # replica (one that could not be reached, or vLLM's queue-cap refusal).
+    attempts: int = 0
     api_base: Optional[str] = None
     status: Optional[int] = None
     stream: bool = False

@@ -108,7 +108,11 @@ class RouterSettings:
     are chosen by C{routing_strategy} (see L{dheera_tx.routing.strategies}),
     from load samples of every deployment's C{/metrics} taken every
     C{metrics_interval} seconds; C{session_header} names the header that
-    keeps a conversation on one replica.
+    keeps a conversation on one replica; C{adapter_aware_routing} sends a
+    LoRA adapter's calls where it is loaded (L{dheera_tx.routing.adapters}).
+    With C{flow_control} false the gateway queue (L{dheera_tx.routing.flow})
+    is off: no call waits or is shed there, each goes straight to the
+    replica chosen.
     """
 
     allowed_fails: int = 3
@@ -120,6 +124,8 @@ class RouterSettings:
     max_kv_usage: float = 0.9
     max_queue: int = 1000
     max_queue_wait: float = 30.0
+    adapter_aware_routing: bool = True
+    flow_control: bool = True
 
 
 _positive = config_values.number(0, inclusive=False)
@@ -157,6 +163,8 @@ ROUTER_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "max_kv_usage": config_values.number(0, inclusive=True),
     "max_queue": config_values.whole(0),
     "max_queue_wait": config_values.number(0, inclusive=True),
+    "adapter_aware_routing": config_values.flag,
+    "flow_control": config_values.flag,
 }
 PARAM_CHECKS: Dict[str, Callable[[Any], Any]] = {
     "model": config_values.served_model,

@@ -33,6 +33,7 @@ from dheera_tx.keys.auth import authorize_route, authorize_vllm_call, authorize_
 from dheera_tx.keys.tenancy import TenantRoutes, request_id_scope, scoped_document, scoped_path
 from dheera_tx.realtime import RealtimeCalls
 from dheera_tx.routing.affinity import call_affinity
+from dheera_tx.routing.fair_queue import Slot, call_cost
 from dheera_tx.routing.flow import GatewayQueue
 from dheera_tx.routing.model_choice import (
     MULTIPART_PEEK_BYTES,
@@ -44,8 +45,10 @@ from dheera_tx.routing.model_choice import (
     parse_json_body,
 )
 from dheera_tx.routing.router import Route, Router
-from dheera_tx.upstream.client import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
-from dheera_tx.upstream_request import UpstreamTarget, upstream_body, upstream_headers
+from dheera_tx.routing.sleep import sleep_operation
+from dheera_tx.upstream.client import UpstreamUnreachable
+from dheera_tx.upstream.refusal import held, may_be_refusal, read_body, refusal_reason
+from dheera_tx.upstream_request import ClientGone, UpstreamTarget, raise_if_gone_or_late, send_upstream, upstream_body
 
 log = Logger()
 
@@ -70,7 +73,7 @@ class Passthrough:
 
     def __init__(
         self, reactor, config: ProxyConfig, router: Router, authenticator, pool, accounting=None, on_call_end=None, catalog=None,
-        metrics=None,
+        metrics=None, claimer=None,
     ):
         self._reactor = reactor
         self._catalog = catalog
@@ -90,11 +93,14 @@ class Passthrough:
         self._tenant_routes = TenantRoutes(config.general.tenant_routes)
         self._default_max_tokens = config.general.default_max_tokens_reservation
         self._realtime = RealtimeCalls(reactor, authenticator, router, self._accounting, self._tenant_routes, self._upstream)
+        # router_settings.flow_control: false sends every call on at once.
+        self._flow_control = config.router.flow_control
         self.flow = GatewayQueue(
             reactor, router, config.router.max_queue, config.router.max_queue_wait, config.router.metrics_interval / 5,
             on_wait=metrics.observe_queue_wait if metrics is not None else None,
-            on_shed=metrics.count_shed if metrics is not None else None,
+            on_shed=metrics.count_shed if metrics is not None else None, claimer=claimer,
         )
+        self._count_retry = metrics.count_retry if metrics is not None else None
 
     def _upstream(self, deployment: Deployment) -> UpstreamTarget:
         upstream = self._upstreams.get(deployment.id)
@@ -142,6 +148,10 @@ class Passthrough:
             progress.path,
             body_bytes,
         )
+        if progress.slot is not None:
+            # Taken in the queue, never sent (the call failed in between).
+            progress.slot.release()
+            progress.slot = None
         if progress.queued is not None and call.deployment is not None:
             self.flow.served(*progress.queued, call.prompt_tokens + call.completion_tokens)
         if self._on_call_end is not None:
@@ -207,7 +217,7 @@ class Passthrough:
                 form_watch.authorize(model)
             if principal.key is not None:
                 path = self._scope_ids(request, principal.key.token, path, document, progress)
-            route = self._router.route(model)
+            route = self._router.route(model, sleep_operation(request.method, path, query))
             call.model_name = route.model_name
             if document is not None:
                 call.stream = document.get("stream") is True
@@ -223,13 +233,15 @@ class Passthrough:
             progress.strip_usage = needs_usage_injection(path, document)
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
             key = principal.key
-            progress.priority = key.priority if key is not None else None
-            owner, priority, weight = (key.token, key.priority, key.weight) if key is not None else ("", 0, 1.0)
+            # The key's own priority and weight, else its team's (keys/records.py).
+            progress.priority = key.flow_priority if key is not None else None
+            owner, priority, weight = (key.token, key.flow_priority, key.flow_weight) if key is not None else ("", 0, 1.0)
             cost = call_cost(raw_json, document, self._default_max_tokens)
-            waiting = self.flow.admit(route, owner, priority, weight, cost)
+            progress.ticket = (owner, priority, weight, cost)
+            waiting = self.flow.admit(route, owner, priority, weight, cost, affinity) if self._flow_control else None
             if waiting is not None:
                 progress.queued = (route.model_name, owner, priority, weight, cost)
-                await self._queued(request, call, waiting)
+                progress.slot = await self._queued(request, call, waiting)
             await self._forward(request, call, route, path + query, raw_json, progress, affinity)
         except ProxyError as e:
             call.error = call.error or e.type
@@ -294,20 +306,22 @@ class Passthrough:
         )
         return multipart_model(prefix, boundary)[1]
 
-    async def _queued(self, request, call: Call, waiting: Deferred) -> None:
+    async def _queued(self, request, call: Call, waiting: Deferred) -> Optional[Slot]:
         """
         Wait in the gateway queue (L{dheera_tx.routing.flow}); a client that
         leaves frees its place at once.
+
+        :return: the replica (and slot) the queue chose, or L{None}.
         """
         queued_at = self._reactor.seconds()
         gone = request.on_client_gone(waiting.cancel)
         if request.client_gone:
             waiting.cancel()
         try:
-            await waiting
+            return await waiting
         except CancelledError:
             call.error = "client_disconnected"
-            raise _ClientGone()
+            raise ClientGone()
         finally:
             call.queued_ms = (self._reactor.seconds() - queued_at) * 1000.0
             request.forget_client_gone(gone)
@@ -316,85 +330,112 @@ class Passthrough:
 
     async def _forward(self, request, call: Call, route: Route, target: bytes, raw_json, progress: "_Progress", affinity=None) -> None:
         tried: List[Deployment] = []
+        # vLLM's queue-cap refusal is retried once, on another replica with
+        # room, if the body can be sent again (in memory: JSON, or none).
+        may_retry = request.body is None or raw_json is not None
         while True:
-            chosen = self._router.choose(route, tried, affinity)
-            if chosen is None:
-                raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+            chosen = None
+            if progress.slot is None:
+                chosen = self._router.choose(route, tried, affinity)
+                if chosen is None:
+                    raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+                if self.flow.claims(chosen[0]):
+                    # A retry to a capped replica takes a slot like any call.
+                    waiting = self.flow.admit(route, *progress.ticket, affinity=affinity, exclude=tried)
+                    assert waiting is not None
+                    progress.slot = await self._queued(request, call, waiting)
+            if progress.slot is not None:
+                chosen = progress.slot.deployment, progress.slot.reason
+            assert chosen is not None
             deployment, call.routing_reason = chosen
             tried.append(deployment)
             producer = upstream_body(request, deployment, route, raw_json, progress)
             progress.deployment = deployment
             call.deployment = deployment.id
             call.api_base = deployment.api_base
+            call.attempts += 1
             self._router.started(deployment)
             try:
-                response = await self._send(request, call, deployment, target, producer, progress.id_scope, progress.strip_usage)
+                response = await send_upstream(
+                    self._reactor, self._pool, self._upstream(deployment), request, call, deployment, target, producer,
+                    progress.id_scope, progress.strip_usage, self._max_response_head,
+                )
             except UpstreamUnreachable:
-                self._router.finished(deployment)
+                self._finished(deployment, progress)
                 self._router.failed(deployment)
                 if request.body is not None and request.body.started:
                     raise ProxyError(502, "The upstream vLLM server could not be reached.", type="upstream_error", code="502")
+                self._retried(route, tried, "unreachable")
                 continue
             except BaseException:
-                self._router.finished(deployment)
+                self._finished(deployment, progress)
                 raise
             try:
+                extra: Tuple[Tuple[bytes, bytes], ...] = ()
+                if may_be_refusal(response):
+                    response, refused = await self._refusal(request, call, deployment, response)
+                    if refused is not None:
+                        self._router.refused(deployment)
+                        if may_retry and self._room_elsewhere(route, tried):
+                            may_retry = False
+                            raise_if_gone_or_late(request, call, ())
+                            self._retried(route, tried, refused)
+                            continue
+                        extra = ((b"Retry-After", b"%d" % (self.flow.retry_after,)),)
                 self._router.succeeded(deployment)
-                await self._relay(request, call, deployment, response, progress)
+                if route.operation is not None:
+                    self._router.operated(deployment, route.operation, response.code)
+                await self._relay(request, call, deployment, response, progress, extra)
             finally:
-                self._router.finished(deployment)
+                self._finished(deployment, progress)
             return
 
-    async def _send(
-        self, request, call: Call, deployment: Deployment, target: bytes, body, id_scope: Optional[bytes], identity: bool = False
-    ):
-        upstream = self._upstream(deployment)
-        headers = upstream_headers(request, deployment, id_scope, identity)
-        call.upstream_sent_at = self._reactor.seconds()
-        d = self._pool.request(
-            upstream.host,
-            upstream.port,
-            deployment.connect_timeout,
-            request.method,
-            upstream.prefix + target,
-            headers,
-            body,
-            max_head_bytes=self._max_response_head,
-            tls=upstream.tls,
-            idle_timeout=deployment.keepalive_timeout,
-        )
-        timed_out = []
+    def _finished(self, deployment: Deployment, progress: "_Progress") -> None:
+        """
+        A call's attempt on C{deployment} ended: its slot is given back
+        first (Redis must see it before the queue claims it again), then the
+        router counts the end (and the queue dispatches).
+        """
+        slot = progress.slot
+        if slot is not None:
+            progress.slot = None
+            slot.release()
+        self._router.finished(deployment)
 
-        def give_up():
-            timed_out.append(True)
-            d.cancel()
+    def _room_elsewhere(self, route: Route, tried: List[Deployment]) -> bool:
+        """
+        :return: whether a replica not tried yet is healthy and not
+            saturated (a refused call is not pushed past a parallel cap or
+            into a full queue: it gets vLLM's 503 instead).
+        """
+        router = self._router
+        return any(d not in tried and not router.cooling_down(d) and not router.asleep(d) and not router.saturated(d)
+                   for d in route.replicas)
 
-        timer = self._reactor.callLater(deployment.timeout, give_up)
+    def _retried(self, route: Route, tried: List[Deployment], reason: str) -> None:
+        if self._count_retry is not None and len(tried) < len(route.replicas):
+            self._count_retry(route.model_name, reason)
+
+    async def _refusal(self, request, call: Call, deployment: Deployment, response):
+        """
+        Read an answer that may be vLLM's queue-cap refusal
+        (L{dheera_tx.upstream.refusal}) whole.
+
+        :return: C{(the answer, its body held, vLLM's reason or L{None})}.
+        """
+        d = read_body(self._reactor, response, deployment.stream_timeout)
         gone = request.on_client_gone(d.cancel)
         try:
-            return await d
-        except UpstreamUnreachable as e:
-            _raise_if_gone_or_late(request, call, timed_out)
-            call.error = "upstream_unreachable"
-            log.info("Upstream {deployment} unreachable: {why}", deployment=deployment.id, why=e.reason)
-            raise
-        except (UpstreamFailed, CancelledError):
-            _raise_if_gone_or_late(request, call, timed_out)
-            if request.body is not None and request.body.failure is not None:
-                request.body.failure.raiseException()
+            body = await d
+        except Exception:
+            raise_if_gone_or_late(request, call, ())
             call.error = "upstream_failed"
-            raise ProxyError(502, "The upstream vLLM server closed the connection without answering.", type="upstream_error", code="502")
-        except UpstreamMalformed:
-            # The upstream's answer could not be parsed, or its head is over
-            # the limit.
-            call.error = "upstream_bad_response"
-            raise ProxyError(502, "The upstream vLLM server sent a malformed answer.", type="upstream_error", code="502")
+            raise ProxyError(502, "The upstream vLLM server closed the connection while answering.", type="upstream_error", code="502")
         finally:
             request.forget_client_gone(gone)
-            if timer.active():
-                timer.cancel()
+        return held(response, body), refusal_reason(body)
 
-    async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress") -> None:
+    async def _relay(self, request, call: Call, deployment: Deployment, response, progress: "_Progress", more=()) -> None:
         call.status = response.code
         content_type = first_header(response.headers, b"content-type") or b""
         sse = content_type.lower().startswith(b"text/event-stream")
@@ -419,7 +460,7 @@ class Passthrough:
             # Not held: read as it streams, never kept.
             meter.stream()
         rewritten = sse and progress.strip_usage and not isinstance(meter, DecodingMeter)
-        head = lambda extra=(), length=None: write_response_head(request, response, call, extra, rewritten, length)
+        head = lambda extra=(), length=None: write_response_head(request, response, call, (*more, *extra), rewritten, length)
         if isinstance(meter, DeclaredUsageMeter):
             # Usage declared in the head: the cost goes with it, no holding.
             head(cost_header(meter, deployment, response.code, call.model_name))
@@ -453,24 +494,6 @@ def _names_models(path: bytes) -> bool:
     return path == _MODELS or (path.startswith(_MODELS + b"/") and len(path) > len(_MODELS) + 1)
 
 
-class _ClientGone(ProxyError):
-    def __init__(self):
-        super().__init__(499, "client disconnected", type="client_disconnected")
-
-
-def _raise_if_gone_or_late(request, call: Call, timed_out) -> None:
-    """
-    Say why an upstream request ended early when it was the client leaving
-    or the call's deadline passing.
-    """
-    if request.client_gone:
-        call.error = "client_disconnected"
-        raise _ClientGone()
-    if timed_out:
-        call.error = "upstream_timeout"
-        raise ProxyError(504, "The upstream vLLM server did not answer in time.", type="upstream_timeout", code="504")
-
-
 def _too_large(limit: int) -> ProxyError:
     return ProxyError(
         413,
@@ -486,7 +509,7 @@ class _Progress:
     """
 
     __slots__ = ("request", "path", "document", "admission", "deployment", "meter", "strip_usage", "id_scope", "forwarded",
-                 "priority", "queued")
+                 "priority", "queued", "ticket", "slot")
 
     def __init__(self):
         self.request = None
@@ -504,21 +527,10 @@ class _Progress:
         self.priority: Optional[int] = None
         # A queued call's (model, key, priority, weight, estimated tokens), for fair share.
         self.queued: Optional[Tuple[Optional[str], str, int, float, float]] = None
-
-
-def call_cost(raw_json, document, default_max_tokens: int) -> float:
-    """
-    :return: the tokens a call is expected to cost, for fair share: its
-        JSON body's bytes / 4 for the prompt, plus its C{max_tokens} (or
-        C{max_completion_tokens}, else the default reservation).
-    """
-    prompt = len(raw_json) / 4.0 if raw_json else 1.0
-    output = default_max_tokens
-    if document is not None:
-        named = document.get("max_tokens", document.get("max_completion_tokens"))
-        if isinstance(named, int) and not isinstance(named, bool) and named >= 0:
-            output = named
-    return prompt + output
+        # The call's (key, priority, weight, estimated tokens) for the queue.
+        self.ticket: Tuple[str, int, float, float] = ("", 0, 1.0, 1.0)
+        # The replica and slot the queue gave the call (given back as it ends).
+        self.slot: Optional[Slot] = None
 
 
 def request_bytes(progress: _Progress) -> int:

@@ -5,7 +5,8 @@ only here is the global reactor touched.
 Start-up order: the embedded Redis (when no database is configured), the
 Redis client, the log sinks and health checks, the upstream pool, then the
 listening ports.  Shutdown runs the same list backwards, one step at a time:
-stop accepting, let calls in flight finish (up to the grace period), close
+stop accepting, shed the calls still queued in the gateway (503), let calls
+in flight finish (up to the grace period), close
 the upstream pool, flush spend and logs, disconnect from Redis, stop the
 embedded Redis last.
 """
@@ -37,6 +38,7 @@ from dheera_tx.http.listener_limits import ListenerLimits
 from dheera_tx.keys.auth import Authenticator
 from dheera_tx.keys.cache import CachedKeyStore
 from dheera_tx.keys.store import RedisKeyStore
+from dheera_tx.keys.team_store import RedisTeamStore
 from dheera_tx.listeners import ALLOW_EXAMPLE_KEY_OPTION, EXAMPLE_MASTER_KEY, Listener, checked_listeners, default_listener
 from dheera_tx.observe.call_log import CallLog, build_sinks
 from dheera_tx.observe.metrics import ProxyMetrics
@@ -44,7 +46,8 @@ from dheera_tx.routing.catalog import ModelCatalog
 from dheera_tx.routing.health import DeploymentProber
 from dheera_tx.routing.router import Router
 from dheera_tx.routing.shared_load import SYNCS_PER_INTERVAL, SharedInFlight
-from dheera_tx.routing.signals import MetricsScraper
+from dheera_tx.routing.signals import MetricsScraper, routed_deployments
+from dheera_tx.routing.slots import SlotClaimer
 from dheera_tx.upstream.client import UpstreamPool
 
 log = Logger()
@@ -144,6 +147,8 @@ class Gateway:
     scraper: MetricsScraper
     key_store: Optional[CachedKeyStore] = None
     ledger: Optional[SpendLedger] = None
+    #: Takes slots of capped deployments in Redis (None without Redis or caps).
+    claimer: Optional[SlotClaimer] = None
     #: The readiness probes by name (the control plane reads this dict).
     probes: dict = attr.Factory(dict)
 
@@ -162,6 +167,7 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     from dheera_tx.console.app import Console
     from dheera_tx.control import ControlPlane, ControlRoot
     from dheera_tx.keys.api import KeyAPI
+    from dheera_tx.keys.team_api import TeamAPI
 
     prefix = config.general.redis_key_prefix
     pool = UpstreamPool(reactor, max_idle_per_endpoint=128)
@@ -199,9 +205,27 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         # or the console, ends its console sessions.
         managed_keys = RevokingKeyStore(stored_keys, sessions)
         key_api = KeyAPI(authenticator, managed_keys, now=now).app.resource()
+        teams = RedisTeamStore(redis, prefix, now=now)
+        team_api = TeamAPI(authenticator, teams, managed_keys).app.resource()
         stream = prefix + "log" if "redis_stream" in config.callbacks else None
-        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream).app.resource()
-        branches = {b"key": key_api, b"end_user": key_api, b"ui": console}
+        console = Console(authenticator, sessions, managed_keys, ledger, prober, redis, stream, teams=teams).app.resource()
+        branches = {b"key": key_api, b"end_user": key_api, b"team": team_api, b"ui": console}
+    scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
+    # Shared in-flight counts: for load-aware routing and the other
+    # processes' load; a deployment's max_parallel_requests holds across
+    # workers and proxies through slots claimed in Redis.
+    capped = [d for d in config.all_deployments() if d.max_parallel_requests is not None]
+    claimer = None
+    if redis is not None and (routed_deployments(config) or capped):
+        router.shared = SharedInFlight(
+            redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
+            homes=router.homes,
+        )
+        if capped and config.router.flow_control:
+            # Without flow control nothing waits for a slot: caps only steer routing.
+            keep = max([d.timeout for d in config.all_deployments()] + [600.0]) + 60
+            claimer = SlotClaimer(redis, prefix, router.shared.process_id, config.router.metrics_interval, keep, now, reactor)
+            claimer.know(capped)
     metrics = ProxyMetrics(router, config)
     call_log = CallLog(build_sinks(config, reactor, redis, stdout=stdout), metrics=metrics)
     passthrough = Passthrough(
@@ -216,18 +240,10 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
         on_call_end=call_log.emit,
         catalog=catalog,
         metrics=metrics,
+        claimer=claimer,
     )
     metrics.read_queue(passthrough.flow.depths)
     metrics.read_in_flight(requests=lambda: passthrough.in_flight, streams=lambda: passthrough.streams_in_flight)
-    scraper = MetricsScraper(reactor, config, router.record_metrics, router.scrape_failed)
-    # Shared in-flight counts: for load-aware routing, and so that a
-    # deployment's max_parallel_requests holds across workers and proxies.
-    capped = any(d.max_parallel_requests is not None for d in config.deployments)
-    if redis is not None and (scraper.deployments or capped):
-        router.shared = SharedInFlight(
-            redis, prefix, config.router.metrics_interval / SYNCS_PER_INTERVAL, router.local_in_flight, now=now, clock=reactor,
-            homes=router.homes,
-        )
     control = ControlPlane(
         probes,
         metrics=metrics,
@@ -239,7 +255,8 @@ def build_gateway(reactor, config: ProxyConfig, redis=None, now=time.time, stdou
     root = ControlRoot(control.app.resource(), branches)
     gate = ControlGate(authenticator, config.general.metrics_require_auth)
     site = GatewaySite(root, passthrough, ListenerLimits(config.general), reactor, gate)
-    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger, probes=probes)
+    return Gateway(site, pool, passthrough, router, metrics, call_log, prober, catalog, scraper, key_store, ledger,
+                   claimer=claimer, probes=probes)
 
 
 class OrderedServices(service.MultiService):
@@ -466,15 +483,22 @@ def make_proxy_service(config: ProxyConfig, listen: List[str], reactor, stdout=N
                 gateway.scraper.start()
             if shared is not None:
                 shared.start()
+            if gateway.claimer is not None:
+                gateway.claimer.start()
 
         async def signals_stop():
             await gateway.scraper.stop()
             if shared is not None:
                 await shared.stop()
+            if gateway.claimer is not None:
+                await gateway.claimer.stop()
 
         _Step("load signals", start=signals_start, stop=lambda: ensureDeferred(signals_stop())).setServiceParent(top)
     _Step("upstream pool", stop=gateway.pool.close).setServiceParent(top)
     _Step("drain", stop=lambda: _drain(reactor, gateway, general.graceful_shutdown_timeout)).setServiceParent(top)
+    # Stopped first of all (after the listeners): calls still queued are
+    # shed with 503 at once instead of waiting out the drain.
+    _Step("gateway queue", stop=gateway.passthrough.flow.close).setServiceParent(top)
     listeners = service.MultiService()
     listeners.setServiceParent(top)
     if inherited:

@@ -27,6 +27,12 @@ fault). Both are comma-separated ``name`` or ``name=value`` items:
 ``reasoning``          stream the generated tokens as ``reasoning`` deltas.
 ``tool_calls``         stream the generated tokens as tool-call
                        ``arguments`` deltas.
+
+Started with vLLM's queue caps (``FakeVLLM(max_num_queued_reqs=...,
+max_num_queued_tokens=...)``), the fake refuses the engine calls it cannot
+queue as vLLM does (:mod:`tests.vllm_admission`): a call is unfinished from
+its arrival until its answer ends, and in prefill (its prompt words
+counted) until its answer starts.
 """
 
 import base64
@@ -45,6 +51,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web import http
 from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import implementer, provider
+
+from tests.vllm_admission import AdmissionControl, refusal_body, requested_sequences
 
 MAX_KEPT_BODY = 1024 * 1024
 BIG_BODY_PIECE = 64 * 1024
@@ -425,9 +433,18 @@ class _Exchange:
 
     def _finished(self, result: None) -> None:
         self.fake.requests_running -= 1
+        self.fake._admitted_ended(self)
+        self._unpost()
+
+    def _unpost(self) -> None:
+        if getattr(self, "_posted", False):
+            self._posted = False
+            self.fake.posts_running -= 1
 
     def _lost(self, reason: Any) -> None:
         self.fake.requests_running -= 1
+        self.fake._admitted_ended(self)
+        self._unpost()
         self._gone = True
         for call in self._calls:
             if call.active():
@@ -448,6 +465,10 @@ class _Exchange:
         """
         request = self.request
         self.fake.requests_running += 1
+        if request.method == b"POST":
+            self._posted = True
+            self.fake.posts_running += 1
+            self.fake.most_running = max(self.fake.most_running, self.fake.posts_running)
         request.notifyFinish().addCallbacks(self._finished, self._lost)
         headers = request.responseHeaders
         headers.setRawHeaders(b"x-fake-request-index", [b"%d" % (self.record.index,)])
@@ -460,6 +481,8 @@ class _Exchange:
             self.faults = parse_faults(spec)
         except ValueError as e:
             self._send(error_answer(400, f"fake vLLM: {e}", "FakeFaultError"))
+            return
+        if self.fake.admission.capped and request.path in ENGINE_ROUTES and not self.fake._admit(self):
             return
         if "hang" in self.faults:
             return
@@ -505,6 +528,8 @@ class _Exchange:
     def _send(self, answer: Answer) -> None:
         if self._gone:
             return
+        # The answer starts: the call has left prefill.
+        self.fake._prefilling.pop(self, None)
         request = self.request
         self._write_head(answer)
         reset = self.fault_value("reset_mid_stream")
@@ -557,6 +582,30 @@ class _Exchange:
         self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (total,)])
         self._producer = _BigBodyProducer(self, total)
         self._producer.start()
+
+
+# The routes whose calls reach vLLM's engine, and so its admission check.
+ENGINE_ROUTES = frozenset([
+    b"/v1/chat/completions", b"/v1/completions", b"/v1/responses", b"/v1/embeddings", b"/score", b"/v1/score",
+    b"/rerank", b"/v1/rerank", b"/v2/rerank", b"/pooling", b"/classify", b"/v1/audio/transcriptions",
+    b"/v1/audio/translations", b"/invocations",
+])
+
+
+def prompt_of(payload: Any) -> int:
+    """
+    :return: the prompt words of an engine call's JSON body, as the fake
+        counts them (chat messages, a prompt, an input), at least 1.
+    """
+    if not isinstance(payload, dict):
+        return 1
+    if isinstance(payload.get("messages"), list):
+        count = sum(content_words(m.get("content")) for m in payload["messages"] if isinstance(m, dict))
+    elif "prompt" in payload:
+        count = prompt_words(payload["prompt"])
+    else:
+        count = input_words(payload.get("input"))
+    return max(1, count)
 
 
 def words(text: Any) -> int:
@@ -1218,6 +1267,7 @@ class VLLMRoutes:
             lines.append(f'vllm:request_success_total{{engine="0",finished_reason="{reason}",'
                          f'model_name="{fake.served_model}"}} '
                          f"{float(fake.request_success.get(reason, 0))}")
+        lines += fake.admission.metrics_lines(fake.served_model)
         return Answer(content_type=b"text/plain; version=1.0.0; charset=utf-8",
                       body=("\n".join(lines) + "\n").encode("utf-8"))
 
@@ -1255,6 +1305,11 @@ class FakeVLLM:
         ``Authorization: Bearer <api_key>``.
     :param lora_modules: LoRA adapters served beside the base model, name ->
         path (vLLM's ``--lora-modules name=path``).
+    :param max_num_queued_reqs: vLLM's ``--max-num-queued-reqs``: engine
+        calls beyond this many unfinished ones are refused with vLLM's 503.
+    :param max_num_queued_tokens: vLLM's ``--max-num-queued-tokens``: engine
+        calls arriving while this many prompt tokens are in prefill are
+        refused with vLLM's 503.
 
     :ivar fault: the default fault spec for every request.
     :ivar received: every request, in arrival order, from its headers on.
@@ -1264,10 +1319,14 @@ class FakeVLLM:
         (``None``: never; uvicorn, in front of vLLM, uses 5 seconds).
     :ivar big_body_written: bytes the ``big_body`` producers have written.
     :ivar sleeping: whether ``POST /sleep`` was called without a ``/wake_up``.
+    :ivar admission: the queue caps and refusal counts
+        (:class:`tests.vllm_admission.AdmissionControl`).
+    :ivar unfinished: engine calls admitted under the caps and not ended.
     """
 
     def __init__(self, reactor: Any, served_model: str = "tiny",
-                 api_key: Optional[str] = None, lora_modules: Optional[dict] = None) -> None:
+                 api_key: Optional[str] = None, lora_modules: Optional[dict] = None,
+                 max_num_queued_reqs: Optional[int] = None, max_num_queued_tokens: Optional[int] = None) -> None:
         self.reactor = reactor
         self.served_model = served_model
         self.lora_modules = dict(lora_modules or {})
@@ -1283,9 +1342,17 @@ class FakeVLLM:
         self.responses: dict = {}
         self.realtime_sessions = 0
         self.requests_running = 0
+        # POST requests (inference calls, not /metrics or /v1/models) running
+        # now, and the most ever running at once (a parallel cap's check).
+        self.posts_running = 0
+        self.most_running = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.request_success: dict = {}
+        self.admission = AdmissionControl(max_num_queued_reqs, max_num_queued_tokens)
+        self.unfinished = 0
+        self._admitted: set = set()
+        self._prefilling: dict = {}
         self.routes = VLLMRoutes(self)
         self.port = 0
         self.url = ""
@@ -1359,13 +1426,14 @@ class FakeVLLM:
         return d
 
     def _check_waiters(self) -> None:
-        waiting = []
-        for ready, d in self._request_waiters:
+        # A waiter's callback may wait again (re-entering here): it must
+        # find a list without the waiters being fired.
+        waiters, self._request_waiters = self._request_waiters, []
+        for ready, d in waiters:
             if ready():
                 d.callback(self.received)
             else:
-                waiting.append((ready, d))
-        self._request_waiters = waiting
+                self._request_waiters.append((ready, d))
 
     def _add_record(self, record: ReceivedRequest) -> None:
         record.index = len(self.received)
@@ -1384,6 +1452,32 @@ class FakeVLLM:
             waiters, self._close_waiters = self._close_waiters, []
             for d in waiters:
                 d.callback(None)
+
+    def _admit(self, exchange: _Exchange) -> bool:
+        """
+        vLLM's admission check for an engine call whose body has arrived:
+        refuse it (answered here) or count it as unfinished and in prefill.
+
+        :return: whether it was admitted.
+        """
+        try:
+            payload = json.loads(exchange.record.body or b"null")
+        except ValueError:
+            payload = None
+        reason = self.admission.check(self.unfinished, sum(self._prefilling.values()), requested_sequences(payload))
+        if reason is not None:
+            exchange._send(Answer(status=503, body=refusal_body(reason)))
+            return False
+        self.unfinished += 1
+        self._admitted.add(exchange)
+        self._prefilling[exchange] = prompt_of(payload)
+        return True
+
+    def _admitted_ended(self, exchange: _Exchange) -> None:
+        self._prefilling.pop(exchange, None)
+        if exchange in self._admitted:
+            self._admitted.discard(exchange)
+            self.unfinished -= 1
 
     def account(self, prompt_tokens: int, completion_tokens: int,
                 finish_reason: Optional[str]) -> None:

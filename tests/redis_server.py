@@ -304,3 +304,22 @@ def _parse(reader):
             return None
         return [_parse(reader) for _ in range(n)]
     raise OSError(f"unexpected reply {line!r}")
+
+
+def redis_for(case):
+    """
+    Start a redis-server and connect the proxy's client to it for one test
+    (both go at the test's end).
+
+    :param case: the test case (its C{addCleanup} is used).
+    :return: C{(server, client)}.
+    """
+    from twisted.internet import reactor
+
+    from dheera_tx.redis.client import connect
+
+    server = RedisServer().start()
+    case.addCleanup(server.cleanup)
+    client = connect(reactor, server.url)
+    case.addCleanup(client.disconnect)
+    return server, client

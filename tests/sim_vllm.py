@@ -16,12 +16,20 @@ computation), so that its ratios hold on a loaded machine.
     C{vllm:kv_cache_usage_perc} (C{vllm:gpu_cache_usage_perc} with
     C{legacy_names}, like old servers), C{vllm:prefix_cache_queries_total},
     C{vllm:prefix_cache_hits_total} (tokens, like vLLM),
-    C{vllm:cache_config_info}, C{vllm:lora_requests_info}.
+    C{vllm:cache_config_info}, C{vllm:lora_requests_info},
+    C{vllm:engine_sleep_state};
+  - LoRA adapters in C{max_lora} slots and sleep mode (C{/sleep},
+    C{/wake_up}, C{/is_sleeping}), in L{tests.sim_adapters}.
 
 Text is tokenized as C{chars_per_token} characters per token; chat messages
 are rendered C{<|role|>\\ncontent\\n} each, then C{<|assistant|>\\n}.  A
 finished request's prompt and output go into the cache, as vLLM caches
 generated blocks too, so a conversation's next turn finds its history.
+
+Started with vLLM's queue caps (C{SimSettings.max_num_queued_reqs},
+C{max_num_queued_tokens}), a replica refuses the calls it cannot queue as
+vLLM does (L{tests.vllm_admission}): unfinished are its waiting and running
+sequences, in prefill those not yet given their first token.
 
 Run replicas on their own: C{python -m tests.sim_vllm --replicas 4} prints
 one C{http://127.0.0.1:PORT} line per replica.
@@ -33,11 +41,14 @@ import hashlib
 import json
 import math
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import attr
 from twisted.internet import reactor as global_reactor
 from twisted.web import resource, server
+
+from tests.sim_adapters import LOAD, READY, LoraSlots, SleepSwitch, sleep_route
+from tests.vllm_admission import AdmissionControl, refusal_body, requested_sequences
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -56,6 +67,16 @@ class SimSettings:
     chars_per_token: int = 4
     api_key: Optional[str] = None
     legacy_names: bool = False
+    # LoRA (tests.sim_adapters): the adapters served beside the base model,
+    # the slots (0: LoRA off) and the time one load takes.
+    lora_adapters: Tuple[str, ...] = ()
+    max_lora: int = 0
+    lora_load_time: float = 0.05
+    # Whether vllm:engine_sleep_state is exported (older vLLM: not).
+    sleep_metric: bool = True
+    # vLLM's --max-num-queued-reqs and --max-num-queued-tokens.
+    max_num_queued_reqs: Optional[int] = None
+    max_num_queued_tokens: Optional[int] = None
 
 
 DEFAULT_SETTINGS = SimSettings()
@@ -137,7 +158,7 @@ def render_chat(messages) -> str:
 
 class _Sequence:
     __slots__ = ("prompt", "prompt_tokens", "max_tokens", "on_token", "on_done", "generated", "cached", "cancelled",
-                 "output")
+                 "output", "adapter")
 
     def __init__(self, prompt: str, prompt_tokens: int, max_tokens: int, on_token, on_done):
         self.prompt = prompt
@@ -149,6 +170,7 @@ class _Sequence:
         self.cached = 0
         self.cancelled = False
         self.output: List[str] = []
+        self.adapter: Optional[str] = None
 
 
 class SimEngine:
@@ -169,36 +191,68 @@ class SimEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_total = 0
+        self.loras = LoraSlots(settings.max_lora)
+        self.sleep = SleepSwitch()
 
     def tokens(self, text: str) -> int:
         return max(1, math.ceil(len(text) / self.settings.chars_per_token))
 
     def submit(self, prompt: str, max_tokens: int, on_token: Callable[[str], None],
-               on_done: Callable[["_Sequence"], None]) -> _Sequence:
+               on_done: Callable[["_Sequence"], None], adapter: Optional[str] = None) -> _Sequence:
         """
         Queue a request; C{on_token(text)} is called per generated token and
         C{on_done(sequence)} at the end (also when cancelled).
+
+        :param adapter: the LoRA adapter it runs with, or L{None}.
         """
         seq = _Sequence(prompt, self.tokens(prompt), max(1, max_tokens), on_token, on_done)
+        seq.adapter = adapter
         self.requests_total += 1
         self.waiting.append(seq)
         self._schedule()
         return seq
 
     def _schedule(self) -> None:
+        if self.sleep.asleep:
+            return
+        skipped = []
         while self.waiting and len(self.running) < self.settings.max_num_seqs:
             seq = self.waiting.popleft()
             if seq.cancelled:
                 seq.on_done(seq)
                 continue
+            if seq.adapter is not None:
+                verdict = self.loras.take(seq.adapter)
+                if verdict != READY:
+                    # Its adapter loads (in the prefill lane) or waits for
+                    # a slot; requests behind it go on.
+                    if verdict == LOAD:
+                        self._prefill_queue.append(seq.adapter)  # type: ignore[arg-type]
+                    skipped.append(seq)
+                    continue
+                self.loras.started(seq.adapter)
             self.running.append(seq)
             self._prefill_queue.append(seq)
+        self.waiting.extendleft(reversed(skipped))
+        if self.settings.max_lora:
+            self.loras.record(self.reactor.seconds(), (q.adapter for q in self.running if q.adapter),
+                              (q.adapter for q in self.waiting if q.adapter))
+        self._next_prefill()
+
+    def _lora_loaded(self, adapter: str) -> None:
+        self._prefilling = False
+        self.loras.loaded(adapter)
+        self._schedule()
         self._next_prefill()
 
     def _next_prefill(self) -> None:
         if self._prefilling or not self._prefill_queue:
             return
         seq = self._prefill_queue.popleft()
+        if isinstance(seq, str):
+            self._prefilling = True
+            self.reactor.callLater(self.settings.lora_load_time, self._lora_loaded, seq)
+            return
         s = self.settings
         hashes = block_hashes(seq.prompt, s.block_size * s.chars_per_token)
         hit_blocks = self.cache.hits(hashes)
@@ -232,6 +286,8 @@ class SimEngine:
         s = self.settings
         self.cache.insert(block_hashes(seq.prompt + "".join(seq.output), s.block_size * s.chars_per_token))
         self.running.remove(seq)
+        if seq.adapter is not None:
+            self.loras.ended(seq.adapter)
         seq.on_done(seq)
         self._schedule()
 
@@ -269,8 +325,15 @@ class SimEngine:
         info = (f'block_size="{s.block_size}",cache_dtype="auto",enable_prefix_caching="True",engine="0",'
                 f'gpu_memory_utilization="0.9",num_gpu_blocks="{s.cache_blocks}"')
         metric("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", 1.0, info)
-        metric("vllm:lora_requests_info", "gauge", "Running stats on lora requests.", self.reactor.seconds(),
-               'max_lora="0",running_lora_adapters="",waiting_lora_adapters=""')
+        if s.max_lora:
+            self.loras.record(self.reactor.seconds(), (q.adapter for q in self.running if q.adapter),
+                              (q.adapter for q in self.waiting if q.adapter))
+            lines.extend(self.loras.metric_lines())
+        else:
+            metric("vllm:lora_requests_info", "gauge", "Running stats on lora requests.", self.reactor.seconds(),
+                   'max_lora="0",running_lora_adapters="",waiting_lora_adapters=""')
+        if s.sleep_metric:
+            lines.extend(self.sleep.metric_lines(labels))
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -287,18 +350,24 @@ class SimReplica(resource.Resource):
         super().__init__()
         self.engine = SimEngine(reactor, settings)
         self.settings = settings
+        self.admission = AdmissionControl(settings.max_num_queued_reqs, settings.max_num_queued_tokens)
 
     def render_GET(self, request):
         path = request.path
         if path == b"/metrics":
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            return self.engine.metrics_text()
+            return self.engine.metrics_text() + self._admission_metrics()
         if path == b"/health":
             return b""
         if path == b"/v1/models":
             if not self._authorized(request):
                 return self._unauthorized(request)
-            return _json(request, 200, {"object": "list", "data": [{"id": self.settings.model, "object": "model"}]})
+            cards = [{"id": self.settings.model, "object": "model"}]
+            cards += [{"id": name, "object": "model", "parent": self.settings.model} for name in self.settings.lora_adapters]
+            return _json(request, 200, {"object": "list", "data": cards})
+        answer = sleep_route(self.engine, b"GET", path, request.uri)
+        if answer is not None:
+            return _json(request, 200, answer)
         return _json(request, 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
 
     def render_POST(self, request):
@@ -306,6 +375,9 @@ class SimReplica(resource.Resource):
         if path == b"/reset_prefix_cache":
             self.engine.cache.clear()
             return _json(request, 200, {"success": True})
+        answer = sleep_route(self.engine, b"POST", path, request.uri)
+        if answer is not None:
+            return _json(request, 200, answer)
         if path not in (b"/v1/chat/completions", b"/v1/completions"):
             return _json(request, 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
         if not self._authorized(request):
@@ -316,7 +388,30 @@ class SimReplica(resource.Resource):
             prompt = render_chat(body["messages"]) if chat else str(body["prompt"])
         except (ValueError, KeyError, TypeError, AttributeError):
             return _json(request, 400, {"error": {"message": "bad request", "type": "BadRequestError", "code": 400}})
+        refused = self._refusal(request, body)
+        if refused is not None:
+            return refused
         return self._generate(request, body, prompt, chat)
+
+    def _refusal(self, request, body: dict) -> Optional[bytes]:
+        """
+        vLLM's admission check: the refusal's body (status and headers
+        set), or L{None} when the call may queue.
+        """
+        if not self.admission.capped:
+            return None
+        engine = self.engine
+        unfinished = [seq for seq in (*engine.waiting, *engine.running) if not seq.cancelled]
+        in_prefill = sum(seq.prompt_tokens for seq in unfinished if seq.generated == 0)
+        reason = self.admission.check(len(unfinished), in_prefill, requested_sequences(body))
+        if reason is None:
+            return None
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        return refusal_body(reason)
+
+    def _admission_metrics(self) -> bytes:
+        return ("\n".join(self.admission.metrics_lines(self.settings.model)) + "\n").encode("utf-8")
 
     def _authorized(self, request) -> bool:
         key = self.settings.api_key
@@ -371,7 +466,9 @@ class SimReplica(resource.Resource):
         request.setHeader(b"x-sim-replica", str(request.getHost().port).encode("ascii"))
         if stream:
             request.setHeader(b"content-type", b"text/event-stream")
-        seq = self.engine.submit(prompt, max_tokens, on_token, on_done)
+        model = body.get("model")
+        adapter = model if model in self.settings.lora_adapters else None
+        seq = self.engine.submit(prompt, max_tokens, on_token, on_done, adapter)
 
         def left(_):
             gone.append(True)
@@ -438,7 +535,10 @@ def main(argv=None) -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--settings", default="{}", help="SimSettings fields as JSON")
     args = parser.parse_args(argv)
-    settings = SimSettings(**json.loads(args.settings))
+    fields = json.loads(args.settings)
+    if "lora_adapters" in fields:
+        fields["lora_adapters"] = tuple(fields["lora_adapters"])
+    settings = SimSettings(**fields)
     for _ in range(args.replicas):
         _, port = listen(global_reactor, settings)
         print("http://127.0.0.1:%d" % port.getHost().port, flush=True)

@@ -4,7 +4,6 @@ sessions, and rendezvous ranking of replicas.
 """
 
 import random
-import timeit
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -107,20 +106,6 @@ class PrefixKeyTests(SynchronousTestCase):
         """
         head = "x" * (BLOCK_CHARS * MAX_BLOCKS)
         self.assertEqual(prefix_key({"prompt": head + "a" * 10**5}, "m"), prefix_key({"prompt": head + "b" * 10**5}, "m"))
-
-    def test_hash_is_cheap(self):
-        """
-        The key of a typical chat call and of a 100 KB prompt costs well
-        under a millisecond (printed for the issue note; bounded loosely so
-        a loaded machine passes).
-        """
-        typical = self.conversation(1, 3)
-        large = {"model": "m", "messages": [{"role": "user", "content": "y" * 100_000}]}
-        for name, document in (("typical", typical), ("100 KB", large)):
-            runs = 2000
-            seconds = min(timeit.repeat(lambda d=document: prefix_key(d, "m"), number=runs, repeat=3)) / runs
-            print(f"prefix_key {name}: {seconds * 1e6:.1f} us per call")
-            self.assertLess(seconds, 0.001)
 
     def test_session_key(self):
         """

@@ -35,7 +35,7 @@ RECORD_FIELDS = {
     "call_id", "time", "method", "path", "model_name", "deployment", "api_base", "routing_reason", "queued_ms", "status",
     "stream", "key_hash_prefix", "key_alias", "user_id", "team_id", "end_user", "prompt_tokens", "completion_tokens",
     "cached_tokens", "usage_estimated", "cost", "cost_nanos", "started_at", "first_byte_at", "ended_at", "ttfb_ms",
-    "duration_ms", "overhead_ms", "bytes_in", "bytes_out", "error", "close_code",
+    "duration_ms", "overhead_ms", "bytes_in", "bytes_out", "error", "close_code", "attempts",
 }
 
 

@@ -624,6 +624,18 @@ class SettingsTests(ConfigTestMixin, SynchronousTestCase):
         self.assertIn("router_settings.session_header: expected an HTTP header name",
                       self.failure({"router_settings": {"session_header": "bad header"}}))
 
+    def test_flow_control_switch(self):
+        """
+        router_settings.flow_control defaults to true, takes YAML's
+        booleans and their usual spellings, and refuses anything else,
+        naming the setting.
+        """
+        self.assertIs(config_from_dict({}).router.flow_control, True)
+        for value, expected in ((False, False), ("off", False), ("no", False), (True, True), ("on", True)):
+            router = config_from_dict({"router_settings": {"flow_control": value}}).router
+            self.assertIs(router.flow_control, expected, value)
+        self.assertIn("router_settings.flow_control", self.failure({"router_settings": {"flow_control": "sometimes"}}))
+
     def test_callbacks(self):
         """
         callbacks default to none, are kept in order, and an unknown or

@@ -283,6 +283,23 @@ class ConsoleSecurityTests(ConsoleHarness, TestCase):
             await sleep(0.02)
         self.assertIn("alice", team)
 
+    async def test_teams_page_shows_team_records(self):
+        """
+        The teams page shows the alias, priority and weight of a team that
+        has a record (also one no key names yet), and dashes for a team
+        known only from its keys.
+        """
+        await self.admin("/team/new", {"team_id": "red", "team_alias": "Red squad", "priority": 3, "weight": 2.5})
+        await self.admin("/team/new", {"team_id": "blue", "priority": -1})
+        await self.generate(team_id="red")
+        await self.generate(team_id="green")
+        await self.sign_in(MASTER_KEY)
+        _, _, page = await self.ui(b"GET", "/ui/teams")
+        cells = {row[0]: row[1:4] for row in _table_rows(page, "teams")}
+        self.assertEqual(cells["red"], ["Red squad", "3", "2.5"])
+        self.assertEqual(cells["blue"], ["—", "-1", "—"])
+        self.assertEqual(cells["green"], ["—", "—", "—"])
+
     async def test_spend_chart_data_and_vendored_library(self):
         """
         The spend page's chart reads /ui/spend.json (30 days, the total and
@@ -338,3 +355,16 @@ class DeploymentsPageTests(SynchronousTestCase):
         for shown in ("<td>2</td>", "<td>3</td>", "<td>42%</td>", "<td>73%</td>", "0.4 s (stale)", ">yes<"):
             self.assertIn(shown, rows[0])
         self.assertEqual(rows[1].count("<td>—</td>"), 4)
+
+
+def _table_rows(page: str, table_id: str) -> list:
+    """
+    :return: the text of the body cells of table C{table_id} in C{page},
+        one list per row.
+    """
+    table = page.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
+    body = table.split("<tbody>", 1)[1]
+    return [
+        [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+        for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)
+    ]

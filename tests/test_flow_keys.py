@@ -35,7 +35,8 @@ class FlowKeysTests(GatewayHarness, TestCase):
         """
         C{priority} must be a whole number and C{weight} a number from
         0.001 to 1000 (400 otherwise, in the OpenAI error shape); the key's
-        info shows what was set, and defaults 0 and 1.
+        info shows what was set, and null for what was not (then the key's
+        team's values apply, else 0 and 1: see L{tests.test_team_api}).
         """
         status, body = await self.call(b"POST", "/key/generate", body={"priority": "high"})
         self.assertEqual((status, error_of(body)["param"]), (400, "priority"))
@@ -44,7 +45,7 @@ class FlowKeysTests(GatewayHarness, TestCase):
         made = await self.admin("/key/generate", {"priority": -2, "weight": 2.5})
         self.assertEqual((made["priority"], made["weight"]), (-2, 2.5))
         plain = await self.admin("/key/generate", {})
-        self.assertEqual((plain["priority"], plain["weight"]), (0, 1.0))
+        self.assertEqual((plain["priority"], plain["weight"]), (None, None))
         updated = await self.admin("/key/update", {"key": plain["key"], "priority": 3})
         self.assertEqual(updated["priority"], 3)
 

@@ -85,12 +85,14 @@ class ProcessHarness:
             "dheera_ai_settings": {"callbacks": ["json_log"]},
         }
 
-    async def start_proxy(self, config: dict, directory: Optional[str] = None) -> ProxyProcess:
+    async def start_proxy(self, config: dict, directory: Optional[str] = None, extra_args=()) -> ProxyProcess:
         """
+        :param extra_args: more arguments for C{twistd dheera}, e.g.
+            C{["--workers", "2"]}.
         :return: a started proxy process, killed (with its embedded Redis)
             and its directory removed at cleanup.
         """
-        proxy = ProxyProcess(reactor, config, directory=directory)
+        proxy = ProxyProcess(reactor, config, directory=directory, extra_args=extra_args)
         self.addCleanup(shutil.rmtree, proxy.directory, True)
         self.addCleanup(proxy.cleanup)
         await proxy.start()
@@ -140,9 +142,11 @@ class ProcessHarness:
         """
         Assert that C{key} gets an upstream answer through C{proxy}.
         """
-        before = len(self.upstream.received)
+        # Calls only: the proxy also scrapes the upstream's /metrics.
+        calls = lambda: sum(1 for r in self.upstream.received if r.uri != b"/metrics")  # noqa: E731
+        before = calls()
         self.assertEqual(await self.chat(proxy, key), 200)
-        self.assertEqual(len(self.upstream.received), before + 1)
+        self.assertEqual(calls(), before + 1)
 
     async def answered_within(self, proxy: ProxyProcess, key: str, status: int, seconds: float) -> None:
         """

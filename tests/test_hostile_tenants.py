@@ -226,6 +226,35 @@ class RequestIdTests(GatewayHarness, TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(self.upstream.received[-1].body, raw)
 
+    async def test_engine_steering_fenced(self):
+        """
+        A virtual key's C{kv_transfer_params}, C{ec_transfer_params} and
+        C{vllm_xargs} body fields (where disaggregated vLLM fetches KV
+        blocks from, the operator's logits-processor arguments) and its
+        C{X-data-parallel-rank} header (a rank pin) never reach vLLM; the
+        rest of the body does.  The master key's are forwarded (a
+        disaggregation router in front of the proxy uses them).
+        """
+        steering = {
+            "kv_transfer_params": {"remote_host": "10.9.9.9", "remote_port": 5555, "remote_block_ids": [1, 2]},
+            "ec_transfer_params": {"remote_host": "10.9.9.9"},
+            "vllm_xargs": {"processor": "x"},
+        }
+        document = dict({"model": ALLOWED, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}, **steering)
+        rank = {"x-data-parallel-rank": "3"}
+        status, content = await self.call(b"POST", "/vllm/v1/chat/completions", self.alice["key"], document, rank)
+        self.assertEqual(status, 200, content)
+        received = self.upstream.received[-1]
+        sent = json.loads(received.body)
+        self.assertEqual(set(sent) & set(steering), set())
+        self.assertEqual((sent["temperature"], sent["messages"]), (0.5, document["messages"]))
+        self.assertIsNone(received.header("x-data-parallel-rank"))
+        status, content = await self.call(b"POST", "/vllm/v1/chat/completions", MASTER_KEY, document, rank)
+        self.assertEqual(status, 200, content)
+        received = self.upstream.received[-1]
+        self.assertEqual({k: json.loads(received.body)[k] for k in steering}, steering)
+        self.assertEqual(received.header("x-data-parallel-rank"), "3")
+
     async def responses(self, who: dict, path="/vllm/v1/responses", method=b"POST", **fields):
         body = dict({"model": ALLOWED, "input": "secret of " + who["key_alias"]}, **fields) if method == b"POST" and path == "/vllm/v1/responses" else None
         status, content = await self.call(method, path, who["key"], body, {"x-dheera-model": ALLOWED})

@@ -964,6 +964,7 @@ class CachedKeyStoreTests(RedisTestMixin, TestCase):
         inner = RedisKeyStore(client, "dheera:")
         _, record = await inner.create_key({})
         gate = defer.Deferred()
+        read = defer.Deferred()
         reads = []
 
         class SlowStore:
@@ -972,6 +973,8 @@ class CachedKeyStoreTests(RedisTestMixin, TestCase):
             async def get_key(self, token):
                 reads.append(token)
                 found = await inner.get_key(token)
+                if not read.called:
+                    read.callback(None)
                 await gate
                 return found
 
@@ -980,6 +983,9 @@ class CachedKeyStoreTests(RedisTestMixin, TestCase):
         await cached.subscription.whenActive()
         before = cached._generation
         pending = defer.Deferred.fromCoroutine(cached.get_key(record.token))
+        # The record is read (not blocked yet) before the block, whose
+        # invalidation arrives while the lookup is still on its way.
+        await read
         await inner.block_key(record.token)
         await eventually(lambda: defer.succeed(cached._generation > before))
         gate.callback(None)

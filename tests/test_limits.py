@@ -14,8 +14,7 @@ from dheera_tx.accounting.spend import Settlement, SpendLedger
 from dheera_tx.errors import ProxyError
 from dheera_tx.keys.auth import MASTER, Principal
 from dheera_tx.keys.records import KeyRecord
-from dheera_tx.redis.client import connect
-from tests.redis_server import RedisServer
+from tests.redis_server import redis_for
 
 PREFIX = "dheera:"
 
@@ -50,10 +49,7 @@ class LimitsTests(TestCase):
     """
 
     def setUp(self):
-        self.server = RedisServer().start()
-        self.addCleanup(self.server.cleanup)
-        self.redis = connect(reactor, self.server.url)
-        self.addCleanup(self.redis.disconnect)
+        self.server, self.redis = redis_for(self)
         self.now = [1_800_000_000.0]
         # As the proxy runs it: the admissions of one reactor tick batched.
         self.limiter = CallLimiter(self.redis, PREFIX, lambda: self.now[0], stale_after=660, reactor=reactor)

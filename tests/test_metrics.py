@@ -7,8 +7,10 @@ master-key check over a real loopback socket.
 
 import io
 import json
+import os
 from typing import Dict, FrozenSet, Tuple
 
+from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
@@ -186,6 +188,33 @@ class ProxyMetricsTests(SynchronousTestCase):
         counts["requests"] = 9
         s = self.scrape()
         self.assertEqual((sample(s, "dheera_in_flight_requests"), sample(s, "dheera_in_flight_streams")), (9, 4))
+
+    def test_queue_depth_shared_by_workers(self):
+        """
+        With several workers (C{PROMETHEUS_MULTIPROC_DIR} set),
+        C{dheera_queue_depth} is a gauge every worker copies its queue into
+        each second (L{ProxyMetrics.refresh}), summed over the live workers
+        whichever worker answers the scrape; a queue that emptied reads 0.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.patch(os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR=directory))
+        # What prometheus_client chooses at import in a worker, whose
+        # parent set the directory before starting it.
+        self.patch(values, "ValueClass", values.MultiProcessValue())
+        metrics = ProxyMetrics(self.router, self.config)
+        depths = {("chat", 0): 3, ("chat", 1): 2}
+        metrics.read_queue(lambda: dict(depths))
+        metrics.refresh()
+        s = parse(metrics.render()[0].decode("utf-8"))
+        self.assertEqual(sample(s, "dheera_queue_depth", model="chat", priority="0"), 3)
+        self.assertEqual(sample(s, "dheera_queue_depth", model="chat", priority="1"), 2)
+        del depths[("chat", 1)]
+        metrics.refresh()
+        s = parse(metrics.render()[0].decode("utf-8"))
+        self.assertEqual(s[("dheera_queue_depth", frozenset({"model": "chat", "priority": "1"}.items()))], 0)
+        # One family: the scrape-time reading is not added beside it.
+        self.assertEqual(metrics.render()[0].count(b"# TYPE dheera_queue_depth gauge"), 1)
 
     def test_deployment_health_from_router(self):
         """

@@ -17,8 +17,7 @@ from dheera_tx.accounting.spend import Settlement, SpendLedger
 from dheera_tx.config import Deployment
 from dheera_tx.errors import ProxyError
 from dheera_tx.keys.auth import MASTER, Principal
-from dheera_tx.redis.client import connect
-from tests.redis_server import RedisServer
+from tests.redis_server import redis_for
 from tests.test_limits import PREFIX, _record
 
 STALE_AFTER = 30.0
@@ -103,10 +102,7 @@ class ReservationScriptTests(TestCase):
     """
 
     def setUp(self):
-        self.server = RedisServer().start()
-        self.addCleanup(self.server.cleanup)
-        self.redis = connect(reactor, self.server.url)
-        self.addCleanup(self.redis.disconnect)
+        self.server, self.redis = redis_for(self)
         self.now = [1_800_000_000.0]
         self.limiter = CallLimiter(
             self.redis, PREFIX, lambda: self.now[0], stale_after=STALE_AFTER, reactor=reactor, new_end_users_per_day=2

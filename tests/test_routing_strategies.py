@@ -10,13 +10,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dheera_tx.config import config_from_dict
-from dheera_tx.redis.client import connect
 from dheera_tx.routing.affinity import rendezvous_order
 from dheera_tx.routing.homes import KeyHomes
 from dheera_tx.routing.router import Router
 from dheera_tx.routing.shared_load import SharedInFlight
 from dheera_tx.routing.signals import LoadSample, MetricsUnreadable, Saturation, estimated_load, parse_metrics
-from tests.redis_server import RedisServer
+from tests.redis_server import redis_for
 
 # As vLLM 0.1x exports them (two engines, data parallel), with the lines
 # around that a scraper must skip.
@@ -309,10 +308,7 @@ class SharedInFlightTests(TestCase):
     """
 
     def setUp(self):
-        self.server = RedisServer().start()
-        self.addCleanup(self.server.cleanup)
-        self.redis = connect(reactor, self.server.url)
-        self.addCleanup(self.redis.disconnect)
+        self.server, self.redis = redis_for(self)
         self.now = [1_800_000_000.0]
 
     def process(self, counts: dict) -> SharedInFlight:

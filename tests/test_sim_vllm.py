@@ -158,7 +158,8 @@ class ScraperTests(TestCase):
         entries = [{"model_name": "m", "dheera_ai_params": {"model": "hosted_vllm/q", "api_base": base, "api_key": KEY}},
                    {"model_name": "m", "dheera_ai_params": {"model": "hosted_vllm/q", "api_base": "http://127.0.0.1:1"}},
                    {"model_name": "solo", "dheera_ai_params": {"model": "hosted_vllm/q", "api_base": base}}]
-        self.config = config_from_dict({"model_list": entries, "router_settings": {"metrics_interval": 2}})
+        self.config = config_from_dict({"model_list": entries, "router_settings": {"metrics_interval": 2}},
+                                       environ={"HOSTED_VLLM_API_BASE": "http://127.0.0.1:2"})
         self.router = Router(self.config, now=reactor.seconds)
         self.scraper = MetricsScraper(reactor, self.config, self.router.record_metrics, self.router.scrape_failed)
         self.addCleanup(self.scraper.stop)
@@ -167,14 +168,17 @@ class ScraperTests(TestCase):
     @defer.inlineCallbacks
     def test_scrape(self):
         """
-        A round reads every routed replica's sample (sending its key) and
-        records why another failed, without the key or URL; a lone
-        deployment is not scraped.
+        A round reads every configured deployment's sample (sending its
+        key), a lone one's too (flow control and sleep awareness need its
+        signals), and records why another failed, without the key or URL;
+        the default upstream (C{HOSTED_VLLM_API_BASE}) is not scraped.
         """
-        self.assertEqual(self.scraper.deployments, [self.live, self.dead])
+        solo = self.config.replicas("solo")[0]
+        self.assertEqual(self.scraper.deployments, [self.live, self.dead, solo])
         yield defer.ensureDeferred(self.scraper.scrape_all())
         self.assertEqual((self.router.fresh_sample(self.live).running, self.router.fresh_sample(self.live).waiting), (3.0, 1.0))
-        self.assertEqual(self.metrics.seen_keys, [b"Bearer " + KEY.encode()])
+        self.assertEqual(self.router.signals(solo)["metrics_error"], "HTTP 401")
+        self.assertEqual(sorted(self.metrics.seen_keys, key=repr), sorted([b"Bearer " + KEY.encode(), None], key=repr))
         error = self.router.signals(self.dead)["metrics_error"]
         self.assertIn(error, ("connection refused", "cannot connect"))
 

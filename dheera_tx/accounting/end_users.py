@@ -22,6 +22,26 @@ def _unescape_team(text: str) -> str:
     return text.replace("%3A", ":").replace("%25", "%")
 
 
+def team_name(team_id: str) -> str:
+    """
+    The name (under the Redis prefix) of a team's own hash,
+    C{team:<team>} (C{%} and C{:} escaped as for end users, so that it is
+    never the name of one of the team's end users).
+    """
+    return "team:" + _escape_team(team_id)
+
+
+def team_of_name(name: str) -> Optional[str]:
+    """
+    The inverse of L{team_name}.
+
+    :return: the team id, or L{None} when C{name} is not a team's hash name.
+    """
+    if not name.startswith("team:") or ":" in name[5:]:
+        return None
+    return _unescape_team(name[5:])
+
+
 def end_user_name(user_id: str, team_id: Optional[str]) -> str:
     """
     The name (under the Redis prefix) of an end user's hash.  End users are

@@ -70,8 +70,10 @@ class Console:
 
     app = Klein()
 
-    def __init__(self, authenticator, sessions: ConsoleSessions, key_store, ledger, prober, redis, stream_key: Optional[str], today=None):
+    def __init__(self, authenticator, sessions: ConsoleSessions, key_store, ledger, prober, redis, stream_key: Optional[str], today=None,
+                 teams=None):
         self._auth = authenticator
+        self._teams = teams
         self._sessions = sessions
         self._store = key_store
         self._ledger = ledger
@@ -382,10 +384,11 @@ class Console:
                 if record.team_id:
                     keys_per_team[record.team_id] = keys_per_team.get(record.team_id, 0) + 1
             page += 1
+        records = {r.team_id: r for r in await self._teams.list_teams()} if self._teams is not None else {}
         known = {r["id"] for r in rows}
         rows += [{"id": team, "spend_nanos": 0, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-                 for team in sorted(keys_per_team) if team not in known]
-        return await self._send(request, pages.teams_page(rows, keys_per_team, session.csrf))
+                 for team in sorted(set(keys_per_team) | set(records)) if team not in known]
+        return await self._send(request, pages.teams_page(rows, keys_per_team, records, session.csrf))
 
     @app.route("/ui/teams/<team>", methods=["GET"])
     async def team(self, request, team: str):

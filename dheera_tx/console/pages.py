@@ -345,14 +345,32 @@ def key_page(record: KeyRecord, csrf: str, calls: Sequence[dict], message: Optio
     return layout(f"Key {record.key_alias or record.token[:12]}", body, csrf, MASTER_NAV, "/ui/keys")
 
 
-def teams_page(rows: Sequence[dict], keys_per_team: dict, csrf: str) -> Tag:
+def _team_settings(record) -> list:
+    # A team without a record (only named by keys) shows dashes: its keys
+    # inherit nothing.
+    if record is None:
+        return [tags.td("—"), tags.td("—"), tags.td("—")]
+    return [
+        tags.td(record.team_alias or "—"),
+        tags.td("—" if record.priority is None else str(record.priority)),
+        tags.td("—" if record.weight is None else f"{record.weight:g}"),
+    ]
+
+
+def teams_page(rows: Sequence[dict], keys_per_team: dict, records: dict, csrf: str) -> Tag:
+    """
+    :param rows: spend per team (30 days), one per team.
+    :param records: team id -> L{dheera_tx.keys.records.TeamRecord}, for
+        the teams that have one (alias, priority and weight).
+    """
     table = tags.table(id="teams")(
-        tags.thead(tags.tr(*[tags.th(h) for h in ("Team", "Keys", "Spend (30 days)", "Requests", "")]))
+        tags.thead(tags.tr(*[tags.th(h) for h in ("Team", "Alias", "Priority", "Weight", "Keys", "Spend (30 days)", "Requests", "")]))
     )(
         tags.tbody(
             *[
                 tags.tr(
                     tags.td(r["id"]),
+                    *_team_settings(records.get(r["id"])),
                     tags.td(str(keys_per_team.get(r["id"], 0))),
                     tags.td(_money(r["spend_nanos"])),
                     tags.td(str(r["requests"])),
@@ -360,7 +378,7 @@ def teams_page(rows: Sequence[dict], keys_per_team: dict, csrf: str) -> Tag:
                 )
                 for r in rows
             ],
-            tags.tr(tags.td("(no team)"), tags.td("—"), tags.td("—"), tags.td("—"), tags.td(tags.a("End users", href="/ui/teams/-"))),
+            tags.tr(tags.td("(no team)"), *[tags.td("—") for _ in range(6)], tags.td(tags.a("End users", href="/ui/teams/-"))),
         )
     )
     return layout("Teams", [table], csrf, MASTER_NAV, "/ui/teams")

@@ -50,7 +50,7 @@ from dheera_tx.redis.client import RedisUnavailable
 
 log = Logger()
 
-def _json_route(handler):
+def json_route(handler):
     """
     Wrap a handler C{async (self, request, principal) -> dict} into a route
     that authenticates the caller and answers JSON, errors included.
@@ -67,9 +67,9 @@ def _json_route(handler):
         except defer.CancelledError:
             raise
         except ProxyError as e:
-            return _error(request, e)
+            return error_answer(request, e)
         except RedisUnavailable:
-            return _error(request, service_unavailable("The key store is unavailable; try again shortly."))
+            return error_answer(request, service_unavailable("The key store is unavailable; try again shortly."))
         except Exception as e:
             # The exception's message may quote request data: log its type
             # and where it happened, not what it says.
@@ -79,21 +79,40 @@ def _json_route(handler):
                 route=handler.__name__,
                 where="".join(traceback.format_tb(e.__traceback__)),
             )
-            return _error(request, ProxyError(500, "Internal error.", type="internal_server_error", code="500"))
+            return error_answer(request, ProxyError(500, "Internal error.", type="internal_server_error", code="500"))
         request.setResponseCode(status)
         return json.dumps(answer).encode("utf-8")
 
     return route
 
 
-def _error(request, error: ProxyError) -> bytes:
+def error_answer(request, error: ProxyError) -> bytes:
     request.setResponseCode(error.status)
     for name, value in error.headers.items():
         request.setHeader(name, value)
     return error.body()
 
 
-def _body(request) -> dict:
+def not_found_answer(request, failure) -> bytes:
+    """
+    Answer an unknown path of a JSON admin app with a JSON 404 (Klein's
+    C{NotFound} handler).
+    """
+    request.setHeader(b"content-type", b"application/json")
+    return error_answer(request, ProxyError(404, "Not found.", type="not_found_error", code="404"))
+
+
+def method_not_allowed_answer(request, failure) -> bytes:
+    """
+    Answer a known path asked with the wrong method with a JSON 405
+    (Klein's C{MethodNotAllowed} handler).
+    """
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"allow", ", ".join(failure.value.valid_methods or ()).encode("ascii"))
+    return error_answer(request, ProxyError(405, "Method not allowed.", type="invalid_request_error", code="405"))
+
+
+def json_body(request) -> dict:
     raw = request.content.read() if request.content is not None else b""
     if not raw.strip():
         return {}
@@ -112,7 +131,7 @@ def _body(request) -> dict:
     return body
 
 
-def _query(request, name: str):
+def query_arg(request, name: str):
     values = request.args.get(name.encode("ascii"))
     if not values:
         return None
@@ -123,7 +142,7 @@ def _query(request, name: str):
 
 
 def _query_int(request, name: str, default: int) -> int:
-    text = _query(request, name)
+    text = query_arg(request, name)
     if text is None or text == "":
         return default
     if not (text.isascii() and text.isdigit()):
@@ -131,13 +150,13 @@ def _query_int(request, name: str, default: int) -> int:
     return int(text)
 
 
-def _only(body: dict, allowed) -> None:
+def only_fields(body: dict, allowed) -> None:
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise bad_request("Unknown field(s): " + ", ".join(unknown) + ".", unknown[0])
 
 
-def _names(body: dict, field: str) -> list:
+def name_list(body: dict, field: str) -> list:
     names = body.get(field)
     if (
         not isinstance(names, list)
@@ -153,16 +172,16 @@ def _user_ids(body: dict):
     :return: C{(end user ids, team_id or None)} of an /end_user/block,
         unblock or delete body.
     """
-    _only(body, ("user_ids", "user_id", "team_id"))
+    only_fields(body, ("user_ids", "user_id", "team_id"))
     if ("user_ids" in body) == ("user_id" in body):
         raise bad_request("Give user_ids (a list) or user_id.", "user_ids")
-    team_id = _team(body.get("team_id"))
+    team_id = team_arg(body.get("team_id"))
     if "user_id" in body:
-        return _names({"user_id": [body["user_id"]]}, "user_id"), team_id
-    return _names(body, "user_ids"), team_id
+        return name_list({"user_id": [body["user_id"]]}, "user_id"), team_id
+    return name_list(body, "user_ids"), team_id
 
 
-def _team(value):
+def team_arg(value):
     """
     :return: an end user's scope from a C{team_id} given in a body or query
         (L{None}: the default scope).
@@ -195,24 +214,24 @@ class KeyAPI:
     # -- keys --
 
     @app.route("/key/generate", methods=["POST"])
-    @_json_route
+    @json_route
     async def generate(self, request, principal):
         """
         Make a key; the answer is the only place the key is ever shown.
         """
         require_master(principal)
-        fields = validate_key_fields(_body(request), allowed=GENERATE_FIELDS)
+        fields = validate_key_fields(json_body(request), allowed=GENERATE_FIELDS)
         key, record = await self._store.create_key(fields)
         log.info("Key {token}... generated (alias {alias!r})", token=record.token[:12], alias=record.key_alias)
         return record.to_api(key=key)
 
     @app.route("/key/info", methods=["GET"])
-    @_json_route
+    @json_route
     async def info(self, request, principal):
         """
         Describe a key: any key for the master key, its own for a virtual key.
         """
-        given = _query(request, "key")
+        given = query_arg(request, "key")
         if given is None:
             if principal.is_master:
                 raise bad_request("key is required.", "key")
@@ -227,41 +246,41 @@ class KeyAPI:
         return {"key": token, "info": record.to_api()}
 
     @app.route("/key/update", methods=["POST"])
-    @_json_route
+    @json_route
     async def update(self, request, principal):
         """
         Change some fields of a key.
         """
         require_master(principal)
-        fields = validate_key_fields(_body(request), allowed=UPDATE_FIELDS)
+        fields = validate_key_fields(json_body(request), allowed=UPDATE_FIELDS)
         token = fields.pop("key")
         record = await self._store.update_key(token, fields)
         log.info("Key {token}... updated ({fields})", token=token[:12], fields=", ".join(sorted(fields)))
         return record.to_api()
 
     @app.route("/key/delete", methods=["POST"])
-    @_json_route
+    @json_route
     async def delete(self, request, principal):
         """
         Delete keys named by key/hash (C{keys}) or by alias (C{key_aliases}).
         """
         require_master(principal)
-        body = _body(request)
-        _only(body, ("keys", "key_aliases"))
+        body = json_body(request)
+        only_fields(body, ("keys", "key_aliases"))
         if ("keys" in body) == ("key_aliases" in body):
             raise bad_request("Give keys or key_aliases (a list).", "keys")
         if "keys" in body:
-            tokens = [token_of(k, "keys") for k in _names(body, "keys")]
+            tokens = [token_of(k, "keys") for k in name_list(body, "keys")]
             deleted = await self._store.delete_keys(tokens)
         else:
-            deleted = await self._store.delete_keys_by_alias(_names(body, "key_aliases"))
+            deleted = await self._store.delete_keys_by_alias(name_list(body, "key_aliases"))
         if not deleted:
             raise not_found("Key")
         log.info("Deleted {n} key(s): {tokens}", n=len(deleted), tokens=", ".join(t[:12] + "..." for t in deleted))
         return {"deleted_keys": deleted}
 
     @app.route("/key/list", methods=["GET"])
-    @_json_route
+    @json_route
     async def list_keys(self, request, principal):
         """
         Page through keys, newest first: tokens, or whole records with
@@ -270,7 +289,7 @@ class KeyAPI:
         require_master(principal)
         page = _query_int(request, "page", 1)
         size = _query_int(request, "size", 10)
-        full = (_query(request, "return_full_object") or "false").lower()
+        full = (query_arg(request, "return_full_object") or "false").lower()
         if full not in ("true", "false"):
             raise bad_request("return_full_object must be true or false.", "return_full_object")
         if size > MAX_PAGE_SIZE:
@@ -278,9 +297,9 @@ class KeyAPI:
         records, total = await self._store.list_keys(
             page=page,
             size=size,
-            user_id=_query(request, "user_id"),
-            team_id=_query(request, "team_id"),
-            key_alias=_query(request, "key_alias"),
+            user_id=query_arg(request, "user_id"),
+            team_id=query_arg(request, "team_id"),
+            key_alias=query_arg(request, "key_alias"),
         )
         return {
             "keys": [r.to_api() if full == "true" else r.token for r in records],
@@ -290,7 +309,7 @@ class KeyAPI:
         }
 
     @app.route("/key/regenerate", methods=["POST"])
-    @_json_route
+    @json_route
     async def regenerate(self, request, principal):
         """
         Give a key a new secret (shown once); the old one stops working.
@@ -302,7 +321,7 @@ class KeyAPI:
         return record.to_api(key=key)
 
     @app.route("/key/block", methods=["POST"])
-    @_json_route
+    @json_route
     async def block(self, request, principal):
         """
         Block a key: it gets 401 until unblocked.
@@ -313,7 +332,7 @@ class KeyAPI:
         return record.to_api()
 
     @app.route("/key/unblock", methods=["POST"])
-    @_json_route
+    @json_route
     async def unblock(self, request, principal):
         """
         Unblock a key.
@@ -324,8 +343,8 @@ class KeyAPI:
         return record.to_api()
 
     def _key_only(self, request) -> str:
-        body = _body(request)
-        _only(body, ("key",))
+        body = json_body(request)
+        only_fields(body, ("key",))
         if body.get("key") is None:
             raise bad_request("key is required.", "key")
         return token_of(body["key"])
@@ -333,75 +352,75 @@ class KeyAPI:
     # -- end users --
 
     @app.route("/end_user/new", methods=["POST"])
-    @_json_route
+    @json_route
     async def end_user_new(self, request, principal):
         """
         Make an end user (400 if it exists).
         """
         require_master(principal)
-        fields = validate_end_user_fields(_body(request))
+        fields = validate_end_user_fields(json_body(request))
         record = await self._store.new_end_user(fields, fields.pop("team_id", None))
         return record.to_api()
 
     @app.route("/end_user/info", methods=["GET"])
-    @_json_route
+    @json_route
     async def end_user_info(self, request, principal):
         """
         Describe an end user (of team C{team_id}, or of the default scope).
         """
         require_master(principal)
-        user_id = _query(request, "end_user_id")
+        user_id = query_arg(request, "end_user_id")
         if not user_id:
             raise bad_request("end_user_id is required.", "end_user_id")
-        record = await self._store.get_end_user(user_id, _team(_query(request, "team_id")))
+        record = await self._store.get_end_user(user_id, team_arg(query_arg(request, "team_id")))
         if record is None:
             raise not_found("End user")
         return record.to_api()
 
     @app.route("/end_user/update", methods=["POST"])
-    @_json_route
+    @json_route
     async def end_user_update(self, request, principal):
         """
         Change some fields of an end user.
         """
         require_master(principal)
-        fields = validate_end_user_fields(_body(request))
+        fields = validate_end_user_fields(json_body(request))
         team_id = fields.pop("team_id", None)
         record = await self._store.update_end_user(fields.pop("user_id"), fields, team_id)
         return record.to_api()
 
     @app.route("/end_user/block", methods=["POST"])
-    @_json_route
+    @json_route
     async def end_user_block(self, request, principal):
         """
         Block end users (creating unknown ones blocked).
         """
         require_master(principal)
-        user_ids, team_id = _user_ids(_body(request))
+        user_ids, team_id = _user_ids(json_body(request))
         for user_id in user_ids:
             await self._store.block_end_user(user_id, team_id)
         return {"blocked_users": user_ids}
 
     @app.route("/end_user/unblock", methods=["POST"])
-    @_json_route
+    @json_route
     async def end_user_unblock(self, request, principal):
         """
         Unblock end users (404 if one is unknown).
         """
         require_master(principal)
-        user_ids, team_id = _user_ids(_body(request))
+        user_ids, team_id = _user_ids(json_body(request))
         for user_id in user_ids:
             await self._store.unblock_end_user(user_id, team_id)
         return {"unblocked_users": user_ids}
 
     @app.route("/end_user/delete", methods=["POST"])
-    @_json_route
+    @json_route
     async def end_user_delete(self, request, principal):
         """
         Delete end users (404 if none existed).
         """
         require_master(principal)
-        user_ids, team_id = _user_ids(_body(request))
+        user_ids, team_id = _user_ids(json_body(request))
         deleted = [u for u in user_ids if await self._store.delete_end_user(u, team_id)]
         if not deleted:
             raise not_found("End user")
@@ -414,14 +433,11 @@ class KeyAPI:
         """
         Unknown paths get a JSON 404.
         """
-        request.setHeader(b"content-type", b"application/json")
-        return _error(request, ProxyError(404, "Not found.", type="not_found_error", code="404"))
+        return not_found_answer(request, failure)
 
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request, failure):
         """
         A known path with the wrong method gets a JSON 405.
         """
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"allow", ", ".join(failure.value.valid_methods or ()).encode("ascii"))
-        return _error(request, ProxyError(405, "Method not allowed.", type="invalid_request_error", code="405"))
+        return method_not_allowed_answer(request, failure)

@@ -4,7 +4,10 @@ The in-process cache of key records, kept consistent over pub/sub.
 L{CachedKeyStore} wraps an L{IKeyStore} (in the proxy, a
 L{dheera_tx.keys.store.RedisKeyStore}) and caches its C{get_key} answers.
 It subscribes to the store's invalidation channel and drops what each
-message names (C{*} drops everything); while the subscription is down the
+message names: a key's token drops that key, a team's hash name
+(C{team:<team>}) every cached key of that team (a cached record carries its
+team's record, L{dheera_tx.keys.records.KeyRecord.team}), C{*}
+everything; while the subscription is down the
 cache is emptied and bypassed.  Every other method passes through to the
 store; one that changes or removes a key also drops that key's entry.
 """
@@ -15,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dheera_tx.accounting.end_users import team_of_name
 from dheera_tx.keys.store import IKeyStore
 
 
@@ -24,8 +28,9 @@ class CachedKeyStore:
     An L{IKeyStore} that caches L{get_key} answers in this process.
 
     Consistency: every mutation, by any process, is published on the
-    store's invalidation channel, and this cache drops what it names (C{*}
-    drops everything), so a revoked key stops working everywhere within
+    store's invalidation channel, and this cache drops what it names (a
+    team's name drops the team's keys, C{*} everything), so a revoked key
+    stops working, and a team's new priority applies, everywhere within
     moments.  While the subscription is down (a Redis outage, or a
     subscriber connection that stopped answering its heartbeat) the cache is
     emptied and bypassed: a revocation published meanwhile cannot be missed.
@@ -86,7 +91,18 @@ class CachedKeyStore:
             self._cache.pop(token, None)
 
     def _invalidate(self, message: str):
-        self._forget(None if message == "*" else message)
+        if message == "*":
+            self._forget()
+            return
+        team_id = team_of_name(message)
+        if team_id is None:
+            self._forget(message)
+            return
+        # Team changes are rare; a scan of the cache beats an index kept up
+        # on every miss.
+        self._generation += 1
+        for token in [t for t, (record, _) in self._cache.items() if record.team_id == team_id]:
+            del self._cache[token]
 
     def _subscription_state(self, active: bool):
         # Whether going down or coming back: messages may have been missed.

@@ -1,7 +1,11 @@
 """
-The fields of key and end-user API bodies: each is checked and normalized
-before anything is stored, and turned into L{KeyRecord} and
-L{EndUserRecord} attribute changes.
+The fields of key, team and end-user API bodies: each is checked and
+normalized before anything is stored, and turned into L{KeyRecord},
+L{TeamRecord} and L{EndUserRecord} attribute changes.  A team's fields are
+checked by the same checks as a key's fields of the same name.
+
+C{priority} and C{weight} given as C{null} mean I{not set}: a key then
+inherits its team's, a team leaves its keys at the defaults (0 and 1).
 """
 
 import json
@@ -13,11 +17,15 @@ from dheera_tx.keys.records import MAX_LIST_LENGTH, MAX_NAME_LENGTH, parse_durat
 __all__ = [
     "validate_key_fields",
     "validate_end_user_fields",
+    "validate_team_fields",
     "key_changes",
+    "team_changes",
     "end_user_changes",
     "GENERATE_FIELDS",
     "UPDATE_FIELDS",
     "END_USER_FIELDS",
+    "TEAM_NEW_FIELDS",
+    "TEAM_UPDATE_FIELDS",
 ]
 
 
@@ -62,9 +70,10 @@ def _count(value, field):
 
 
 def _priority(value, field):
-    # vLLM's priority field: any integer, lower is served first.
+    # vLLM's priority field: any integer, lower is served first.  None is
+    # "not set" (inherited from the team, else 0), not 0 itself.
     if value is None:
-        return 0
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**31:
         raise bad_request(f"{field} must be a whole number (lower is served first), or null.", field)
     return value
@@ -72,7 +81,7 @@ def _priority(value, field):
 
 def _weight(value, field):
     if value is None:
-        return 1.0
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.001 <= value <= 1000:
         raise bad_request(f"{field} must be a number from 0.001 to 1000, or null.", field)
     return float(value)
@@ -127,16 +136,21 @@ _CHECKS = {
     "max_parallel_requests": _count,
     "user_id": _name,
     "team_id": _name,
+    "team_alias": _name,
     "priority": _priority,
     "weight": _weight,
     "metadata": _metadata,
     "blocked": _flag,
 }
 
+#: The fields of a /team/new body (C{team_id} optional: one is made up).
+TEAM_NEW_FIELDS = frozenset({"team_id", "team_alias", "priority", "weight", "metadata"})
+#: The fields of a /team/update body (C{team_id} is required).
+TEAM_UPDATE_FIELDS = TEAM_NEW_FIELDS
 #: The fields of a /key/generate body.
-GENERATE_FIELDS = frozenset(_CHECKS) - {"key"}
+GENERATE_FIELDS = frozenset(_CHECKS) - {"key", "team_alias"}
 #: The fields of a /key/update body (C{key} is required).
-UPDATE_FIELDS = frozenset(_CHECKS)
+UPDATE_FIELDS = GENERATE_FIELDS | {"key"}
 #: The fields of /end_user/new and /end_user/update bodies.
 #: C{team_id} names the end user's scope (the team of the keys it is the end
 #: user of); without it, the default scope of keys without a team.
@@ -178,6 +192,29 @@ def validate_end_user_fields(body: object, *, allowed=END_USER_FIELDS) -> dict:
     :raise ProxyError: 400, as L{validate_key_fields}.
     """
     return _validate(body, allowed, required=("user_id",))
+
+
+def validate_team_fields(body: object, *, allowed=TEAM_NEW_FIELDS, required=()) -> dict:
+    """
+    Check the fields of a /team/new or /team/update body.
+
+    :param allowed: the field names this route takes.
+    :param required: the fields that must be given (and not null):
+        C{("team_id",)} for /team/update.
+    :raise ProxyError: 400, as L{validate_key_fields}.
+    """
+    return _validate(body, allowed, required=required)
+
+
+def team_changes(fields: dict) -> dict:
+    """
+    Turn validated team fields into L{TeamRecord} attribute values.
+
+    :param fields: the result of L{validate_team_fields} (C{team_id}
+        ignored).
+    :return: attribute name -> new value (L{None} clears).
+    """
+    return {name: fields[name] for name in ("team_alias", "priority", "weight", "metadata") if name in fields}
 
 
 def _window(fields: dict, now: float) -> dict:

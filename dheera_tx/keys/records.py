@@ -11,6 +11,13 @@ token is the hash's name, not a field).  Values are text: numbers in
 decimal, C{models}, C{allowed_routes} and C{metadata} as JSON, C{blocked}
 as C{0}/C{1}, times as epoch seconds.  A field that is L{None} is absent.
 C{spend_nanos} is an integer so that Lua scripts can C{HINCRBY} it.
+
+A team (L{TeamRecord}) is a hash of its own, and a key names its team by
+C{team_id}.  A key's C{priority} and C{weight} are L{None} until set: then
+the key inherits its team's (L{KeyRecord.flow_priority},
+L{KeyRecord.flow_weight}), else 0 and 1.  The team rides along in a loaded
+key record (L{KeyRecord.team}, not a hash field) so that a call needs no
+lookup of its own for it.
 """
 
 import json
@@ -31,6 +38,7 @@ __all__ = [
     "token_of",
     "parse_duration",
     "KeyRecord",
+    "TeamRecord",
     "EndUserRecord",
 ]
 
@@ -122,6 +130,75 @@ def _without_none(fields: Dict[str, Optional[str]]) -> Dict[str, str]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+#: The queue priority and weight of a call whose key and team set none.
+DEFAULT_PRIORITY = 0
+DEFAULT_WEIGHT = 1.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TeamRecord:
+    """
+    A team: the keys whose C{team_id} names it share its queue priority and
+    weight where they set none of their own.  A key may name a team that has
+    no record; it then has none to inherit.
+
+    :ivar team_id: the team's id (from the hash's name, not a field).
+    :ivar priority: the gateway queue priority of the team's keys (lower
+        first), or L{None}.
+    :ivar weight: their fair-share weight, or L{None}.
+    """
+
+    team_id: str
+    team_alias: Optional[str] = None
+    priority: Optional[int] = None
+    weight: Optional[float] = None
+    metadata: dict = attr.ib(factory=dict, hash=False)
+    created_at: float = 0.0
+
+    def to_redis_hash(self) -> Dict[str, str]:
+        """
+        :return: the fields of this team's Redis hash (L{None} fields left
+            out).
+        """
+        return _without_none(
+            {
+                "team_alias": self.team_alias,
+                "priority": _int(self.priority),
+                "weight": _num(self.weight),
+                "metadata": json.dumps(self.metadata, sort_keys=True),
+                "created_at": _num(self.created_at),
+            }
+        )
+
+    @classmethod
+    def from_redis_hash(cls, team_id: str, mapping: Mapping[str, str]) -> "TeamRecord":
+        """
+        :param team_id: the team's id (from the hash's name).
+        :param mapping: the hash's fields, as C{HGETALL} returns them.
+        """
+        return cls(
+            team_id=team_id,
+            team_alias=mapping.get("team_alias") or None,
+            priority=_opt_int(mapping, "priority"),
+            weight=_opt_float(mapping, "weight"),
+            metadata=_json(mapping, "metadata", {}),
+            created_at=_opt_float(mapping, "created_at") or 0.0,
+        )
+
+    def to_api(self) -> dict:
+        """
+        :return: the JSON answer describing this team.
+        """
+        return {
+            "team_id": self.team_id,
+            "team_alias": self.team_alias,
+            "priority": self.priority,
+            "weight": self.weight,
+            "metadata": self.metadata,
+            "created_at": iso_time(self.created_at),
+        }
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class KeyRecord:
     """
@@ -134,8 +211,15 @@ class KeyRecord:
         window if set), or L{None} for no limit.
     :ivar budget_reset_at: epoch seconds when the budget window resets.
     :ivar expires: epoch seconds after which the key is refused, or L{None}.
+    :ivar priority: the key's own gateway queue priority (lower first),
+        or L{None} to inherit (L{flow_priority}).
+    :ivar weight: the key's own fair-share weight, or L{None} to inherit
+        (L{flow_weight}).
     :ivar spend_nanos: spend in nano-USD.  In a cached record this is
         stale: budget checks read Redis.
+    :ivar team: the record of the team C{team_id} names, when it has one
+        and the record was loaded with the key (not stored in the key's
+        hash).
     """
 
     token: str
@@ -150,13 +234,14 @@ class KeyRecord:
     max_parallel_requests: Optional[int] = None
     user_id: Optional[str] = None
     team_id: Optional[str] = None
-    priority: int = 0
-    weight: float = 1.0
+    priority: Optional[int] = None
+    weight: Optional[float] = None
     metadata: dict = attr.ib(factory=dict, hash=False)
     blocked: bool = False
     expires: Optional[float] = None
     created_at: float = 0.0
     spend_nanos: int = 0
+    team: Optional[TeamRecord] = attr.ib(default=None, hash=False)
 
     @property
     def spend(self) -> float:
@@ -164,6 +249,35 @@ class KeyRecord:
         Spend in USD.
         """
         return nanos_to_usd(self.spend_nanos)
+
+    @property
+    def flow_priority(self) -> int:
+        """
+        The priority the key's calls get in the gateway queue (and as vLLM's
+        C{priority} where a deployment forwards it): the key's own when set,
+        else its team's, else 0.  A key's own value wins over its team's:
+        the master key sets both, so a key set apart inside its team is
+        meant.
+        """
+        if self.priority is not None:
+            return self.priority
+        team = self.team
+        if team is not None and team.priority is not None:
+            return team.priority
+        return DEFAULT_PRIORITY
+
+    @property
+    def flow_weight(self) -> float:
+        """
+        The key's fair-share weight: its own when set, else its team's,
+        else 1.
+        """
+        if self.weight is not None:
+            return self.weight
+        team = self.team
+        if team is not None and team.weight is not None:
+            return team.weight
+        return DEFAULT_WEIGHT
 
     def to_redis_hash(self) -> Dict[str, str]:
         """
@@ -183,8 +297,8 @@ class KeyRecord:
                 "max_parallel_requests": _int(self.max_parallel_requests),
                 "user_id": self.user_id,
                 "team_id": self.team_id,
-                "priority": None if self.priority == 0 else str(int(self.priority)),
-                "weight": None if self.weight == 1.0 else repr(float(self.weight)),
+                "priority": _int(self.priority),
+                "weight": _num(self.weight),
                 "metadata": json.dumps(self.metadata, sort_keys=True),
                 "blocked": "1" if self.blocked else "0",
                 "expires": _num(self.expires),
@@ -212,8 +326,8 @@ class KeyRecord:
             max_parallel_requests=_opt_int(mapping, "max_parallel_requests"),
             user_id=mapping.get("user_id") or None,
             team_id=mapping.get("team_id") or None,
-            priority=_opt_int(mapping, "priority") or 0,
-            weight=_opt_float(mapping, "weight") or 1.0,
+            priority=_opt_int(mapping, "priority"),
+            weight=_opt_float(mapping, "weight"),
             metadata=_json(mapping, "metadata", {}),
             blocked=mapping.get("blocked") == "1",
             expires=_opt_float(mapping, "expires"),
@@ -340,12 +454,12 @@ def redis_fields(record_class, changes: dict) -> Tuple[Dict[str, str], Tuple[str
     """
     Encode attribute changes as Redis hash fields to set and to delete.
 
-    :param record_class: L{KeyRecord} or L{EndUserRecord}.
+    :param record_class: L{KeyRecord}, L{TeamRecord} or L{EndUserRecord}.
     :param changes: attribute name -> value, as from L{key_changes}.
     :return: C{(fields to set, fields to delete)}.
     """
-    placeholder = "" if record_class is EndUserRecord else "0" * 64
-    first = "user_id" if record_class is EndUserRecord else "token"
+    placeholder = "0" * 64 if record_class is KeyRecord else ""
+    first = {KeyRecord: "token", TeamRecord: "team_id", EndUserRecord: "user_id"}[record_class]
     encoded = record_class(**{first: placeholder, **changes}).to_redis_hash()
     set_fields = {name: encoded[name] for name in changes if name in encoded}
     deleted = tuple(name for name in changes if name not in encoded)

@@ -11,10 +11,16 @@ Redis::
     <prefix>end_user:<id>      hash    one end user of the default scope
     <prefix>team:<team>:end_user:<id>  hash  one end user of a team
                                        (see L{dheera_tx.accounting.end_users.end_user_name})
+    <prefix>team:<team>        hash    a team's record (L{dheera_tx.keys.team_store})
+    <prefix>teams              zset    every team id, scored by created_at
 
-Every change to an existing key or end user is also published on
-C{<prefix>invalidate}: the key's sha256, or the end user's hash name
-without the prefix (a new key
+L{RedisKeyStore.get_key} reads a key and the record of the team it names
+in one script (one round trip), so that the key's cached record carries
+what it inherits from its team.
+
+Every change to an existing key, team or end user is also published on
+C{<prefix>invalidate}: the key's sha256, or the team's or end user's hash
+name without the prefix (a new key
 needs no announcement: nothing caches unknown keys).
 L{dheera_tx.keys.cache.CachedKeyStore} listens there to keep an
 in-process cache of key records consistent; an operator who edits a hash
@@ -31,13 +37,14 @@ L{tests.memory_key_store.MemoryKeyStore} has the same interface
 import time
 from typing import Callable, List
 
+import attr
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from dheera_tx.accounting.end_users import end_user_name
 from dheera_tx.errors import ProxyError, bad_request
 from dheera_tx.keys.fields import end_user_changes, key_changes
-from dheera_tx.keys.records import EndUserRecord, KeyRecord, generate_key, hash_key, redis_fields
+from dheera_tx.keys.records import EndUserRecord, KeyRecord, TeamRecord, generate_key, hash_key, redis_fields
 
 MAX_PAGE_SIZE = 100
 # Far beyond any real list, and small enough that Redis's 64-bit offsets hold.
@@ -159,6 +166,19 @@ class IKeyStore(Interface):
         :return: whether it existed.
         """
 
+
+# KEYS: key hash.  ARGV: prefix.  The team's hash name is computed here (as
+# dheera_tx.accounting.end_users.team_name does) so that a key and its team
+# take one round trip.
+_GET_KEY = """
+local key = redis.call('HGETALL', KEYS[1])
+local team = {}
+local team_id = redis.call('HGET', KEYS[1], 'team_id')
+if team_id then
+  team = redis.call('HGETALL', ARGV[1] .. 'team:' .. team_id:gsub('%%', '%%25'):gsub(':', '%%3A'))
+end
+return {key, team}
+"""
 
 _CREATE_KEY = """
 local prefix, token, alias = ARGV[1], ARGV[3], ARGV[5]
@@ -335,8 +355,14 @@ class RedisKeyStore:
             # "token_taken": 256 bits of chance said no; draw again.
 
     async def get_key(self, token):
-        mapping = _pairs(await self._redis.execute("HGETALL", self.key_name(token)))
-        return KeyRecord.from_redis_hash(token, mapping) if _is_key(mapping) else None
+        key, team = await self._redis.eval(_GET_KEY, [self.key_name(token)], [self.prefix])
+        mapping = _pairs(key)
+        if not _is_key(mapping):
+            return None
+        record = KeyRecord.from_redis_hash(token, mapping)
+        if team and record.team_id is not None:
+            record = attr.evolve(record, team=TeamRecord.from_redis_hash(record.team_id, _pairs(team)))
+        return record
 
     async def update_key(self, token, fields):
         changes = key_changes(fields, self._now())

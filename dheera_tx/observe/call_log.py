@@ -88,6 +88,7 @@ def call_record(call: Call) -> Dict[str, Any]:
         "api_base": scrub(call.api_base),
         "routing_reason": call.routing_reason,
         "queued_ms": round(call.queued_ms, 3),
+        "attempts": int(call.attempts),
         "status": call.status,
         "stream": bool(call.stream),
         "key_hash_prefix": call.key_hash_prefix,

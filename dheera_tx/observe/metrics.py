@@ -32,9 +32,12 @@ Exported (counters carry the C{_total} suffix)::
     dheera_deployment_prefix_cache_queries{model,deployment}, ..._hits   vLLM's counters, as last read
     dheera_deployment_load_sample_age_seconds{model,deployment}
     dheera_log_records_dropped_total{sink}              read from the log sinks at scrape time
-    dheera_queue_depth{model,priority}                  calls waiting in the gateway queue, read at scrape time
+    dheera_queue_depth{model,priority}                  calls waiting in the gateway queue (every worker's)
     dheera_queue_wait_seconds{model,priority}           histogram: time queued calls waited before they went
-    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica
+    dheera_queue_shed_total{model,reason}               reason: queue_full, queue_timeout, no_healthy_replica,
+                                                        replicas_asleep
+    dheera_upstream_retries_total{model,reason}         calls sent again to another replica; reason: unreachable,
+                                                        max_num_queued_reqs, max_num_queued_tokens (vLLM's refusals)
 
 Multiprocess mode (C{--workers N}): the worker parent sets
 C{PROMETHEUS_MULTIPROC_DIR} for every worker, so prometheus_client keeps
@@ -42,8 +45,9 @@ counters and histograms in shared mmap files; L{render} then aggregates
 every worker's files (C{MultiProcessCollector}), whichever worker a scrape
 reaches.  The in-flight gauges are C{livesum} gauges that each worker
 refreshes every second (L{ProxyMetrics.refresh}); the parent marks a dead
-worker's gauges gone.  Deployment health and sink drops are read from the
-worker that answers the scrape.
+worker's gauges gone; so is C{dheera_queue_depth} (each worker's queue,
+summed).  Deployment health and sink drops are read from the worker that
+answers the scrape.
 """
 
 import os
@@ -200,6 +204,10 @@ class ProxyMetrics:
         self.queue_shed = Counter(
             "dheera_queue_shed", "Calls shed by flow control, by reason.", ["model", "reason"], registry=registry
         )
+        self.upstream_retries = Counter(
+            "dheera_upstream_retries", "Calls sent again to another replica, by why the first could not take them.",
+            ["model", "reason"], registry=registry,
+        )
         self._queue_depths: Optional[Callable[[], dict]] = None
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.in_flight_requests = Gauge(
@@ -208,6 +216,15 @@ class ProxyMetrics:
         self.in_flight_streams = Gauge(
             "dheera_in_flight_streams", "Streamed answers being relayed.", registry=registry, multiprocess_mode="livesum"
         )
+        # Multiprocess mode: each worker's queue depths, summed over live
+        # workers (copied by refresh()); else read at scrape time.
+        self.queue_depth: Optional[Gauge] = None
+        if self.multiprocess_dir:
+            self.queue_depth = Gauge(
+                "dheera_queue_depth", "Calls waiting in the gateway queue.", ["model", "priority"], registry=registry,
+                multiprocess_mode="livesum",
+            )
+        self._depth_labels: set = set()
         registry.register(_LiveCollector(self))
 
     # -- what the data plane reports -----------------------------------------
@@ -282,6 +299,14 @@ class ProxyMetrics:
         """
         self.queue_shed.labels(self.model_label(model_name), reason).inc()
 
+    def count_retry(self, model_name: Optional[str], reason: str) -> None:
+        """
+        Count a call sent again to another replica: C{reason} is
+        C{unreachable} or vLLM's refusal reason (C{max_num_queued_reqs},
+        C{max_num_queued_tokens}).
+        """
+        self.upstream_retries.labels(self.model_label(model_name), reason).inc()
+
     def read_queue(self, depths: Callable[[], dict]) -> None:
         """
         :param depths: returns the calls waiting by C{(model_name, priority)}.
@@ -327,6 +352,16 @@ class ProxyMetrics:
             self.in_flight_requests.set(max(0, requests()))
         if streams is not None:
             self.in_flight_streams.set(max(0, streams()))
+        if self._queue_depths is not None and self.queue_depth is not None:
+            labels = set()
+            for (model_name, priority), count in self._queue_depths().items():
+                label = (self.model_label(model_name), priority_label(priority))
+                labels.add(label)
+                self.queue_depth.labels(*label).set(count)
+            # A queue that emptied reads 0 (its series stays, like a counter's).
+            for label in self._depth_labels - labels:
+                self.queue_depth.labels(*label).set(0)
+            self._depth_labels |= labels
 
     def add_sinks(self, sinks: Iterable) -> None:
         """
@@ -420,7 +455,7 @@ class _LiveCollector:
             yield in_flight
             yield from scraped.values()
             yield age
-        if metrics._queue_depths is not None:
+        if metrics._queue_depths is not None and not metrics.multiprocess_dir:
             depth = GaugeMetricFamily(
                 "dheera_queue_depth", "Calls waiting in the gateway queue.", labels=["model", "priority"]
             )

@@ -15,13 +15,14 @@ The same script passes on the key placements the router queued
 and reads the other processes' placements since the last sync.
 
 Redis keys (under the configured prefix): C{routing:procs}, a sorted set of
-process ids by last write; C{routing:inflight:<id>}, one hash per process,
+process ids (C{<host>:<pid>:<random>}) by last write; C{routing:inflight:<id>}, one hash per process,
 deployment id to calls in flight; C{routing:homes}, a sorted set of recent
 placements (C{<key>|<deployment id>|<process id>}) by time, kept for 3 sync
 periods (long enough for every live process to read them once).
 """
 
 import os
+import socket
 from typing import Callable, Dict, Optional
 
 from twisted.internet.defer import Deferred
@@ -101,7 +102,8 @@ class SharedInFlight:
         self._placements = f"{prefix}routing:homes"
         self._procs = f"{prefix}routing:procs"
         self._hash_prefix = f"{prefix}routing:inflight:"
-        self.process_id = os.urandom(8).hex()
+        # Host and pid first: who holds what shows in redis-cli.
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._interval = interval
         self._local = local
         self._now = now

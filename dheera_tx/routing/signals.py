@@ -13,8 +13,17 @@ C{vllm/v1/metrics/loggers.py}): C{vllm:num_requests_running},
 C{vllm:num_requests_waiting}, C{vllm:kv_cache_usage_perc} (or the older
 C{vllm:gpu_cache_usage_perc}), C{vllm:prefix_cache_queries_total} and
 C{vllm:prefix_cache_hits_total} (or the older C{vllm:gpu_prefix_cache_*}),
-C{vllm:cache_config_info} and C{vllm:lora_requests_info}.  Samples of
-several engines (data parallel) are summed, KV-cache use averaged.
+C{vllm:cache_config_info}, C{vllm:lora_requests_info} and
+C{vllm:engine_sleep_state}.  Samples of several engines (data parallel) are
+summed, KV-cache use averaged; a server is asleep when none of its engines
+reports C{sleep_state="awake"} as 1.
+
+C{vllm:lora_requests_info} is a gauge whose I{labels} carry the state
+(C{max_lora}, C{running_lora_adapters}, C{waiting_lora_adapters}, adapter
+names joined by commas) and whose I{value} is the time it was last set
+(C{set_to_current_time()}); every label combination ever set stays in the
+answer, so the current state is the series with the largest value, wherever
+it sits among the others.
 
 L{estimated_load} combines a sample with what this process did since it was
 taken; a sample older than L{STALE_INTERVALS} intervals is stale and the
@@ -25,7 +34,7 @@ flow control's thresholds plug in.
 
 import math
 import re
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, Optional, Tuple
 
 import attr
 import treq
@@ -52,8 +61,11 @@ OLD_PREFIX_QUERIES = b"vllm:gpu_prefix_cache_queries_total"
 OLD_PREFIX_HITS = b"vllm:gpu_prefix_cache_hits_total"
 CACHE_CONFIG = b"vllm:cache_config_info"
 LORA_INFO = b"vllm:lora_requests_info"
+SLEEP_STATE = b"vllm:engine_sleep_state"
 _WANTED = frozenset([RUNNING, WAITING, KV_USAGE, OLD_KV_USAGE, PREFIX_QUERIES, PREFIX_HITS, OLD_PREFIX_QUERIES,
-                     OLD_PREFIX_HITS, CACHE_CONFIG, LORA_INFO])
+                     OLD_PREFIX_HITS, CACHE_CONFIG, LORA_INFO, SLEEP_STATE])
+#: The most adapter names kept from one label (vLLM joins them all).
+MAX_ADAPTER_NAMES = 256
 _LABEL = re.compile(rb'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 
 
@@ -74,6 +86,14 @@ class LoadSample:
     :ivar prefix_hits: of which found in the cache.
     :ivar block_size: the KV block size in tokens (C{cache_config_info}).
     :ivar running_loras: the LoRA adapters running now, comma-separated.
+    :ivar waiting_loras: the LoRA adapters of requests waiting now,
+        comma-separated.
+    :ivar max_lora: how many adapters vLLM can run at once (its
+        C{--max-loras}: the adapter slots), or L{None} when LoRA is off.
+    :ivar adapters: the adapters running or waiting, as a set.
+    :ivar running_adapters: the adapters running, as a set.
+    :ivar asleep: whether C{vllm:engine_sleep_state} says the server is
+        asleep; L{None} when the server does not export it.
     :ivar in_flight_at_sample: this process's calls in flight to the
         deployment when the answer arrived.
     """
@@ -87,6 +107,11 @@ class LoadSample:
     block_size: Optional[int] = None
     running_loras: Optional[str] = None
     in_flight_at_sample: int = 0
+    waiting_loras: Optional[str] = None
+    max_lora: Optional[int] = None
+    adapters: FrozenSet[str] = frozenset()
+    running_adapters: FrozenSet[str] = frozenset()
+    asleep: Optional[bool] = None
 
     def shown(self, now: float) -> dict:
         """
@@ -101,6 +126,9 @@ class LoadSample:
             "prefix_cache_hits": self.prefix_hits,
             "block_size": self.block_size,
             "running_lora_adapters": self.running_loras,
+            "waiting_lora_adapters": self.waiting_loras,
+            "max_lora": self.max_lora,
+            "asleep": self.asleep,
         }
 
 
@@ -157,7 +185,8 @@ def parse_metrics(body: bytes, taken_at: float, in_flight: int = 0) -> LoadSampl
     sums: Dict[bytes, float] = {}
     kv: Dict[bytes, list] = {}
     block_size = None
-    loras: Optional[Tuple[float, str]] = None
+    loras: Optional[Tuple[float, Dict[bytes, bytes]]] = None
+    awake: Optional[bool] = None
     try:
         for name, labels, value in _samples(body):
             if name in (KV_USAGE, OLD_KV_USAGE):
@@ -170,7 +199,10 @@ def parse_metrics(body: bytes, taken_at: float, in_flight: int = 0) -> LoadSampl
                 # One series per adapter set, set to the time it was seen:
                 # the newest is the current one.
                 if loras is None or value > loras[0]:
-                    loras = (value, labels.get(b"running_lora_adapters", b"").decode("utf-8", "replace")[:1024])
+                    loras = (value, labels)
+            elif name == SLEEP_STATE:
+                if labels.get(b"sleep_state") == b"awake":
+                    awake = bool(awake) or value >= 0.5
             else:
                 sums[name] = sums.get(name, 0.0) + value
     except MetricsUnreadable:
@@ -178,6 +210,15 @@ def parse_metrics(body: bytes, taken_at: float, in_flight: int = 0) -> LoadSampl
     if RUNNING not in sums or WAITING not in sums:
         raise MetricsUnreadable("no vllm:num_requests_running / vllm:num_requests_waiting")
     usage = kv.get(KV_USAGE) or kv.get(OLD_KV_USAGE)
+    running_loras = waiting_loras = None
+    max_lora = None
+    running_names: Tuple[str, ...] = ()
+    waiting_names: Tuple[str, ...] = ()
+    if loras is not None:
+        running_loras, running_names = _adapter_names(loras[1].get(b"running_lora_adapters", b""))
+        waiting_loras, waiting_names = _adapter_names(loras[1].get(b"waiting_lora_adapters", b""))
+        slots = loras[1].get(b"max_lora", b"")
+        max_lora = int(slots) if slots.isdigit() else None
     return LoadSample(
         taken_at=taken_at,
         running=max(0.0, sums[RUNNING]),
@@ -186,9 +227,23 @@ def parse_metrics(body: bytes, taken_at: float, in_flight: int = 0) -> LoadSampl
         prefix_queries=sums.get(PREFIX_QUERIES, sums.get(OLD_PREFIX_QUERIES)),
         prefix_hits=sums.get(PREFIX_HITS, sums.get(OLD_PREFIX_HITS)),
         block_size=block_size,
-        running_loras=loras[1] if loras is not None else None,
+        running_loras=running_loras,
         in_flight_at_sample=in_flight,
+        waiting_loras=waiting_loras,
+        max_lora=max_lora,
+        adapters=frozenset(running_names + waiting_names),
+        running_adapters=frozenset(running_names),
+        asleep=None if awake is None else not awake,
     )
+
+
+def _adapter_names(label: bytes) -> Tuple[str, Tuple[str, ...]]:
+    """
+    :return: an adapters label as text (bounded) and its names.
+    """
+    text = label.decode("utf-8", "replace")
+    names = tuple(name for name in text.split(",", MAX_ADAPTER_NAMES)[:MAX_ADAPTER_NAMES] if name)
+    return text[:1024], names
 
 
 def is_fresh(sample: Optional[LoadSample], now: float, interval: float) -> bool:
@@ -215,6 +270,25 @@ def estimated_load(sample: Optional[LoadSample], in_flight: int) -> float:
     return max(float(in_flight), sample.running + sample.waiting + in_flight - sample.in_flight_at_sample)
 
 
+def estimated_waiting(sample: LoadSample, in_flight: int, slots: float) -> float:
+    """
+    vLLM's waiting queue now, as far as this process can tell: the sample's
+    running and waiting requests, plus the calls this process started there
+    since the sample less those that ended, beyond the replica's sequence
+    slots.  Without it, every call sent between two samples would find the
+    replica as the last sample left it, and a burst would pass a waiting
+    limit many times over before the next sample showed it.
+
+    :param sample: a fresh sample.
+    :param in_flight: this process's calls in flight to the replica now.
+    :param slots: the most requests the replica was ever seen running (its
+        C{max_num_seqs}, once it has been full; until then a lower bound,
+        so that the estimate errs towards waiting).
+    """
+    started_since = in_flight - sample.in_flight_at_sample
+    return max(0.0, sample.running + sample.waiting + started_since - max(slots, sample.running))
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Saturation:
     """
@@ -227,15 +301,17 @@ class Saturation:
     max_kv_usage: Optional[float] = None
     max_in_flight: Optional[int] = None
 
-    def saturated(self, sample: Optional[LoadSample], in_flight: int) -> bool:
+    def saturated(self, sample: Optional[LoadSample], in_flight: int, waiting: Optional[float] = None) -> bool:
         """
         :param sample: a fresh sample, or L{None}.
+        :param waiting: the waiting queue now (L{estimated_waiting}), or
+            L{None} for the sample's.
         """
         if self.max_in_flight is not None and in_flight >= self.max_in_flight:
             return True
         if sample is None:
             return False
-        if self.max_waiting is not None and sample.waiting >= self.max_waiting:
+        if self.max_waiting is not None and (sample.waiting if waiting is None else waiting) >= self.max_waiting:
             return True
         return self.max_kv_usage is not None and sample.kv_usage is not None and sample.kv_usage >= self.max_kv_usage
 
@@ -243,10 +319,20 @@ class Saturation:
 def routed_deployments(config: ProxyConfig) -> list:
     """
     :return: the deployments whose load decides a choice: the replicas of
-        every model served by more than one (a lone deployment has no
-        alternative to be weighed against, and its server need not be vLLM).
+        every model served by more than one (whose in-flight counts are
+        shared between processes).
     """
     return [d for name in config.model_names for d in config.replicas(name) if len(config.replicas(name)) > 1]
+
+
+def scraped_deployments(config: ProxyConfig) -> list:
+    """
+    :return: the deployments whose C{/metrics} are scraped: every
+        configured one (flow control and sleep awareness need a lone
+        replica's signals too), but not the default upstream of
+        C{HOSTED_VLLM_API_BASE}, which need not be vLLM.
+    """
+    return list(config.deployments)
 
 
 class MetricsScraper:
@@ -269,7 +355,7 @@ class MetricsScraper:
         self._reactor = reactor
         self._interval = config.router.metrics_interval
         self.timeout = min(2.0, self._interval / 2.0)
-        self.deployments = routed_deployments(config)
+        self.deployments = scraped_deployments(config)
         self._on_sample = on_sample
         self._on_failure = on_failure
         self._pool = None
