@@ -237,6 +237,23 @@ class ProxyMetricsTests(SynchronousTestCase):
         s = self.scrape()
         self.assertEqual(sample(s, "dheera_deployment_healthy", model="chat", deployment="chat#1"), 1)
 
+    def test_saturation_and_sleep_per_deployment(self):
+        """
+        Flow control's saturation verdict and vLLM's sleep state are read
+        from the router at scrape time, per deployment, 0 or 1.
+        """
+        first, second, embed = self.config.deployments
+        busy = b"vllm:num_requests_running 8\nvllm:num_requests_waiting 6\n"
+        self.router.record_metrics(first, busy, self.clock.seconds())
+        asleep = b'vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:engine_sleep_state{engine="0",model_name="q",sleep_state="awake"} 0\n'
+        self.router.record_metrics(embed, asleep, self.clock.seconds())
+        s = self.scrape()
+        key = lambda name, model, deployment: (name, frozenset({"model": model, "deployment": deployment}.items()))  # noqa: E731
+        self.assertEqual(s[key("dheera_deployment_saturated", "chat", "chat#0")], 1)
+        self.assertEqual(s[key("dheera_deployment_saturated", "chat", "chat#1")], 0)
+        self.assertEqual(s[key("dheera_deployment_asleep", "embed", "embed#2")], 1)
+        self.assertEqual(s[key("dheera_deployment_asleep", "chat", "chat#0")], 0)
+
     def test_routing_signals_and_decisions(self):
         """
         A deployment's last scraped sample is exported with its age (none

@@ -24,6 +24,8 @@ Exported (counters carry the C{_total} suffix)::
     dheera_deployment_healthy{model,deployment}         read from the router at scrape time
     dheera_deployment_cooling_down{model,deployment}
     dheera_deployment_in_flight{model,deployment}
+    dheera_deployment_saturated{model,deployment}       flow control's verdict (routing/router.py)
+    dheera_deployment_asleep{model,deployment}          vLLM's sleep mode, as the router knows it
     dheera_routing_decisions_total{model,reason}        reason: affinity, spill, load, least_busy, random, only
     dheera_cached_prompt_tokens_total{model}            vLLM's usage.prompt_tokens_details.cached_tokens
     dheera_deployment_requests_running{model,deployment}   from the last scrape of the deployment's /metrics
@@ -414,6 +416,12 @@ class _LiveCollector:
                 "dheera_deployment_cooling_down", "1 while the deployment is cooled down after failures.", labels=labels
             )
             in_flight = GaugeMetricFamily("dheera_deployment_in_flight", "Calls in flight to the deployment.", labels=labels)
+            saturated = GaugeMetricFamily(
+                "dheera_deployment_saturated", "1 while flow control counts the deployment as saturated.", labels=labels
+            )
+            asleep = GaugeMetricFamily(
+                "dheera_deployment_asleep", "1 while the deployment is asleep (vLLM's sleep mode).", labels=labels
+            )
             scraped = {
                 "running": GaugeMetricFamily(
                     "dheera_deployment_requests_running", "vLLM's num_requests_running, last scraped.", labels=labels),
@@ -438,11 +446,15 @@ class _LiveCollector:
                     down = router.cooling_down(deployment)
                     busy = router.in_flight(deployment)
                     sample = router.last_sample(deployment)
+                    full = router.saturated(deployment)
+                    sleeping = router.asleep(deployment)
                 except KeyError:
                     continue
                 healthy.add_metric(values, 0.0 if down else 1.0)
                 cooling.add_metric(values, 1.0 if down else 0.0)
                 in_flight.add_metric(values, float(busy))
+                saturated.add_metric(values, 1.0 if full else 0.0)
+                asleep.add_metric(values, 1.0 if sleeping else 0.0)
                 if sample is None:
                     continue
                 age.add_metric(values, max(0.0, now - sample.taken_at))
@@ -453,6 +465,8 @@ class _LiveCollector:
             yield healthy
             yield cooling
             yield in_flight
+            yield saturated
+            yield asleep
             yield from scraped.values()
             yield age
         if metrics._queue_depths is not None and not metrics.multiprocess_dir:
