@@ -145,7 +145,7 @@ class FleetCapTests(TestCase):
         self.assertNotIn(holder, self.waiting())
         # The dead worker's reservations: never settled, held until their
         # crash expiry, then dropped by the next admission.
-        name = f"{PREFIX}rsv:key:{key_hash}"
+        name = f"{PREFIX}reserved:key:{key_hash}"
         left = await settled(lambda: self._reservations(name), quiet=1.5)
         self.assertTrue(left, "the dead worker held reservations")
         latest = max(left.values())
@@ -158,15 +158,16 @@ class FleetCapTests(TestCase):
         limiter = CallLimiter(redis, PREFIX, lambda: latest + 1, stale_after=STALE_AFTER, reactor=reactor)
         await limiter.admit(Principal(False, record), None, "probe")
         self.assertEqual(self._reservations(name), {})
-        self.assertEqual(int(float(self.redis_server.command("ZSCORE", name, "nanos"))), 0)
+        self.assertEqual(int(float(self.redis_server.command("HGET", name, "nanos") or 0)), 0)
 
     def _reservations(self, name: str) -> dict:
         """
-        :return: the reservations held (member: deadline), sums left out.
+        :return: the reservations held (member: deadline), sums and
+            C{due} left out.
         """
-        pairs = self.redis_server.command("ZRANGE", name, "0", "-1", "WITHSCORES") or []
+        pairs = self.redis_server.command("HGETALL", name) or []
         return {_text(pairs[i]): float(pairs[i + 1]) for i in range(0, len(pairs), 2)
-                if _text(pairs[i]) not in ("nanos", "tokens")}
+                if _text(pairs[i]) not in ("nanos", "tokens", "due")}
 
     async def metrics(self, proxy: ProxyProcess) -> bytes:
         response = await treq.get(proxy.url + "/metrics", persistent=False, timeout=10)
@@ -206,7 +207,7 @@ class FleetCapTests(TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(len(self.chats()), 1)
         self.assertIsNotNone(await proxy.wait_exit(30))
-        self.assertEqual(self._reservations(f"{PREFIX}rsv:key:{key_hash}"), {})
+        self.assertEqual(self._reservations(f"{PREFIX}reserved:key:{key_hash}"), {})
 
 
 def _pid_of(process_id: str) -> int:

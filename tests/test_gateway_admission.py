@@ -58,10 +58,10 @@ class ConcurrentBudgetTests(GatewayTestCase):
         """
         :return: the live reservation sums of a holder (C{key:<token>} or an
             end user's hash name), zero when none (they are kept negated,
-            beside the calls in flight, in the sorted set C{rsv:<holder>}).
+            beside the calls in flight, in the hash C{reserved:<holder>}).
         """
-        name = f"{PREFIX}rsv:{holder}"
-        return {s: -int(float(self.redis_server.command("ZSCORE", name, s) or 0)) for s in ("nanos", "tokens")}
+        name = f"{PREFIX}reserved:{holder}"
+        return {s: int(float(self.redis_server.command("HGET", name, s) or 0)) for s in ("nanos", "tokens")}
 
     async def test_concurrent_calls_hold_key_budget(self):
         """

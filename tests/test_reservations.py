@@ -7,7 +7,7 @@ expiring, capped state, against a real Redis with an injected clock.
 
 import attr
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dheera_tx.accounting.end_users import end_user_name, end_user_report_id, parse_end_user_report_id
@@ -126,8 +126,8 @@ class ReservationScriptTests(TestCase):
         )
 
     def reserved(self, holder: str) -> dict:
-        name = f"{PREFIX}rsv:{holder}"
-        return {s: -int(float(self.server.command("ZSCORE", name, s) or 0)) for s in ("nanos", "tokens")}
+        name = f"{PREFIX}reserved:{holder}"
+        return {s: int(float(self.server.command("HGET", name, s) or 0)) for s in ("nanos", "tokens")}
 
     def test_budget_counts_reservations_in_flight(self):
         """
@@ -237,8 +237,108 @@ class ReservationScriptTests(TestCase):
             admitted = await self._admit(principal, "c3", r)
             self.assertNotIsInstance(admitted, ProxyError)
             self.assertEqual(self.reserved(f"key:{record.token}"), {"nanos": 5000, "tokens": 10})
-            ttl = self.server.command("TTL", f"{PREFIX}rsv:key:{record.token}")
+            ttl = self.server.command("TTL", f"{PREFIX}reserved:key:{record.token}")
             self.assertTrue(0 < ttl <= STALE_AFTER, ttl)
+
+        return ensureDeferred(go())
+
+    def held(self, holder: str) -> dict:
+        """
+        :return: the reservation hash of a holder, numbers read as floats.
+        """
+        fields = self.server.command("HGETALL", f"{PREFIX}reserved:{holder}") or []
+        return {k: float(v) for k, v in zip(fields[::2], fields[1::2])}
+
+    def test_lapse_among_live_reservations(self):
+        """
+        Reservations made at t0, t0+10 and t0+20 (the second settled): at
+        t0+31 the first has lapsed and is dropped, the third still counts,
+        and C{due} moves to the third's deadline, t0+50; before that no
+        reservation lapses; at t0+51 the third lapses too.
+        """
+        record = self._store(_record(max_budget=1.0))
+        principal = Principal(False, record)
+        r = Reservation(5000, 10)
+        t0 = self.now[0]
+        holder = f"key:{record.token}"
+
+        async def go():
+            await self._admit(principal, "a", r)
+            self.now[0] = t0 + 10
+            b = await self._admit(principal, "b", r)
+            self.now[0] = t0 + 20
+            await self._admit(principal, "c", r)
+            await self._settle(b, cost=1)
+            self.assertEqual(self.held(holder)["due"], t0 + STALE_AFTER)
+            self.now[0] = t0 + 31
+            await self._admit(principal, "d", r)
+            self.assertEqual(
+                self.held(holder),
+                {"c|5000|10": t0 + 50, "d|5000|10": t0 + 61, "nanos": 10000, "tokens": 20, "due": t0 + 50},
+            )
+            self.now[0] = t0 + 49
+            await self._admit(principal, "e", r)
+            self.assertEqual(self.reserved(holder), {"nanos": 15000, "tokens": 30})
+            self.now[0] = t0 + 51
+            await self._admit(principal, "f", r)
+            self.assertEqual(self.reserved(holder), {"nanos": 15000, "tokens": 30})
+            self.assertEqual(
+                sorted(m for m in self.held(holder) if "|" in m), ["d|5000|10", "e|5000|10", "f|5000|10"]
+            )
+            self.assertEqual(self.held(holder)["due"], t0 + 61)
+
+        return ensureDeferred(go())
+
+    def test_settled_earliest_leaves_due_behind(self):
+        """
+        When the reservation C{due} stood for was settled, the look for
+        lapsed reservations once C{due} passes finds none, takes nothing
+        from the sums, and moves C{due} to the earliest deadline left.
+        """
+        record = self._store(_record(max_budget=1.0))
+        principal = Principal(False, record)
+        r = Reservation(5000, 10)
+        t0 = self.now[0]
+        holder = f"key:{record.token}"
+
+        async def go():
+            a = await self._admit(principal, "a", r)
+            self.now[0] = t0 + 5
+            await self._admit(principal, "b", r)
+            await self._settle(a, cost=1)
+            self.assertEqual(self.held(holder)["due"], t0 + STALE_AFTER)
+            self.now[0] = t0 + STALE_AFTER + 1
+            await self._admit(principal, "c", r)
+            self.assertEqual(self.reserved(holder), {"nanos": 10000, "tokens": 20})
+            self.assertEqual(self.held(holder)["due"], t0 + 5 + STALE_AFTER)
+
+        return ensureDeferred(go())
+
+    def test_calls_of_one_batch_see_each_other(self):
+        """
+        Five calls of one key admitted in one script run (one reactor
+        turn), budget 1000 nano-USD, 600 reserved each: the first two are
+        admitted (0, then 600, under the budget), the other three refused
+        (1200 reserved by the two before them in the same run); the two
+        admitted hold their reservations.
+        """
+        record = self._store(_record(max_budget=0.000001))
+        principal = Principal(False, record)
+        self.server.command("CONFIG", "RESETSTAT")
+
+        async def go():
+            results = await gatherResults(
+                [ensureDeferred(self._admit(principal, f"c{i}", Reservation(600, 10))) for i in range(5)]
+            )
+            refused = [x for x in results if isinstance(x, ProxyError)]
+            self.assertEqual([x.type for x in refused], ["budget_exceeded"] * 3)
+            self.assertEqual([x.call_id for x in results[:2]], ["c0", "c1"])
+            stats = self.server.command("INFO", "commandstats")
+            self.assertIn("cmdstat_evalsha:calls=1,", stats)
+            self.assertEqual(self.reserved(f"key:{record.token}"), {"nanos": 1200, "tokens": 20})
+            self.assertEqual(
+                sorted(m for m in self.held(f"key:{record.token}") if "|" in m), ["c0|600|10", "c1|600|10"]
+            )
 
         return ensureDeferred(go())
 
@@ -262,7 +362,7 @@ class ReservationScriptTests(TestCase):
             await self._settle(other, billable=False)
             await self._settle(other, cost=7)
             self.assertEqual(self.reserved(f"key:{record.token}"), {"nanos": 0, "tokens": 0})
-            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}rsv:key:{record.token}"), 0)
+            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}reserved:key:{record.token}"), 0)
             self.assertEqual(int(self.server.command("HGET", f"{PREFIX}key:{record.token}", "spend_nanos")), 14)
 
         return ensureDeferred(go())
@@ -296,7 +396,7 @@ class ReservationScriptTests(TestCase):
             rich = await self._admit(MASTER, "c1", r, end_user="rich")
             await self._admit(MASTER, "c2", r, end_user="plain")
             self.assertEqual(self.reserved("end_user:rich"), {"nanos": 5000, "tokens": 10})
-            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}rsv:end_user:plain"), 0)
+            self.assertEqual(self.server.command("EXISTS", f"{PREFIX}reserved:end_user:plain"), 0)
             await self._settle(rich, cost=1)
             self.assertEqual(self.reserved("end_user:rich"), {"nanos": 0, "tokens": 0})
 

@@ -25,7 +25,7 @@ from dheera_tx.accounting.metering import (
     Usage,
     deployment_cost_nanos,
 )
-from dheera_tx.accounting.reservation import worst_case
+from dheera_tx.accounting.reservation import NO_RESERVATION, worst_case
 from dheera_tx.accounting.spend import Settlement
 from dheera_tx.call import Call
 from dheera_tx.config import Deployment
@@ -190,7 +190,9 @@ class CallAccounting:
         """
         if self._limiter is None:
             return None
-        reservation = worst_case(path, document, body_bytes, replicas, self._default_max_tokens)
+        reservation = NO_RESERVATION
+        if self._limiter.may_reserve(principal, end_user):
+            reservation = worst_case(path, document, body_bytes, replicas, self._default_max_tokens)
         try:
             return await self._limiter.admit(principal, end_user, call.call_id, reservation)
         except ProxyError as e:

@@ -25,12 +25,14 @@ Redis keys (all under the configured prefix):
 * C{rl:par:<token>}: a sorted set of the key's calls in flight, scored by
   start time; entries older than the longest call timeout are dropped, so a
   crashed proxy cannot leak slots forever.
-* C{rsv:key:<token>}, C{rsv:<end user hash name>}: a sorted set of the
-  reservations in flight, member C{<call id>|<nano-USD>|<tokens>} scored by
-  the time after which it is stale (the longest call timeout after
-  admission: a crashed proxy's reservations lapse then), and the sums of
-  the live ones under the members C{nanos} and C{tokens}, I{negated} so
-  that no range of deadlines includes them.
+* C{reserved:key:<token>}, C{reserved:<end user hash name>}: a hash of
+  the reservations in flight: a field per call, C{<call id>|<nano-USD>|
+  <tokens>}, whose value is the time after which it is stale (the longest
+  call timeout after admission: a crashed proxy's reservations lapse then);
+  the sums of the live ones under C{nanos} and C{tokens}; and under C{due}
+  a time no later than the earliest of those deadlines, so that admission
+  looks for lapsed reservations only once it has passed.  The hash expires
+  with its last reservation, and goes when no call is in flight.
 * C{end_user_new:<team or "">:<epoch day>}: how many new end user ids a
   team's calls named that day; past C{max_new_end_users_per_day}, calls are
   counted under the team's end user C{__overflow__}.
@@ -209,12 +211,24 @@ class CallLimiter:
             key = rpm = tpm = par = key_rsv = ""
         else:
             key, rpm, tpm, par = f"{p}key:{token}", f"{p}rl:rpm:{token}", f"{p}rl:tpm:{token}", f"{p}rl:par:{token}"
-            key_rsv = f"{p}rsv:key:{token}" if admission.key_reserves else ""
+            key_rsv = f"{p}reserved:key:{token}" if admission.key_reserves else ""
         user = user_rsv = ""
         if admission.end_user:
             name = end_user_name(admission.end_user, admission.team_id)
-            user, user_rsv = p + name, f"{p}rsv:{name}"
+            user, user_rsv = p + name, f"{p}reserved:{name}"
         return RedisNames(key, user, rpm, tpm, par, key_rsv, user_rsv)
+
+    @staticmethod
+    def may_reserve(principal, end_user: Optional[str]) -> bool:
+        """
+        :return: whether a call can hold a reservation: its key has a budget
+            or a tpm limit, or it names an end user (who may have a
+            budget).  Other calls need not reckon their worst case.
+        """
+        record = principal.key
+        if end_user:
+            return True
+        return record is not None and (record.max_budget is not None or _limit(record.tpm_limit) > 0)
 
     @staticmethod
     def admission_of(
@@ -268,7 +282,7 @@ class CallLimiter:
             p = self._prefix
             scope = admission.team_id if admission.team_id is not None else ""
             overflow = end_user_name(OVERFLOW_END_USER, admission.team_id)
-            per_day = (f"{p}end_user_new:{scope}:{int(now // 86400)}", p + overflow, f"{p}rsv:{overflow}")
+            per_day = (f"{p}end_user_new:{scope}:{int(now // 86400)}", p + overflow, f"{p}reserved:{overflow}")
         else:
             per_day = ("", "", "")
         keys = (n.key, n.end_user, n.rpm, n.tpm, n.parallel, n.key_reservations, n.end_user_reservations, *per_day)
