@@ -36,6 +36,35 @@ def deployment(name: str, served: str, fake, **params) -> dict:
     }
 
 
+class _At:
+    """Something with a C{url}, for L{deployment}."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+
+def sim_fleet(case, name: str, count: int, settings) -> list:
+    """
+    Start C{count} simulated vLLM replicas (L{tests.sim_vllm}) for one test
+    (stopped at its end).
+
+    :param settings: their L{tests.sim_vllm.SimSettings}.
+    :return: C{(replica, its URL, its model_list entry for name)} for each.
+    """
+    from twisted.internet import reactor
+
+    from tests.sim_vllm import listen
+
+    fleet = []
+    for _ in range(count):
+        replica, port = listen(reactor, settings)
+        case.addCleanup(port.stopListening)
+        case.addCleanup(replica.site.close_connections)
+        url = "http://127.0.0.1:%d" % port.getHost().port
+        fleet.append((replica, url, deployment(name, settings.model, _At(url))))
+    return fleet
+
+
 def refusing_url() -> str:
     """
     :return: the URL of a loopback port that refuses connections (see

@@ -8,7 +8,6 @@ on an injected clock; end to end through the proxy on simulated replicas.
 
 import json
 
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, LoopingCall
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,9 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from dheera_tx.config import config_from_dict
 from dheera_tx.routing.router import Router
 from dheera_tx.routing.signals import LoadSample, estimated_waiting
-from tests.passthrough_harness import ProxyTestCase, deployment
+from tests.passthrough_harness import ProxyTestCase, sim_fleet
 from tests.scripted_upstream import sleep
-from tests.sim_vllm import SimSettings, listen
+from tests.sim_vllm import SimSettings
 
 
 def metrics(running: int, waiting: int) -> bytes:
@@ -98,13 +97,6 @@ class EstimatedWaitingTests(SynchronousTestCase):
         self.assertFalse(self.router.saturated(self.replica))
 
 
-class _At:
-    """Something with a C{url}, for L{deployment}."""
-
-    def __init__(self, url: str):
-        self.url = url
-
-
 class BurstTests(ProxyTestCase):
     """
     A burst through the proxy to two simulated replicas.
@@ -120,13 +112,9 @@ class BurstTests(ProxyTestCase):
         C{max_waiting} + 1 on either replica; the rest wait in the gateway
         queue, and every call is served.
         """
-        replicas = []
-        for _ in range(2):
-            replica, port = listen(reactor, SimSettings(max_num_seqs=1, decode_interval=0.005))
-            self.addCleanup(port.stopListening)
-            self.addCleanup(replica.site.close_connections)
-            replicas.append((replica, "http://127.0.0.1:%d" % port.getHost().port))
-        self.proxy([deployment("chat", "sim", _At(url)) for _, url in replicas],
+        fleet = sim_fleet(self, "chat", 2, SimSettings(model="sim", max_num_seqs=1, decode_interval=0.005))
+        replicas = [(replica, url) for replica, url, _ in fleet]
+        self.proxy([entry for _, _, entry in fleet],
                    router={"max_waiting": 1, "metrics_interval": 0.5, "routing_strategy": "least-busy"})
         self.gateway.scraper.start()
         self.addCleanup(self.gateway.scraper.stop)

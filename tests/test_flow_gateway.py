@@ -10,9 +10,9 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 
-from tests.passthrough_harness import ProxyTestCase, deployment, error_of
+from tests.passthrough_harness import ProxyTestCase, deployment, error_of, sim_fleet
 from tests.scripted_upstream import sleep
-from tests.sim_vllm import SimSettings, listen
+from tests.sim_vllm import SimSettings
 
 
 class FlowGatewayTests(ProxyTestCase):
@@ -170,13 +170,6 @@ class FlowGatewayTests(ProxyTestCase):
         self.assertLessEqual(max(running), 1)
 
 
-class _At:
-    """Something with a C{url}, for L{deployment}."""
-
-    def __init__(self, url: str):
-        self.url = url
-
-
 class SampledSaturationTests(ProxyTestCase):
     """
     Saturation read from scraped C{/metrics}: two simulated replicas
@@ -192,13 +185,9 @@ class SampledSaturationTests(ProxyTestCase):
         and reaches a replica only once a sample shows room; it is then
         served.
         """
-        replicas = []
-        for _ in range(2):
-            replica, port = listen(reactor, SimSettings(max_num_seqs=1, decode_interval=0.005))
-            self.addCleanup(port.stopListening)
-            self.addCleanup(replica.site.close_connections)
-            replicas.append((replica, "http://127.0.0.1:%d" % port.getHost().port))
-        self.proxy([deployment("chat", "sim", _At(url)) for _, url in replicas],
+        fleet = sim_fleet(self, "chat", 2, SimSettings(model="sim", max_num_seqs=1, decode_interval=0.005))
+        replicas = [(replica, url) for replica, url, _ in fleet]
+        self.proxy([entry for _, _, entry in fleet],
                    router={"max_waiting": 1, "metrics_interval": 0.1, "routing_strategy": "load-aware"})
         self.gateway.scraper.start()
         self.addCleanup(self.gateway.scraper.stop)
