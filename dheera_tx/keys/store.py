@@ -193,6 +193,21 @@ redis.call('ZADD', KEYS[2], ARGV[4], token)
 return 'ok'
 """
 
+# The end of a script that writes one record's hash (KEYS[1]), once it
+# has set the locals `at` (the ARGV index of the count of fields to delete:
+# their names follow it, then field, value pairs to set), `channel` and
+# `message`: deletes and sets those fields, publishes the invalidation and
+# returns {'ok', the hash's fields}.  Keys, end users and teams share it.
+APPLY_FIELDS = """
+local ndel = tonumber(ARGV[at])
+if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, at + 1, at + ndel)) end
+if #ARGV > at + ndel then redis.call('HSET', KEYS[1], unpack(ARGV, at + 1 + ndel)) end
+redis.call('PUBLISH', channel, message)
+local result = redis.call('HGETALL', KEYS[1])
+table.insert(result, 1, 'ok')
+return result
+"""
+
 # KEYS: key hash.  ARGV: prefix, channel, token, alias mode (keep|set|clear),
 # new alias, n, n field names to delete, field, value, ...
 _UPDATE_KEY = """
@@ -213,14 +228,8 @@ if old and ((mode == 'set' and new ~= old) or mode == 'clear') then
     redis.call('DEL', prefix .. 'key_alias:' .. old)
   end
 end
-local ndel = tonumber(ARGV[6])
-if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + ndel)) end
-if #ARGV > 6 + ndel then redis.call('HSET', KEYS[1], unpack(ARGV, 7 + ndel)) end
-redis.call('PUBLISH', ARGV[2], token)
-local result = redis.call('HGETALL', KEYS[1])
-table.insert(result, 1, 'ok')
-return result
-"""
+local at, channel, message = 6, ARGV[2], token
+""" + APPLY_FIELDS
 
 # KEYS: key hash, keys zset.  ARGV: prefix, channel, token.
 _DELETE_KEY = """
@@ -270,14 +279,8 @@ if mode == 'update' and redis.call('EXISTS', KEYS[1]) == 0 then return {'not_fou
 if not made then redis.call('HSET', KEYS[1], 'created_at', ARGV[4]) end
 redis.call('PERSIST', KEYS[1])
 redis.call('HINCRBY', KEYS[1], 'spend_nanos', 0)
-local ndel = tonumber(ARGV[5])
-if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 6, 5 + ndel)) end
-if #ARGV > 5 + ndel then redis.call('HSET', KEYS[1], unpack(ARGV, 6 + ndel)) end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-local result = redis.call('HGETALL', KEYS[1])
-table.insert(result, 1, 'ok')
-return result
-"""
+local at, channel, message = 5, ARGV[1], ARGV[2]
+""" + APPLY_FIELDS
 
 # KEYS: end user hash.  ARGV: channel, message.
 _DELETE_END_USER = """
@@ -287,11 +290,17 @@ return n
 """
 
 
-def _pairs(reply) -> dict:
+def hash_pairs(reply) -> dict:
+    """
+    :return: a C{HGETALL}-shaped reply (field, value, ...) as a dict.
+    """
     return dict(zip(reply[0::2], reply[1::2]))
 
 
-def _flatten(mapping: dict) -> list:
+def flat_pairs(mapping: dict) -> list:
+    """
+    :return: C{mapping} as the field, value, ... arguments of C{HSET}.
+    """
     out = []
     for name, value in mapping.items():
         out += [name, value]
@@ -346,7 +355,7 @@ class RedisKeyStore:
             status = await self._redis.eval(
                 _CREATE_KEY,
                 [self.key_name(record.token), self._zset],
-                [self.prefix, self.invalidation_channel, record.token, repr(now), alias or "", *_flatten(record.to_redis_hash())],
+                [self.prefix, self.invalidation_channel, record.token, repr(now), alias or "", *flat_pairs(record.to_redis_hash())],
             )
             if status == "alias_taken":
                 raise alias_taken(alias)
@@ -356,12 +365,12 @@ class RedisKeyStore:
 
     async def get_key(self, token):
         key, team = await self._redis.eval(_GET_KEY, [self.key_name(token)], [self.prefix])
-        mapping = _pairs(key)
+        mapping = hash_pairs(key)
         if not _is_key(mapping):
             return None
         record = KeyRecord.from_redis_hash(token, mapping)
         if team and record.team_id is not None:
-            record = attr.evolve(record, team=TeamRecord.from_redis_hash(record.team_id, _pairs(team)))
+            record = attr.evolve(record, team=TeamRecord.from_redis_hash(record.team_id, hash_pairs(team)))
         return record
 
     async def update_key(self, token, fields):
@@ -376,13 +385,13 @@ class RedisKeyStore:
         reply = await self._redis.eval(
             _UPDATE_KEY,
             [self.key_name(token)],
-            [self.prefix, self.invalidation_channel, token, mode, alias, len(to_delete), *to_delete, *_flatten(to_set)],
+            [self.prefix, self.invalidation_channel, token, mode, alias, len(to_delete), *to_delete, *flat_pairs(to_set)],
         )
         if reply[0] == "not_found":
             raise not_found("Key")
         if reply[0] == "alias_taken":
             raise alias_taken(alias)
-        return KeyRecord.from_redis_hash(token, _pairs(reply[1:]))
+        return KeyRecord.from_redis_hash(token, hash_pairs(reply[1:]))
 
     async def _delete(self, token) -> bool:
         n = await self._redis.eval(
@@ -435,7 +444,7 @@ class RedisKeyStore:
         replies = await self._redis.pipeline([("HGETALL", self.key_name(t)) for t in tokens])
         records = []
         for token, reply in zip(tokens, replies):
-            mapping = _pairs(reply)
+            mapping = hash_pairs(reply)
             if _is_key(mapping):
                 records.append(KeyRecord.from_redis_hash(token, mapping))
         return records
@@ -452,7 +461,7 @@ class RedisKeyStore:
             if reply[0] == "not_found":
                 raise not_found("Key")
             if reply[0] == "ok":
-                return key, KeyRecord.from_redis_hash(new, _pairs(reply[1:]))
+                return key, KeyRecord.from_redis_hash(new, hash_pairs(reply[1:]))
 
     async def block_key(self, token):
         return await self.update_key(token, {"blocked": True})
@@ -475,20 +484,20 @@ class RedisKeyStore:
                 repr(now),
                 len(to_delete),
                 *to_delete,
-                *_flatten(to_set),
+                *flat_pairs(to_set),
             ],
         )
         if reply[0] == "exists":
             raise bad_request(f"End user {user_id!r} already exists.", "user_id")
         if reply[0] == "not_found":
             raise not_found("End user")
-        return EndUserRecord.from_redis_hash(user_id, _pairs(reply[1:]), team_id)
+        return EndUserRecord.from_redis_hash(user_id, hash_pairs(reply[1:]), team_id)
 
     async def new_end_user(self, fields, team_id=None):
         return await self._write_end_user(fields["user_id"], fields, "new", team_id)
 
     async def get_end_user(self, user_id, team_id=None):
-        mapping = _pairs(await self._redis.execute("HGETALL", self.end_user_name(user_id, team_id)))
+        mapping = hash_pairs(await self._redis.execute("HGETALL", self.end_user_name(user_id, team_id)))
         return EndUserRecord.from_redis_hash(user_id, mapping, team_id) if mapping else None
 
     async def update_end_user(self, user_id, fields, team_id=None):

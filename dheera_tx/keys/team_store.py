@@ -27,7 +27,7 @@ from dheera_tx.accounting.end_users import team_name
 from dheera_tx.errors import bad_request
 from dheera_tx.keys.fields import team_changes
 from dheera_tx.keys.records import TeamRecord, redis_fields
-from dheera_tx.keys.store import not_found
+from dheera_tx.keys.store import APPLY_FIELDS, flat_pairs, hash_pairs, not_found
 
 _CHUNK = 500
 
@@ -39,14 +39,8 @@ local exists = redis.call('EXISTS', KEYS[1]) == 1
 if mode == 'new' and exists then return {'exists'} end
 if mode == 'update' and not exists then return {'not_found'} end
 if mode == 'new' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4]) end
-local ndel = tonumber(ARGV[6])
-if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + ndel)) end
-if #ARGV > 6 + ndel then redis.call('HSET', KEYS[1], unpack(ARGV, 7 + ndel)) end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-local result = redis.call('HGETALL', KEYS[1])
-table.insert(result, 1, 'ok')
-return result
-"""
+local at, channel, message = 6, ARGV[1], ARGV[2]
+""" + APPLY_FIELDS
 
 # KEYS: team hash, teams zset.  ARGV: channel, message, team id.
 _DELETE_TEAM = """
@@ -55,10 +49,6 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
-
-
-def _pairs(reply) -> dict:
-    return dict(zip(reply[0::2], reply[1::2]))
 
 
 class RedisTeamStore:
@@ -89,13 +79,13 @@ class RedisTeamStore:
             _WRITE_TEAM,
             [self.team_name(team_id), self._zset],
             [self.invalidation_channel, team_name(team_id), mode, team_id, repr(now), len(to_delete), *to_delete,
-             *[item for pair in to_set.items() for item in pair]],
+             *flat_pairs(to_set)],
         )
         if reply[0] == "exists":
             raise bad_request(f"Team {team_id!r} already exists.", "team_id")
         if reply[0] == "not_found":
             raise not_found("Team")
-        return TeamRecord.from_redis_hash(team_id, _pairs(reply[1:]))
+        return TeamRecord.from_redis_hash(team_id, hash_pairs(reply[1:]))
 
     async def new_team(self, fields: dict) -> TeamRecord:
         """
@@ -122,7 +112,7 @@ class RedisTeamStore:
         """
         :return: the team's record, or L{None}.
         """
-        mapping = _pairs(await self._redis.execute("HGETALL", self.team_name(team_id)))
+        mapping = hash_pairs(await self._redis.execute("HGETALL", self.team_name(team_id)))
         return TeamRecord.from_redis_hash(team_id, mapping) if mapping else None
 
     async def list_teams(self) -> List[TeamRecord]:
@@ -134,7 +124,7 @@ class RedisTeamStore:
         for i in range(0, len(team_ids), _CHUNK):
             chunk = team_ids[i : i + _CHUNK]
             replies = await self._redis.pipeline([("HGETALL", self.team_name(t)) for t in chunk])
-            records += [TeamRecord.from_redis_hash(t, _pairs(r)) for t, r in zip(chunk, replies) if r]
+            records += [TeamRecord.from_redis_hash(t, hash_pairs(r)) for t, r in zip(chunk, replies) if r]
         return records
 
     async def delete_teams(self, team_ids) -> List[str]:
