@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import Rounds
+from dheera_tx.upstream.outbound import AnswerTooLarge, Rounds, read_capped
 
 log = Logger()
 
@@ -56,10 +56,6 @@ def may_use(principal, name: str) -> bool:
         return True
     models = principal.key.models
     return not models or name in models
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _cards(document) -> List[dict]:
@@ -170,24 +166,15 @@ class ModelCatalog:
         if response.code != 200:
             response.deliverBody(_Discard())
             raise ValueError(f"HTTP {response.code}")
-        parts: List[bytes] = []
-        size = [0]
-
-        def collect(data: bytes) -> None:
-            size[0] += len(data)
-            if size[0] > MAX_ANSWER_BYTES:
-                raise _TooLarge()
-            parts.append(data)
-
-        d = treq.collect(response, collect)
-        d.addCallback(lambda _: json.loads(b"".join(parts)))
+        d = Deferred.fromCoroutine(read_capped(response, MAX_ANSWER_BYTES))
+        d.addCallback(json.loads)
         return d
 
     def _failed(self, failure, deployment: Deployment) -> None:
         if failure.check(CancelledError):
             return
         # Never the exception's text: it could carry the api_base's query.
-        reason = "answer over 1 MiB" if failure.check(_TooLarge) else type(failure.value).__name__
+        reason = "answer over 1 MiB" if failure.check(AnswerTooLarge) else type(failure.value).__name__
         log.info("Models of {deployment} unknown ({reason}); listing from the config", deployment=deployment.id, reason=reason)
 
     def update(self, document, deployment: Deployment) -> None:

@@ -42,7 +42,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, succ
 from twisted.logger import Logger
 
 from dheera_tx.config import Deployment, ProxyConfig
-from dheera_tx.upstream.outbound import Rounds, bounded, failure_reason, outbound_client
+from dheera_tx.upstream.outbound import AnswerTooLarge, Rounds, bounded, failure_reason, outbound_client, read_capped
 
 log = Logger()
 
@@ -408,21 +408,7 @@ class MetricsScraper:
         if response.code != 200:
             await treq.collect(response, lambda data: None)
             raise _HTTPStatus(response.code)
-        length = response.length
-        if isinstance(length, int) and length > MAX_METRICS_BYTES:
-            response.deliverBody(_Discard())
-            raise _TooLarge()
-        parts = []
-        size = [0]
-
-        def take(data: bytes) -> None:
-            size[0] += len(data)
-            if size[0] > MAX_METRICS_BYTES:
-                raise _TooLarge()
-            parts.append(data)
-
-        await treq.collect(response, take)
-        return b"".join(parts)
+        return await read_capped(response, MAX_METRICS_BYTES)
 
     def stop(self) -> Deferred:
         """
@@ -440,26 +426,9 @@ class _HTTPStatus(Exception):
         self.code = code
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class _Discard:
-    """Drops a body that will not be read (and closes its connection)."""
-
-    def makeConnection(self, transport):
-        transport.stopProducing()
-
-    def dataReceived(self, data):
-        pass
-
-    def connectionLost(self, reason):
-        pass
-
-
 def _reason(e: Exception, timeout: float) -> str:
     if isinstance(e, _HTTPStatus):
         return f"HTTP {e.code}"
-    if isinstance(e, _TooLarge):
+    if isinstance(e, AnswerTooLarge):
         return f"answer over {MAX_METRICS_BYTES} bytes"
     return failure_reason(e, timeout, "scrape")

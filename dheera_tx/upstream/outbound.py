@@ -57,6 +57,50 @@ def bounded(coroutine: Coroutine[Any, Any, Any], timeout: float, reactor) -> Def
     return d.addErrback(why)
 
 
+class AnswerTooLarge(Exception):
+    """
+    An outbound call's answer is over the reader's cap (L{read_capped}).
+    """
+
+
+async def read_capped(response, limit: int) -> bytes:
+    """
+    Read an answer's body, at most C{limit} bytes: an answer that declares
+    a longer length is refused unread (its connection closed), and one that
+    grows past the cap stops being read.
+
+    :raise AnswerTooLarge: beyond the cap.
+    """
+    length = response.length
+    if isinstance(length, int) and length > limit:
+        response.deliverBody(_Discard())
+        raise AnswerTooLarge()
+    parts = []
+    size = [0]
+
+    def take(data: bytes) -> None:
+        size[0] += len(data)
+        if size[0] > limit:
+            raise AnswerTooLarge()
+        parts.append(data)
+
+    await treq.collect(response, take)
+    return b"".join(parts)
+
+
+class _Discard:
+    """Drops a body that will not be read (and closes its connection)."""
+
+    def makeConnection(self, transport):
+        transport.stopProducing()
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass
+
+
 def failure_reason(e: Exception, timeout: float, what: str) -> str:
     """
     A short reason of our own for a failed outbound call (an exception's
