@@ -234,8 +234,8 @@ class Passthrough:
             affinity = call_affinity(self._session_header, request.getHeader, route, document)
             key = principal.key
             # The key's own priority and weight, else its team's (keys/records.py).
-            progress.priority = key.flow_priority if key is not None else None
             owner, priority, weight = (key.token, key.flow_priority, key.flow_weight) if key is not None else ("", 0, 1.0)
+            progress.priority = priority if key is not None else None
             cost = call_cost(raw_json, document, self._default_max_tokens)
             progress.ticket = (owner, priority, weight, cost)
             waiting = self.flow.admit(route, owner, priority, weight, cost, affinity) if self._flow_control else None
