@@ -13,6 +13,7 @@ from twisted.internet.defer import ensureDeferred
 from tests.passthrough_harness import ProxyTestCase, deployment, error_of, sim_fleet
 from tests.scripted_upstream import sleep
 from tests.sim_vllm import SimSettings
+from tests.waiting import wait_until
 
 
 class FlowGatewayTests(ProxyTestCase):
@@ -140,8 +141,7 @@ class FlowGatewayTests(ProxyTestCase):
             await sleep(0.01)
         await sleep(0.1)
         client.transport.abortConnection()
-        await sleep(0.05)
-        self.assertEqual(flow.depths(), {})
+        await wait_until(lambda: flow.depths() == {} and any(r.error == "client_disconnected" for r in records), timeout=10)
         left = [r for r in records if r.error == "client_disconnected"]
         self.assertEqual(len(left), 1)
         self.assertIsNone(left[0].deployment)
