@@ -315,7 +315,9 @@ class GatewayQueue:
         else:
             waiter.fast = False
             waiter.refused.append(deployment)
-            if self._closed or (self.max_queue == 0 and queue.size > self.max_queue):
+            # A fast call arrived at an empty queue, so once refused it is
+            # over the bound only when nothing may wait (max_queue 0).
+            if self._closed or self.max_queue == 0:
                 self._take_out(queue, waiter)
                 assert waiter.deferred is not None
                 waiter.deferred.errback(self._shed(queue.route, "shutdown" if self._closed else "queue_full"))
